@@ -1,0 +1,418 @@
+"""M²PT: deep visual + textual prompts on a stock `transformers` LlavaForConditionalGeneration.
+
+Nothing here forks a modeling file. Prompts are attached with module hooks:
+
+Vision tower (sequence `[pv prompt slots ; CLS ; N patches]`):
+  * a pre-hook on the encoder prepends `pv` zero slots (after the embeddings and the pre-layer-norm, so prompts
+    get no position embedding);
+  * a pre-hook on layer 0 writes `V_0` into the slots, and a forward hook on layer `i` writes `V_{i+1}` into its
+    *output*. Writing the next layer's prompt at the end of layer `i` (instead of at the start of layer `i+1`) is
+    the same computation, but it makes the hidden state that `transformers` records for layer `i+1`'s input the
+    post-overwrite one, which is exactly what the reference implementation hands to the projector
+    (`visual_token_mode="official"`: `pv - 1` raw prompts + CLS + N patches).
+  * `clean` mode drops the prompt slots (and CLS, for the "default" strategy) with a pre-hook on the projector.
+
+Language model (sequence `[pt prompt slots ; BOS ; ...]`):
+  * a pre-hook on the LLM prepends `pt` zero slots to `inputs_embeds`, `pt` ones to the attention mask and puts
+    the real tokens at positions `pt + (cumsum(mask) - 1)`, so right- and left-padded rows are both correct;
+  * a pre-hook on decoder layer `j` overwrites the slots with `T_j` (replace style: what layer `j-1` wrote there is
+    discarded);
+  * a forward hook strips the slots again, so logits line up with `input_ids` / labels as usual.
+  During cached generation the slots are prepended only at prefill; their keys/values, computed from `T_j` at every
+  layer, stay in the KV cache, and decode steps only shift positions and extend the mask.
+
+Hooks on decoder/encoder layers run outside gradient checkpointing (transformers v5 checkpoints `layer.forward`,
+not `__call__`), and every prompt tensor enters exactly one layer, so non-reentrant checkpointing under ZeRO-2
+never sees a tensor "computed twice".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+METHOD = "m2pt"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VISUAL_TOKEN_MODES = ("official", "clean")
+
+
+@dataclass
+class M2PTConfig:
+    """Configuration of the M²PT adapter (the method's hyper-parameters)."""
+
+    visual_prompt_length: int = field(default=10, metadata={"help": "Prompt slots per vision-encoder layer (pv)."})
+    text_prompt_length: int = field(default=10, metadata={"help": "Prompt slots per LLM decoder layer (pt)."})
+    visual_token_mode: str = field(
+        default="official",
+        metadata={
+            "help": "'official': the reference code's features (drop only position 0: N + pv visual tokens); "
+            "'clean': drop prompt slots and CLS (standard LLaVA patches: N visual tokens)."
+        },
+    )
+    tune_projector: bool = field(default=True, metadata={"help": "Train the vision->language projector."})
+    tune_lm_head: bool = field(default=False, metadata={"help": "Also train the LM head (reference launch script)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt initialisation."})
+
+    def __post_init__(self):
+        if self.visual_token_mode not in VISUAL_TOKEN_MODES:
+            raise ValueError(f"visual_token_mode must be one of {VISUAL_TOKEN_MODES}, got {self.visual_token_mode!r}")
+        if self.visual_prompt_length < 0 or self.text_prompt_length < 0:
+            raise ValueError("prompt lengths must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "M2PTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------- model anatomy
+def vision_core(model) -> nn.Module:
+    """The module holding `.encoder.layers` (CLIPVisionModel in v5; `.vision_model` in older releases)."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)
+
+
+def language_model(model) -> nn.Module:
+    return model.model.language_model
+
+
+def projector(model) -> nn.Module:
+    return model.model.multi_modal_projector
+
+
+def _feature_layers(model) -> list[int]:
+    """Hidden-state indices (0 = encoder input, L = last layer output) that LLaVA hands to the projector."""
+    layer = model.config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    n = model.config.vision_config.num_hidden_layers + 1
+    return [i % n for i in layers]
+
+
+def num_patches(vision_config) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def _init_prompt(n: int, p: int, d: int, gen: torch.Generator) -> list[nn.Parameter]:
+    # xavier_uniform_ of the reference's [1, p, d] tensors: fan_in = p*d, fan_out = d -> a = sqrt(6 / ((p+1) d)).
+    a = math.sqrt(6.0 / ((p + 1) * d))
+    return [nn.Parameter((torch.rand(p, d, generator=gen) * 2 - 1) * a) for _ in range(n)]
+
+
+class M2PTPrompts(nn.Module):
+    """Holds the prompt parameters; attached to the model as `model.m2pt` so optimisers and DeepSpeed see them."""
+
+    def __init__(self, cfg: M2PTConfig, n_vision: int, d_vision: int, n_text: int, d_text: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        pv, pt = cfg.visual_prompt_length, cfg.text_prompt_length
+        self.vision_prompts = nn.ParameterList(_init_prompt(n_vision if pv else 0, pv, d_vision, gen))
+        self.text_prompts = nn.ParameterList(_init_prompt(n_text if pt else 0, pt, d_text, gen))
+
+
+class _LMState:
+    """Per-forward flag shared by the LLM hooks: were prompt slots prepended in this call (prefill)?"""
+
+    prefixed: bool = False
+
+
+def _expand(prompt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return prompt.to(like.dtype).unsqueeze(0).expand(like.shape[0], -1, -1)
+
+
+def _overwrite(hidden: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    # Out-of-place on purpose: `hidden` may be saved for backward by the previous layer.
+    return torch.cat([_expand(prompt, hidden), hidden[:, prompt.shape[0] :]], dim=1)
+
+
+def _replace_first_arg(args, kwargs, name, fn):
+    """Apply `fn` to the argument `name` whether it was passed positionally (first) or by keyword."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs[name] = fn(kwargs[name])
+    return args, kwargs
+
+
+def _install_vision_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
+    handles = []
+    pv = cfg.visual_prompt_length
+    vp = prompts.vision_prompts
+    if len(vp) == 0:
+        return handles
+    core = vision_core(model)
+    encoder, layers = core.encoder, core.encoder.layers
+
+    def add_slots(module, args, kwargs):
+        def f(x):
+            return torch.cat([x.new_zeros(x.shape[0], pv, x.shape[2]), x], dim=1)
+
+        return _replace_first_arg(args, kwargs, "inputs_embeds", f)
+
+    def strip_slots(module, args, kwargs, output):
+        # Keep the encoder's own output standard-shaped (CLS at 0) for anything that reads last_hidden_state;
+        # the recorded per-layer hidden states keep their prompt slots (official mode reads them).
+        output.last_hidden_state = output.last_hidden_state[:, pv:]
+        return output
+
+    handles.append(encoder.register_forward_pre_hook(add_slots, with_kwargs=True))
+    handles.append(encoder.register_forward_hook(strip_slots, with_kwargs=True))
+    handles.append(
+        layers[0].register_forward_pre_hook(
+            lambda m, a, k: _replace_first_arg(a, k, "hidden_states", lambda h: _overwrite(h, vp[0])), with_kwargs=True
+        )
+    )
+    for i in range(len(vp) - 1):
+
+        def write_next(module, args, output, nxt=i + 1):
+            if isinstance(output, tuple):
+                return (_overwrite(output[0], vp[nxt]),) + tuple(output[1:])
+            return _overwrite(output, vp[nxt])
+
+        # prepend=True: run before transformers' lazily installed hidden-state recorder, which must see the result.
+        handles.append(layers[i].register_forward_hook(write_next, prepend=True))
+
+    if cfg.visual_token_mode == "clean":
+        # LLaVA already dropped position 0 for the "default" strategy; the first pv rows left are prompts (+CLS).
+        handles.append(
+            projector(model).register_forward_pre_hook(lambda m, a: (a[0][:, pv:],) + tuple(a[1:]))
+        )
+    return handles
+
+
+def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
+    handles = []
+    pt = cfg.text_prompt_length
+    tp = prompts.text_prompts
+    if len(tp) == 0:
+        return handles
+    lm = language_model(model)
+    state = _LMState()
+
+    def before_lm(module, args, kwargs):
+        kwargs = dict(kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:  # LLaVA always passes embeddings; a direct LM call with ids gets them embedded here
+            embeds = module.embed_tokens(kwargs.pop("input_ids") if "input_ids" in kwargs else args[0])
+            args = ()
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        state.prefixed = past == 0
+        bsz, q = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("M2PT text prompts need a 2-D attention mask (batch, seq), got a %d-D mask" % mask.dim())
+        real_past = past - pt if past else 0
+        if mask is None:
+            mask = torch.ones(bsz, real_past + q, dtype=torch.long, device=embeds.device)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+        pos = pos + pt
+        ones = torch.ones(bsz, pt, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+        if state.prefixed:
+            prompt_pos = torch.arange(pt, device=pos.device, dtype=pos.dtype).unsqueeze(0).expand(pos.shape[0], -1)
+            pos = torch.cat([prompt_pos, pos], dim=1)
+            embeds = torch.cat([embeds.new_zeros(bsz, pt, embeds.shape[2]), embeds], dim=1)
+        kwargs["position_ids"] = pos
+        kwargs["inputs_embeds"] = embeds
+        return args, kwargs
+
+    def after_lm(module, args, kwargs, output):
+        if state.prefixed:
+            output.last_hidden_state = output.last_hidden_state[:, pt:]
+            if getattr(output, "hidden_states", None) is not None:
+                output.hidden_states = tuple(h[:, pt:] for h in output.hidden_states)
+        return output
+
+    handles.append(lm.register_forward_pre_hook(before_lm, with_kwargs=True))
+    handles.append(lm.register_forward_hook(after_lm, with_kwargs=True))
+    for j, layer in enumerate(lm.layers[: len(tp)]):
+
+        def write(module, args, kwargs, j=j):
+            if not state.prefixed:
+                return None
+            return _replace_first_arg(args, kwargs, "hidden_states", lambda h: _overwrite(h, tp[j]))
+
+        handles.append(layer.register_forward_pre_hook(write, with_kwargs=True))
+    return handles
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def attach_m2pt(model, cfg: M2PTConfig):
+    """Attach M²PT prompts to a `LlavaForConditionalGeneration` in place and set the trainable set. Returns model."""
+    if getattr(model, "m2pt", None) is not None:
+        raise ValueError("this model already has M2PT prompts attached")
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    n_vision_layers = vcfg.num_hidden_layers
+    top = max(_feature_layers(model))
+    # Only prompts whose values can reach the LLM are created: layers before the feature layer always do; in
+    # official mode the feature layer's own (raw) prompt is handed over too.
+    n_vision = min(top + 1, n_vision_layers) if cfg.visual_token_mode == "official" else top
+    n_text = tcfg.num_hidden_layers
+    prompts = M2PTPrompts(cfg, n_vision, vcfg.hidden_size, n_text, tcfg.hidden_size)
+    ref = next(model.parameters())
+    if ref.device.type != "meta":
+        prompts.to(device=ref.device)
+    else:
+        prompts.to(device="meta")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.m2pt = prompts  # registers the parameters on the model (state_dict key prefix "m2pt.")
+    for p in prompts.parameters():
+        p.requires_grad_(True)
+    if cfg.tune_projector:
+        for p in projector(model).parameters():
+            p.requires_grad_(True)
+    if cfg.tune_lm_head:
+        head = model.get_output_embeddings().weight
+        if head is model.get_input_embeddings().weight:
+            raise ValueError("tune_lm_head: this model ties lm_head to the input embeddings; both would train")
+        head.requires_grad_(True)
+
+    model.m2pt_config = cfg
+    model._m2pt_hooks = _install_vision_hooks(model, prompts, cfg) + _install_text_hooks(model, prompts, cfg)
+    return model
+
+
+def num_visual_tokens(model) -> int:
+    """Visual tokens per image the LLM receives (what one `<image>` placeholder must expand to)."""
+    vcfg = model.config.vision_config
+    n = num_patches(vcfg) + (0 if model.config.vision_feature_select_strategy == "default" else 1)
+    cfg = getattr(model, "m2pt_config", None)
+    if cfg is not None and cfg.visual_token_mode == "official":
+        n += cfg.visual_prompt_length
+    return n
+
+
+def trainable_parameters(model) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_table(model) -> list[tuple[str, int, int]]:
+    """(module, trainable, total) per top-level module group, for the start-up table."""
+    groups = {
+        "vision prompts": "m2pt.vision_prompts",
+        "text prompts": "m2pt.text_prompts",
+        "projector": "model.multi_modal_projector",
+        "vision tower": "model.vision_tower",
+        "language model": "model.language_model",
+        "lm_head": "lm_head",
+    }
+    rows = {k: [0, 0] for k in groups}
+    rows["other"] = [0, 0]
+    seen = set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = next((k for k, pre in groups.items() if n.startswith(pre)), "other")
+        rows[key][1] += p.numel()
+        if p.requires_grad:
+            rows[key][0] += p.numel()
+    return [(k, t, tot) for k, (t, tot) in rows.items() if tot]
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter tensors under their adapter-file names (DESIGN §2). Only trainables; nothing frozen."""
+    cfg: M2PTConfig = model.m2pt_config
+    out = {}
+    for i, p in enumerate(model.m2pt.vision_prompts):
+        out[f"vision_prompts.{i}"] = p
+    for j, p in enumerate(model.m2pt.text_prompts):
+        out[f"text_prompts.{j}"] = p
+    if cfg.tune_projector:
+        for k, v in projector(model).state_dict().items():
+            out[f"projector.{k}"] = v
+    if cfg.tune_lm_head:
+        out["lm_head.weight"] = model.get_output_embeddings().weight
+    return out
+
+
+def _adapter_meta(model, cfg: M2PTConfig, base_name: str | None) -> dict:
+    import transformers
+
+    from pipeline import __version__
+
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    proj = projector(model)
+    return {
+        "method": METHOD,
+        "m2pt_config": asdict(cfg),
+        "base_model": base_name or getattr(model, "m2pt_base", "") or getattr(model.config, "_name_or_path", ""),
+        "vision": {"num_layers": vcfg.num_hidden_layers, "hidden_size": vcfg.hidden_size,
+                   "num_prompt_layers": len(model.m2pt.vision_prompts), "model_type": vcfg.model_type},
+        "text": {"num_layers": tcfg.num_hidden_layers, "hidden_size": tcfg.hidden_size,
+                 "num_prompt_layers": len(model.m2pt.text_prompts), "model_type": tcfg.model_type},
+        "projector_type": "linear" if isinstance(proj, nn.Linear) else type(proj).__name__,
+        "vision_feature_layer": model.config.vision_feature_layer,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "num_visual_tokens": num_visual_tokens(model),
+        "versions": {"m2pt_pipeline": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None, base_name: str | None = None):
+    """Write `adapter_config.json` + `adapter_model.safetensors` to `path` (created). Returns the path.
+
+    `state_dict` overrides the tensors (e.g. the fp32 master copies gathered from a DeepSpeed engine)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict if state_dict is not None else adapter_state_dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "method": METHOD})
+    meta = _adapter_meta(model, model.m2pt_config, base_name)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_adapter_config(path) -> dict:
+    path = Path(path)
+    cfg_file = path / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no adapter config here (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("method") != METHOD:
+        raise ValueError(f"{cfg_file}: method is {meta.get('method')!r}, not {METHOD!r}")
+    return meta
+
+
+def load_adapter(base_model, path):
+    """Attach prompts to `base_model` per the adapter's config and load its tensors. Shape mismatches (another
+    base model) fail with an error naming the key and both shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_adapter_config(path)
+    cfg = M2PTConfig.from_dict(meta["m2pt_config"])
+    model = attach_m2pt(base_model, cfg)
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path / ADAPTER_WEIGHTS} does not fit this base model: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]} (adapter was made for {meta.get('base_model')!r}: "
+            f"vision {meta['vision']}, text {meta['text']})"
+        )
+    bad = [f"{k!r}: adapter {tuple(t.shape)} vs model {tuple(expected[k].shape)}"
+           for k, t in sorted(tensors.items()) if tuple(t.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ValueError(
+            f"{path / ADAPTER_WEIGHTS} does not fit this base model (adapter was made for "
+            f"{meta.get('base_model')!r}); shape mismatches: " + "; ".join(bad[:8])
+        )
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t.to(expected[k].dtype))
+    return model

@@ -1,0 +1,211 @@
+"""Base models: the three ways to get a stock `LlavaForConditionalGeneration` (+ tokenizer + image processor).
+
+(a) a Hugging Face llava directory (`llava-hf/*` layout)             -> `load_base(model=DIR)`
+(b) LLaVA-v1 parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin`
+                                                                        -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
+(c) the embedded tiny default, built offline and deterministically     -> `load_base()` / `load_base(model="tiny")`
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class Base:
+    model: nn.Module  # LlavaForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    name: str
+
+
+def pick_attn_implementation(requested: str | None = None) -> str:
+    """flash_attention_2 when CUDA and flash-attn are both present, else SDPA (transformers does not fall back)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if requested and requested != "auto":
+        if requested == "flash_attention_2" and not (torch.cuda.is_available() and is_flash_attn_2_available()):
+            raise ValueError("--attn_implementation flash_attention_2 needs CUDA and the flash-attn package")
+        return requested
+    if torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _image_processor(size: int, **kw):
+    # The PIL backend needs no torchvision (PyPI's torchvision does not import beside the pinned torch build).
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **kw)
+
+
+def tiny_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(ASSETS / "tiny_tokenizer.json"),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512,
+    )
+
+
+def tiny_config(tokenizer, attn: str = "sdpa"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=64,
+    )
+    text = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def build_tiny(seed: int = 0, attn: str = "sdpa") -> Base:
+    """The embedded default: CLIP-style tower (3 x 64, 32 px / 8 px patches) + Llama-style LM (4 x 128) with
+    a committed 640-token byte-level BPE. Weights are a seeded random init, so every process builds the same
+    model without any file on disk."""
+    from transformers import LlavaForConditionalGeneration
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok, attn)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.m2pt_base = TINY
+    return Base(model, tok, _image_processor(32), TINY)
+
+
+def _check_dir(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} {p}: no such directory")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {p}: no config.json (is this a Hugging Face model directory?)")
+    return p
+
+
+def load_hf_llava(path, dtype=torch.float32, attn: str = "sdpa") -> Base:
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    p = _check_dir(path, "--model")
+    model = LlavaForConditionalGeneration.from_pretrained(str(p), dtype=dtype, attn_implementation=attn)
+    tok = AutoTokenizer.from_pretrained(str(p))
+    try:
+        ip = AutoImageProcessor.from_pretrained(str(p), backend="pil")
+    except TypeError:
+        ip = AutoImageProcessor.from_pretrained(str(p))
+    _ensure_pad(tok, model)
+    model.m2pt_base = str(p)
+    return Base(model, tok, ip, str(p))
+
+
+def _ensure_pad(tok, model):
+    if tok.pad_token_id is None:  # Vicuna/Llama ship no pad token; the reference pads with unk
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+
+
+def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: str = "sdpa") -> Base:
+    """Assemble LLaVA-v1 from its parts into stock classes, as the reference does.
+
+    The v1 projector is a single Linear (dv -> dt, with bias): it replaces LlavaMultiModalProjector (a thin module
+    swap, no fork). `<image>` is added to the tokenizer and only the *input* embedding gets a row for it (its value
+    never matters: LLaVA overwrites those positions with image features); the LM head keeps the LLM's vocabulary,
+    so the model can never emit the placeholder and the trainable count with --tune_lm_head stays the LLM's."""
+    from transformers import (
+        AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration,
+    )
+
+    llm_dir, vis_dir = _check_dir(llm, "--model_llm"), _check_dir(vision, "--model_vision")
+    proj_file = Path(mm_projector)
+    if not proj_file.is_file():
+        raise FileNotFoundError(f"--mm_projector {proj_file}: no such file")
+    tok = AutoTokenizer.from_pretrained(str(llm_dir))
+    vis_cfg = AutoConfig.from_pretrained(str(vis_dir))
+    vis_cfg = getattr(vis_cfg, "vision_config", vis_cfg)  # a full CLIP dir holds a CLIPConfig
+    text_cfg = AutoConfig.from_pretrained(str(llm_dir))
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = LlavaConfig(
+        vision_config=vis_cfg.to_dict(), text_config=text_cfg.to_dict(), image_token_id=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+    cfg.vision_config.model_type, cfg.text_config.model_type = vis_cfg.model_type, text_cfg.model_type
+    cfg._attn_implementation = attn
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    lm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, attn_implementation=attn)
+    tower = CLIPVisionModel.from_pretrained(str(vis_dir), dtype=dtype, attn_implementation=attn)
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    model.model.vision_tower = tower
+    model.model.multi_modal_projector = _load_v1_projector(proj_file, vis_cfg.hidden_size, text_cfg.hidden_size, dtype)
+    emb = model.model.language_model.embed_tokens
+    if image_id >= emb.num_embeddings:
+        new = nn.Embedding(image_id + 1, emb.embedding_dim, padding_idx=emb.padding_idx, dtype=emb.weight.dtype)
+        with torch.no_grad():
+            new.weight[: emb.num_embeddings] = emb.weight
+            new.weight[emb.num_embeddings :] = emb.weight.mean(0)
+        model.model.language_model.embed_tokens = new
+    model.config.text_config.vocab_size = model.lm_head.out_features
+    model.generation_config = lm.generation_config
+    _ensure_pad(tok, model)
+    ip = _image_processor(vis_cfg.image_size)
+    model.m2pt_base = f"llava-v1 parts: {llm_dir} + {vis_dir} + {proj_file}"
+    return Base(model, tok, ip, model.m2pt_base)
+
+
+def _load_v1_projector(path: Path, d_in: int, d_out: int, dtype) -> nn.Linear:
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    want = {"model.mm_projector.weight": (d_out, d_in), "model.mm_projector.bias": (d_out,)}
+    for k, shape in want.items():
+        if k not in sd:
+            raise ValueError(f"{path}: key {k!r} missing (has {sorted(sd)[:6]}); expected a LLaVA-v1 linear projector")
+        if tuple(sd[k].shape) != shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} (vision {d_in} -> LLM {d_out})")
+    proj = nn.Linear(d_in, d_out, dtype=dtype)
+    with torch.no_grad():
+        proj.weight.copy_(sd["model.mm_projector.weight"])
+        proj.bias.copy_(sd["model.mm_projector.bias"])
+    return proj
+
+
+def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None, dtype=torch.float32,
+              attn: str | None = None, seed: int = 0) -> Base:
+    attn = pick_attn_implementation(attn)
+    log.info("attention implementation: %s", attn)
+    if llm or vision or mm_projector:
+        if not (llm and vision and mm_projector) or model not in (None, TINY):
+            raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
+        return load_llava_v1_parts(llm, vision, mm_projector, dtype=dtype, attn=attn)
+    if model in (None, "", TINY):
+        base = build_tiny(seed=seed, attn=attn)
+        base.model.to(dtype)
+        return base
+    return load_hf_llava(model, dtype=dtype, attn=attn)
