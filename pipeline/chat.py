@@ -88,7 +88,7 @@ class VicunaTemplate:
             if k:
                 ids += [self.image_token_id] * self.num_image_tokens
             if piece:
-                ids += self.tok.encode(piece, add_special_tokens=False)
+                ids += self.tok.encode(piece, add_special_tokens=False, verbose=False)
         return ids
 
     def _bos(self) -> list[int]:
@@ -101,7 +101,7 @@ class VicunaTemplate:
         for i in range(0, len(conversations), 2):
             head = (self.system + " " if i == 0 else "") + "USER: " + _user_text(conversations[i]["value"]) + " ASSISTANT:"
             p = self._text(head)
-            a = self.tok.encode(" " + conversations[i + 1]["value"].strip(), add_special_tokens=False)
+            a = self.tok.encode(" " + conversations[i + 1]["value"].strip(), add_special_tokens=False, verbose=False)
             a.append(self.tok.eos_token_id)
             ids += p + a
             labels += [IGNORE] * len(p) + a

@@ -282,14 +282,18 @@ def attach_m2pt(model, cfg: M2PTConfig):
     return model
 
 
+def count_visual_tokens(llava_config, cfg: M2PTConfig | None) -> int:
+    """Visual tokens per image for a LLaVA config with (or without: cfg=None) M2PT attached."""
+    n = num_patches(llava_config.vision_config)
+    n += 0 if llava_config.vision_feature_select_strategy == "default" else 1  # "full" keeps CLS
+    if cfg is not None and cfg.visual_token_mode == "official":
+        n += cfg.visual_prompt_length  # pv - 1 raw prompts + CLS (default) / pv prompts (full)
+    return n
+
+
 def num_visual_tokens(model) -> int:
     """Visual tokens per image the LLM receives (what one `<image>` placeholder must expand to)."""
-    vcfg = model.config.vision_config
-    n = num_patches(vcfg) + (0 if model.config.vision_feature_select_strategy == "default" else 1)
-    cfg = getattr(model, "m2pt_config", None)
-    if cfg is not None and cfg.visual_token_mode == "official":
-        n += cfg.visual_prompt_length
-    return n
+    return count_visual_tokens(model.config, getattr(model, "m2pt_config", None))
 
 
 def trainable_parameters(model) -> dict[str, nn.Parameter]:

@@ -209,3 +209,17 @@ def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None
         base.model.to(dtype)
         return base
     return load_hf_llava(model, dtype=dtype, attn=attn)
+
+
+def load_text_side(model: str | None = None):
+    """(tokenizer, LlavaConfig) without loading any weights: what the shard builder needs to measure lengths."""
+    if model in (None, "", TINY):
+        tok = tiny_tokenizer()
+        return tok, tiny_config(tok)
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = _check_dir(model, "--model")
+    cfg = AutoConfig.from_pretrained(str(p))
+    if not hasattr(cfg, "vision_config"):
+        raise ValueError(f"--model {p} is not a LLaVA model directory (config has no vision_config)")
+    return AutoTokenizer.from_pretrained(str(p)), cfg

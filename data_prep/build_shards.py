@@ -1,0 +1,503 @@
+"""Vision-Flan / LLaVA records + images -> validated WebDataset shards (+ manifest.json, rejected.jsonl).
+
+    python -m data_prep.build_shards --input data/sample/train.json --image-root data/sample \\
+        --output data/sample_shards
+
+Every input record ends up either in a shard or as one line of rejected.jsonl with its file, index, id and a
+reason code, so `read = written + rejected` always holds (it is asserted before the manifest is written).
+Output depends only on the input and the arguments, not on --workers. An interrupted build re-run with the same
+arguments keeps the completed shards and redoes the rest; a shard becomes visible under its final name only once
+it is fully written, and counts as complete only once its stats are recorded.
+
+Exit status: 0 when at least one sample was written (rejections are normal and summarised), 1 when nothing could
+be written, 2 when the input itself is unreadable or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("build_shards")
+
+FORMAT = "m2pt-shards/1"
+PROGRESS = ".progress.json"
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+TAR_MTIME = 946684800  # fixed member mtime (2000-01-01): identical input -> byte-identical shards
+REASONS = (
+    "bad_json", "bad_record", "duplicate_id", "bad_conversation", "missing_image_token", "extra_image_token",
+    "empty_answer", "too_long", "path_outside_root", "missing_image", "undecodable_image", "image_too_large",
+)
+
+
+class InputError(Exception):
+    """The input itself is unreadable (exit status 2)."""
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@dataclass
+class Job:
+    file: str
+    index: int  # record index inside its file
+    record: object
+    duplicate: bool = False
+
+
+def read_inputs(paths: list[str]) -> list[Job]:
+    jobs: list[Job] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(f"--input {p}: no such file or directory")
+        try:
+            if p.is_dir() or p.suffix == ".parquet":
+                jobs += [Job(str(p), i, r) for i, r in enumerate(_read_hf(p))]
+            elif p.suffix == ".jsonl":
+                with p.open(encoding="utf-8") as f:
+                    for i, line in enumerate(f):
+                        if not line.strip():
+                            continue
+                        try:
+                            jobs.append(Job(str(p), i, json.loads(line)))
+                        except json.JSONDecodeError as e:
+                            jobs.append(Job(str(p), i, Rejected("bad_json", f"line {i + 1}: {e}")))
+            else:
+                data = json.loads(p.read_text(encoding="utf-8"))
+                if not isinstance(data, list):
+                    raise InputError(f"--input {p}: expected a JSON list of records, got {type(data).__name__}")
+                jobs += [Job(str(p), i, r) for i, r in enumerate(data)]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"--input {p}: unreadable ({e})") from e
+    return jobs
+
+
+def _read_hf(p: Path):
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_parquet(str(p)) if p.suffix == ".parquet" else datasets.load_from_disk(str(p))
+    except Exception as e:  # datasets raises many types for a wrong folder
+        raise InputError(f"--input {p}: not a Hugging Face datasets folder or parquet file ({e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        raise InputError(f"--input {p}: holds splits {list(ds)}; pass one split's folder")
+    missing = {"id", "conversations"} - set(ds.column_names)
+    if missing:
+        raise InputError(f"--input {p}: missing column(s) {sorted(missing)} (has {ds.column_names})")
+    return iter(ds)
+
+
+# --------------------------------------------------------------------------------------- per-record work
+_W: dict = {}  # worker state, set by _init_worker
+
+
+def _init_worker(image_root: str, max_pixels: int, model: str | None, image_tokens: int, max_length: int):
+    from PIL import Image
+
+    from pipeline.chat import VicunaTemplate
+    from pipeline.models import load_text_side
+
+    Image.MAX_IMAGE_PIXELS = None  # our own header check below is the guard; PIL's would raise a bare error
+    tok, cfg = load_text_side(model)
+    _W.update(
+        root=os.path.realpath(image_root) if image_root else None, max_pixels=max_pixels, max_length=max_length,
+        template=VicunaTemplate(tok, cfg.image_token_id, image_tokens),
+    )
+
+
+def sample_key(rid: str) -> str:
+    """Stable tar key: the id with anything but [A-Za-z0-9_-] replaced (dots would split the webdataset key),
+    plus a short hash of the original whenever sanitising changed it, so distinct ids never collide."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", rid)[:96] or "_"
+    if key != rid:
+        key += "_" + hashlib.sha1(rid.encode()).hexdigest()[:8]
+    return key
+
+
+def _image_bytes(image) -> bytes:
+    if isinstance(image, dict) and isinstance(image.get("bytes"), (bytes, bytearray)):  # HF Image feature
+        return bytes(image["bytes"])
+    if not isinstance(image, str):
+        raise Rejected("bad_record", f"'image' must be a relative path, got {type(image).__name__}")
+    root = _W["root"]
+    if root is None:
+        raise Rejected("missing_image", "record has an image but no --image-root was given")
+    if os.path.isabs(image):
+        raise Rejected("path_outside_root", f"absolute image path {image!r}")
+    real = os.path.realpath(os.path.join(root, image))  # resolves '..' and symlinks
+    if not real.startswith(root + os.sep):
+        raise Rejected("path_outside_root", f"{image!r} resolves to {real}, outside --image-root")
+    try:
+        with open(real, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise Rejected("missing_image", f"{image!r}: no such file") from None
+    except OSError as e:
+        raise Rejected("missing_image", f"{image!r}: {e.strerror}") from None
+
+
+def _check_image(data: bytes):
+    """Decode-check; return (bytes to store, extension, width, height)."""
+    from PIL import Image
+
+    if not data:
+        raise Rejected("undecodable_image", "zero-byte image file")
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+        w, h = im.size
+    except Exception as e:
+        raise Rejected("undecodable_image", f"not an image ({type(e).__name__}: {e})") from None
+    if w * h > _W["max_pixels"]:
+        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > --max-image-pixels {_W['max_pixels']}")
+    try:
+        im.load()
+        rgb = im.convert("RGB")
+    except Exception as e:
+        raise Rejected("undecodable_image", f"decoding failed ({type(e).__name__}: {e})") from None
+    if im.format in ("JPEG", "PNG"):
+        return data, ("jpg" if im.format == "JPEG" else "png"), w, h
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue(), "png", w, h
+
+
+def process(job: Job):
+    """-> ("ok", sample dict, None) | ("rejected", reason, detail). Runs in a worker process."""
+    from pipeline.chat import ConversationError, check_conversation
+
+    try:
+        rec = job.record
+        if isinstance(rec, Rejected):
+            raise rec
+        if not isinstance(rec, dict):
+            raise Rejected("bad_record", f"record is a {type(rec).__name__}, not an object")
+        rid = rec.get("id")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+            raise Rejected("bad_record", "missing or empty 'id'")
+        rid = str(rid)
+        if job.duplicate:
+            raise Rejected("duplicate_id", f"id {rid!r} already used by an earlier record")
+        image = rec.get("image")
+        has_image = image not in (None, "")
+        convs = rec.get("conversations")
+        try:
+            check_conversation(convs, has_image)
+        except ConversationError as e:
+            raise Rejected(e.reason, str(e)) from None
+        n_tokens = _W["template"].length(convs)
+        if n_tokens > _W["max_length"]:
+            raise Rejected("too_long", f"{n_tokens} tokens after image expansion > --max-length {_W['max_length']}")
+        meta = {"id": rid, "task_name": rec.get("task_name"), "conversations": convs,
+                "source": f"{job.file}:{job.index}", "width": None, "height": None}
+        sample = {"__key__": sample_key(rid)}
+        if has_image:
+            data, ext, meta["width"], meta["height"] = _check_image(_image_bytes(image))
+            sample[ext] = data
+        sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+        return "ok", sample, None
+    except Rejected as e:
+        return "rejected", e.reason, e.detail
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _tar_bytes(sample: dict) -> int:
+    return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if k != "__key__")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardSink:
+    """Writes numbered shards; each appears under its final name (atomic rename) only once complete."""
+
+    def __init__(self, out: Path, prefix: str, max_count: int, max_bytes: int, first_index: int):
+        self.out, self.prefix, self.max_count, self.max_bytes = out, prefix, max_count, max_bytes
+        self.index, self.writer, self.count, self.bytes = first_index, None, 0, 0
+
+    def name(self) -> str:
+        return f"{self.prefix}-{self.index:06d}.tar"
+
+    def needs_roll(self, sample) -> bool:
+        return self.count > 0 and (self.count >= self.max_count or self.bytes + _tar_bytes(sample) > self.max_bytes)
+
+    def write(self, sample):
+        import webdataset as wds
+
+        if self.writer is None:
+            self.tmp = self.out / (self.name() + ".tmp")
+            self.writer = wds.TarWriter(str(self.tmp), mtime=TAR_MTIME, encoder=False)
+        self.writer.write(sample)
+        self.count += 1
+        self.bytes += _tar_bytes(sample)
+
+    def close(self) -> dict | None:
+        """Finish the open shard; returns its stats (None if nothing was open)."""
+        if self.writer is None:
+            return None
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        final = self.out / self.name()
+        os.replace(self.tmp, final)
+        stats = {"name": final.name, "samples": self.count, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+        self.index, self.writer, self.count, self.bytes = self.index + 1, None, 0, 0
+        return stats
+
+
+# -------------------------------------------------------------------------------------------------- main
+def _fingerprint(args, jobs_files: list[str]) -> str:
+    keys = ("input", "image_root", "prefix", "samples_per_shard", "max_shard_bytes", "max_image_pixels",
+            "max_length", "model", "image_tokens", "seed", "shuffle")
+    d = {k: getattr(args, k) for k in keys}
+    d["input_stats"] = [(f, os.path.getsize(f) if os.path.isfile(f) else None) for f in sorted(set(jobs_files))]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _image_tokens(args) -> int:
+    if args.image_tokens:
+        return args.image_tokens
+    from pipeline.m2pt import M2PTConfig, count_visual_tokens
+    from pipeline.models import load_text_side
+
+    _, cfg = load_text_side(args.model)
+    return count_visual_tokens(cfg, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
+                                               visual_token_mode=args.visual_token_mode))
+
+
+def build(args) -> dict:
+    """Run a build; returns the manifest. Raises InputError for unreadable input."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    args.image_tokens = _image_tokens(args)
+    jobs = read_inputs(args.input)
+    order = list(range(len(jobs)))
+    if args.shuffle:
+        random.Random(args.seed).shuffle(order)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = _fingerprint(args, [j.file for j in jobs])
+
+    state = {"fingerprint": fp, "shards": [], "records_done": 0, "rejected_lines": 0, "rejected_by_reason": {}}
+    manifest_path, progress_path = out / MANIFEST, out / PROGRESS
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fp:
+            log.info("%s is already complete for these arguments; nothing to do", out)
+            return old
+        if not args.overwrite:
+            raise InputError(f"{out} holds shards of a different build (other input or arguments); "
+                             "use --overwrite or another --output")
+    if progress_path.is_file():
+        prev = json.loads(progress_path.read_text())
+        if prev.get("fingerprint") == fp:
+            state = prev
+            log.info("resuming: %d complete shard(s), %d/%d records done", len(state["shards"]),
+                     state["records_done"], len(jobs))
+        elif not args.overwrite:
+            raise InputError(f"{out} holds a partial build with other arguments; use --overwrite or another --output")
+    if args.overwrite and not state["shards"]:
+        for f in list(out.glob(f"{args.prefix}-*.tar")) + [manifest_path]:
+            f.unlink(missing_ok=True)
+    for stray in out.glob("*.tar.tmp"):  # a shard that was being written when the last run died
+        stray.unlink()
+    # Rejections are flushed only up to the last complete shard's boundary: drop anything after it.
+    rej_path = out / REJECTED
+    lines = rej_path.read_text().splitlines(keepends=True)[: state["rejected_lines"]] if rej_path.exists() else []
+    rej_path.write_text("".join(lines))
+    rejected_by = Counter(state["rejected_by_reason"])
+
+    seen: set[str] = set()
+    for pos in order[: state["records_done"]]:
+        rec = jobs[pos].record
+        if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)):
+            seen.add(str(rec["id"]))
+
+    def todo():
+        for pos in order[state["records_done"]:]:
+            job = jobs[pos]
+            rid = job.record.get("id") if isinstance(job.record, dict) else None
+            if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
+                job.duplicate = str(rid) in seen
+                seen.add(str(rid))
+            yield job
+
+    sink = ShardSink(out, args.prefix, args.samples_per_shard, args.max_shard_bytes, len(state["shards"]))
+    init = (args.image_root, args.max_image_pixels, args.model, args.image_tokens, args.max_length)
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(args.workers, initializer=_init_worker, initargs=init)
+        results = pool.imap(process, todo(), chunksize=8)  # ordered: output independent of --workers
+    else:
+        pool = None
+        _init_worker(*init)
+        results = map(process, todo())
+
+    done = state["records_done"]
+    bar = tqdm(total=len(jobs), initial=done, unit="rec", desc="shards", dynamic_ncols=True,
+               disable=args.quiet or None)
+    rej_f = rej_path.open("a", encoding="utf-8")
+
+    def finish_shard():
+        stats = sink.close()
+        if stats:
+            rej_f.flush()
+            state["shards"].append(stats)
+            state.update(records_done=done, rejected_lines=state["rejected_lines"] + pending[0],
+                         rejected_by_reason=dict(rejected_by))
+            pending[0] = 0
+            _atomic_json(progress_path, state)  # the shard is complete from here on
+
+    pending = [0]  # rejections written since the last complete shard
+    try:
+        for (pos, (status, a, b)) in zip(order[state["records_done"]:], results):
+            job = jobs[pos]
+            if status == "ok":
+                if sink.needs_roll(a):
+                    finish_shard()
+                sink.write(a)
+            else:
+                rid = job.record.get("id") if isinstance(job.record, dict) else None
+                rej_f.write(json.dumps({"file": job.file, "index": job.index, "id": rid, "reason": a,
+                                        "detail": b}, ensure_ascii=False, default=str) + "\n")
+                rejected_by[a] += 1
+                pending[0] += 1
+            done += 1
+            bar.update()
+            if done % 64 == 0 or done == len(jobs):
+                bar.set_postfix(rejected=sum(rejected_by.values()), refresh=False)
+        finish_shard()
+        # No shard after the last one: the tail rejections still need to be counted.
+        state.update(records_done=done, rejected_lines=state["rejected_lines"] + pending[0],
+                     rejected_by_reason=dict(rejected_by))
+    finally:
+        bar.close()
+        rej_f.close()
+        if pool is not None:
+            pool.terminate()
+
+    written = sum(s["samples"] for s in state["shards"])
+    rejected = sum(rejected_by.values())
+    assert len(jobs) == written + rejected, (len(jobs), written, rejected)  # the invariant, never silently broken
+    manifest = _manifest(args, fp, state, len(jobs), written, rejected_by, time.time() - t0)
+    _atomic_json(manifest_path, manifest)
+    progress_path.unlink(missing_ok=True)
+    return manifest
+
+
+def _manifest(args, fp, state, read, written, rejected_by, seconds) -> dict:
+    import PIL
+    import webdataset
+
+    import pipeline
+
+    return {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "args": {k: v for k, v in vars(args).items() if k not in ("quiet", "overwrite")},
+        "versions": {"m2pt_pipeline": pipeline.__version__, "webdataset": webdataset.__version__,
+                     "pillow": PIL.__version__, "python": sys.version.split()[0]},
+        "num_visual_tokens": args.image_tokens,
+        "shards": state["shards"],
+        "totals": {"read": read, "written": written, "rejected": sum(rejected_by.values()),
+                   "rejected_by_reason": dict(sorted(rejected_by.items()))},
+        "seconds": round(seconds, 2),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m2pt-build-shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="one or more record sources: a Vision-Flan/LLaVA .json list, a .jsonl file (one record per "
+                         "line), a Hugging Face `datasets` folder (save_to_disk) or a .parquet file. Records: "
+                         '{"id", "image" (path relative to --image-root; omit for text-only), '
+                         '"conversations": [{"from": "human"|"gpt", "value"}], "task_name"?}')
+    ap.add_argument("--image-root", default=None,
+                    help="folder the records' image paths are relative to; paths resolving outside it (.., absolute, "
+                         "symlinks) are rejected")
+    ap.add_argument("--output", required=True, help="folder for the shards, manifest.json and rejected.jsonl")
+    ap.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar … (default: %(default)s)")
+    ap.add_argument("--samples-per-shard", type=int, default=1000,
+                    help="start a new shard after this many samples (default: %(default)s)")
+    ap.add_argument("--max-shard-bytes", type=int, default=1 << 30,
+                    help="…or before a shard would exceed this size in bytes (default: 1 GiB)")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="parallel validation/encoding processes; the output does not depend on it (default: %(default)s)")
+    ap.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                    help="reject images with more pixels than this, checked from the header before decoding "
+                         "(decompression-bomb guard; default: %(default)s, PIL's own limit)")
+    ap.add_argument("--max-length", type=int, default=2048,
+                    help="reject records longer than this many tokens after <image> expansion (text prompts not "
+                         "counted; match the trainer's --model_max_length; default: %(default)s)")
+    ap.add_argument("--model", default=None,
+                    help="model whose tokenizer and image-token count measure --max-length: a Hugging Face llava "
+                         "folder, or 'tiny' (the embedded default, used when omitted)")
+    ap.add_argument("--image-tokens", type=int, default=None,
+                    help="override the visual tokens one <image> expands to (default: from --model and the two "
+                         "flags below)")
+    ap.add_argument("--visual-prompt-length", type=int, default=10,
+                    help="M2PT visual prompt length the trainer will use (official mode adds it; default: %(default)s)")
+    ap.add_argument("--visual-token-mode", choices=("official", "clean"), default="official",
+                    help="M2PT visual token mode the trainer will use (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default: %(default)s)")
+    ap.add_argument("--shuffle", action="store_true",
+                    help="shuffle the record order before sharding (recommended when inputs are grouped by task)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing build in --output made with other inputs or arguments")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.samples_per_shard < 1 or args.max_shard_bytes < 1 or args.workers < 1:
+        print("error: --samples-per-shard, --max-shard-bytes and --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        m = build(args)
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = m["totals"]
+    print(f"read {t['read']}, written {t['written']} in {len(m['shards'])} shard(s), rejected {t['rejected']}"
+          + (f" {t['rejected_by_reason']}" if t["rejected"] else "") + f" -> {args.output} ({m['seconds']} s)")
+    if t["rejected"]:
+        print(f"rejections: {Path(args.output) / REJECTED}")
+    if t["written"] == 0:
+        print("error: nothing could be written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
