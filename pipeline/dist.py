@@ -1,0 +1,67 @@
+"""Process-group set-up that works under every launcher we support: `deepspeed`, `torchrun`, `srun` (Slurm),
+and plain `python` (one process)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def map_launcher_env() -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* when the launcher did not.
+
+    * `srun` (and `deepspeed --launcher slurm`) export only SLURM_* variables: map them.
+    * plain `python pipeline/train.py`: one process; without this DeepSpeed falls into MPI discovery and fails
+      with "No module named 'mpi4py'"."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        return
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("under srun, export MASTER_ADDR (and MASTER_PORT) from the batch script "
+                               "(slurm/train_m2pt.sh derives them from the allocation)")
+        env.setdefault("MASTER_PORT", "29500")
+        return
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init(timeout_s: int) -> tuple[int, int, int]:
+    """Initialise deepspeed.comm; returns (rank, world_size, local_rank)."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    map_launcher_env()
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at init (1-3 min of g++,
+        # and an indefinite hang if a previous build was killed holding its lock). Training never uses it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if acc.device_name() != "cpu":
+        acc.set_device(local)
+    return rank, world, local
+
+
+def device():
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return acc.device(int(os.environ.get("LOCAL_RANK", 0))) if acc.device_name() != "cpu" else "cpu"

@@ -1,0 +1,435 @@
+"""M²PT training on a DeepSpeed engine from WebDataset shards.
+
+    deepspeed pipeline/train.py --deepspeed ds_configs/zero2.json --train_shards data/shards \\
+        --model /models/llava-1.5-7b-hf --output_dir runs/m2pt --bf16
+
+With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
+process, and prints where the adapter went. Read top to bottom: arguments -> process group -> data -> model ->
+engine -> (resume) -> loop -> final adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
+log = logging.getLogger("m2pt.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    g = ap.add_argument_group("model (one of: --model, or the three LLaVA-v1 parts; default: the embedded tiny model)")
+    g.add_argument("--model", default="tiny", help="Hugging Face llava folder (llava-hf layout) or 'tiny'")
+    g.add_argument("--model_llm", default=None, help="LLaVA-v1 parts: Vicuna/Llama folder")
+    g.add_argument("--model_vision", default=None, help="LLaVA-v1 parts: CLIP vision tower folder")
+    g.add_argument("--mm_projector", default=None, help="LLaVA-v1 parts: stage-1 mm_projector.bin (linear projector)")
+    g.add_argument("--attn_implementation", default="auto", choices=("auto", "flash_attention_2", "sdpa", "eager"),
+                   help="auto: flash_attention_2 when CUDA + flash-attn are present, else sdpa")
+    g.add_argument("--init_adapter", default=None, help="start from this adapter's prompts/projector (and its config)")
+
+    g = ap.add_argument_group("M2PT")
+    g.add_argument("--visual_prompt_length", "--PT_len_vision_encoder", type=int, default=10,
+                   help="prompt slots per vision-encoder layer (pv)")
+    g.add_argument("--text_prompt_length", "--PT_len_llm", type=int, default=10,
+                   help="prompt slots per LLM decoder layer (pt)")
+    g.add_argument("--visual_token_mode", choices=("official", "clean"), default="official",
+                   help="official: reference features (N + pv visual tokens); clean: standard patches (N)")
+    g.add_argument("--tune_lm_head", action="store_true", help="also train the LM head (reference launch script)")
+    g.add_argument("--no_tune_projector", dest="tune_projector", action="store_false",
+                   help="freeze the projector (prompts only)")
+
+    g = ap.add_argument_group("data")
+    g.add_argument("--train_shards", default=None,
+                   help="shard folder with manifest.json, brace pattern or glob (comma-separated for several); "
+                        "default: the embedded sample set, built under $M2PT_DATA (./data) if missing")
+    g.add_argument("--model_max_length", type=int, default=2048,
+                   help="max tokens per sample after <image> expansion (text prompts not counted); longer samples "
+                        "are skipped and counted, never truncated")
+    g.add_argument("--dataloader_num_workers", type=int, default=1, help="loader processes per rank")
+    g.add_argument("--shuffle_buffer", type=int, default=1000, help="samples in each worker's shuffle buffer")
+    g.add_argument("--max_bad_sample_fraction", type=float, default=0.05,
+                   help="abort when more than this share of samples read so far was skipped (corrupt, too long, "
+                        "no supervised token, ...); checked once 200 samples were read")
+
+    g = ap.add_argument_group("optimisation (Hugging Face TrainingArguments spelling)")
+    g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"),
+                   help="DeepSpeed JSON config; 'auto' values are filled from these flags")
+    g.add_argument("--output_dir", default=str(REPO / "out" / "default"), help="checkpoints, logs and the adapter")
+    g.add_argument("--per_device_train_batch_size", type=int, default=4, help="micro-batch per rank")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=7e-4, help="peak learning rate (reference recipe)")
+    g.add_argument("--num_train_epochs", type=float, default=3.0, help="epochs over the shards' sample count")
+    g.add_argument("--max_steps", type=int, default=-1, help="if > 0: optimizer steps to run (overrides epochs)")
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="share of steps for linear warm-up")
+    g.add_argument("--lr_scheduler_type", default="cosine",
+                   help="transformers scheduler name: cosine, linear, constant, constant_with_warmup, ...")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not applied to biases)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (DeepSpeed gradient_clipping)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 training (fp32 master weights of the trainables)")
+    g.add_argument("--fp16", action="store_true", help="float16 training (GPU only)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    g.add_argument("--seed", type=int, default=42, help="seed of prompts, data order and dropout")
+
+    g = ap.add_argument_group("logging and checkpoints")
+    g.add_argument("--logging_steps", type=int, default=10, help="log every N optimizer steps")
+    g.add_argument("--save_steps", type=int, default=500, help="checkpoint every N optimizer steps (0: only at end)")
+    g.add_argument("--save_total_limit", type=int, default=2, help="keep at most this many checkpoints (0: all)")
+    g.add_argument("--resume", default="auto",
+                   help="'auto': continue from the newest complete checkpoint in --output_dir if there is one; "
+                        "a checkpoint path; or 'none'")
+    g.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"),
+                   help="also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always written")
+    g.add_argument("--dist_timeout", type=int, default=int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
+                   help="seconds before a stuck collective fails instead of hanging")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = ap.parse_args(argv)
+    if args.resume == "none":
+        args.resume = None
+    if args.bf16 and args.fp16:
+        ap.error("choose one of --bf16 / --fp16")
+    return args
+
+
+def ds_config(path: str, args, world: int) -> dict:
+    """Read the DeepSpeed config and fill its "auto" values from the flags (the command line is the one source of
+    truth: a concrete value that disagrees with a flag is an error, not a silent override)."""
+    cfg = json.loads(Path(path).read_text())
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise ValueError(f"{path}: remove the '{section}' section; set it with --learning_rate / "
+                             "--lr_scheduler_type / --warmup_ratio / --weight_decay instead")
+    want = {
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "gradient_clipping": args.max_grad_norm,
+    }
+    for k, v in want.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+        elif cfg[k] != v:
+            raise ValueError(f"{path}: {k} = {cfg[k]} but the flags say {v}; set it to \"auto\"")
+    for k, flag in (("bf16", args.bf16), ("fp16", args.fp16)):
+        sec = cfg.setdefault(k, {})
+        if sec.get("enabled", "auto") == "auto":
+            sec["enabled"] = flag
+        elif bool(sec["enabled"]) != flag:
+            raise ValueError(f"{path}: {k}.enabled = {sec['enabled']} but --{k} is {'on' if flag else 'off'}")
+    return cfg
+
+
+def default_shards(args, rank: int) -> str:
+    """The embedded sample set's shards, built once (by rank 0) if missing."""
+    import deepspeed.comm as dist
+
+    shards = DATA_HOME / "sample_shards"
+    if rank == 0 and not (shards / "manifest.json").is_file():
+        from data_prep import build_shards
+        from data_prep.make_sample import ensure_sample
+
+        sample = ensure_sample(DATA_HOME / "sample")
+        log.info("building shards of the embedded sample set at %s", shards)
+        rc = build_shards.main(["--input", str(sample / "train.json"), "--image-root", str(sample),
+                                "--output", str(shards), "--samples-per-shard", "256", "--shuffle", "--workers", "2",
+                                "--max-length", str(args.model_max_length), "--quiet",
+                                "--visual-prompt-length", str(args.visual_prompt_length),
+                                "--visual-token-mode", args.visual_token_mode])
+        if rc != 0:
+            raise RuntimeError(f"building the sample shards failed (exit {rc})")
+    dist.barrier()
+    return str(shards)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+def run(args) -> dict:
+    """Train; returns {"engine", "step", "stopped", "output_dir"} (the engine is for in-process tests)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    # ------------------------------------------------------------------ process group, logging, stop signals
+    from pipeline import dist as pdist
+
+    rank, world, _ = pdist.init(args.dist_timeout)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import deepspeed
+    import deepspeed.comm as dist
+    import torch
+    from transformers import get_scheduler
+
+    from pipeline import checkpoint
+    from pipeline.chat import VicunaTemplate
+    from pipeline.data import Preprocess, ShardStream, count_samples, resolve_shards
+    from pipeline.m2pt import (
+        M2PTConfig, adapter_state_dict, attach_m2pt, language_model, load_adapter, num_visual_tokens,
+        parameter_table, vision_core,
+    )
+    from pipeline.models import load_base
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # only set a flag: the save happens at the next step boundary, on all ranks
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGUSR1, on_signal)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    device = pdist.device()
+
+    # --------------------------------------------------------------------------------------------- model
+    base = load_base(args.model, llm=args.model_llm, vision=args.model_vision, mm_projector=args.mm_projector,
+                     attn=args.attn_implementation)
+    if args.init_adapter:
+        model = load_adapter(base.model, args.init_adapter)
+    else:
+        model = attach_m2pt(base.model, M2PTConfig(
+            visual_prompt_length=args.visual_prompt_length, text_prompt_length=args.text_prompt_length,
+            visual_token_mode=args.visual_token_mode, tune_projector=args.tune_projector,
+            tune_lm_head=args.tune_lm_head, seed=args.seed))
+    model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    if n_train == 0:
+        raise SystemExit("error: nothing is trainable (prompt lengths 0, projector frozen, no LM head)")
+    if rank == 0:
+        lines = [f"{'module':<16}{'trainable':>14}{'total':>16}{'share':>9}"]
+        for name, t, tot in parameter_table(model):
+            lines.append(f"{name:<16}{t:>14,}{tot:>16,}{100 * t / tot:>8.3f}%")
+        lines.append(f"{'all':<16}{n_train:>14,}{n_total:>16,}{100 * n_train / n_total:>8.3f}%")
+        log.info("trainable parameters:\n%s", "\n".join(lines))
+
+    # ---------------------------------------------------------------------------------------------- data
+    shard_spec = args.train_shards or default_shards(args, rank)
+    shards, n_samples = resolve_shards(shard_spec)
+    if n_samples is None:
+        n_samples = count_samples(shards)
+    per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = n_samples // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {n_samples} samples are fewer than one optimizer step needs ({per_step})")
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
+
+    # -------------------------------------------------------------------------------------------- engine
+    cfg = ds_config(args.deepspeed, args, world)
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        # The prompts are read inside hooks of the encoder / LLM, not by a module of their own: tell ZeRO-3 to
+        # gather them for those modules' forward.
+        for p in model.m2pt.vision_prompts:
+            deepspeed.zero.register_external_parameter(vision_core(model).encoder, p)
+        for p in model.m2pt.text_prompts:
+            deepspeed.zero.register_external_parameter(language_model(model), p)
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    betas = (args.adam_beta1, args.adam_beta2)
+    if cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload requires DeepSpeed's CPU Adam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=betas, adamw_mode=True)
+    else:
+        # torch AdamW: no JIT compile (DeepSpeed's FusedAdam would build C++ for minutes); fused kernel on CUDA.
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, fused=torch.cuda.is_available())
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    trainable_named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+    def adapter_tensors():
+        """fp32 master copies (ZeRO 1-3 safe) under the adapter's key names."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        by_id = {id(p): safe_get_full_fp32_param(p) for _, p in trainable_named}
+        return {k: by_id.get(id(v), v) for k, v in adapter_state_dict(engine.module).items()}
+
+    # ------------------------------------------------------------------------------------ resume or fresh
+    step, totals, start = 0, Counter(), {}
+    ckpt = checkpoint.find_resume(out, args.resume)
+    if ckpt is not None:
+        state, rank_state = checkpoint.load(engine, ckpt, rank, world)
+        step, totals, start = state["step"], Counter(rank_state["totals"]), rank_state["cursors"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"args": vars(args), "deepspeed_config": cfg, "world_size": world, "samples": n_samples,
+                    "shards": len(shards), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                    "num_visual_tokens": num_visual_tokens(model), "m2pt": vars(model.m2pt_config),
+                    "base_model": base.name, "trainable": n_train, "total_parameters": n_total,
+                    "attn_implementation": model.config._attn_implementation,
+                    "resumed_from": str(ckpt) if ckpt else None}
+        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+        log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps",
+                 n_samples, len(shards), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                 steps_per_epoch, total_steps)
+
+    stream = ShardStream(shards, rank=rank, world=world, seed=args.seed, batch_size=args.per_device_train_batch_size,
+                         preprocess=Preprocess(template, base.image_processor, args.model_max_length),
+                         pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer, start=start)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers))
+    cursors = dict(start)
+
+    tb = None
+    if rank == 0 and args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True)
+
+    def save(reason: str):
+        rank_state = {"cursors": cursors, "totals": dict(totals)}
+        d = checkpoint.save(engine, engine.module, out, step, rank, world, {"reason": reason, **dict(totals)},
+                            rank_state, adapter_tensors, args.save_total_limit)
+        log.info("checkpoint (%s) -> %s", reason, d)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    window = Counter()
+    t_window = time.time()
+    while step < total_steps:
+        t0 = time.time()
+        micro = []
+        for _ in range(args.gradient_accumulation_steps):
+            b = next(loader)
+            cursors[str(b["cursor"][0])] = list(b["cursor"][1:])
+            for k, v in b["skipped"].items():
+                totals["skipped_" + k] += v
+            micro.append(b)
+        t_data = time.time() - t0
+        # Loss = sum over supervised tokens / supervised tokens of the whole step (all micro-batches, all ranks),
+        # not a mean of per-batch means. DeepSpeed divides by accumulation steps and averages over ranks, so each
+        # micro-batch's summed loss is scaled by world * accum / N_step.
+        n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=device)
+        dist.all_reduce(n_tok)
+        n_tok_step = max(n_tok.item(), 1.0)
+        loss_sum = 0.0
+        for b in micro:
+            px = b["pixel_values"]
+            logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                            pixel_values=px.to(device, dtype) if px is not None else None).logits
+            labels = b["labels"][:, 1:].to(device)
+            tok_loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                reduction="sum")
+            loss = tok_loss * (world * args.gradient_accumulation_steps / n_tok_step)
+            if px is None:
+                # A text-only batch never runs the vision path: keep every trainable in the graph (x0), since
+                # ZeRO cannot handle a trainable set that changes between steps.
+                loss = loss + sum(p.sum() for _, p in trainable_named) * 0.0
+            engine.backward(loss)
+            engine.step()
+            loss_sum += tok_loss.item()
+            totals["samples"] += b["input_ids"].shape[0]
+            totals["tokens"] += int(b["attention_mask"].sum())
+        step += 1
+        bar.update()
+        window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0)
+        window["sup_tok_global"] += n_tok_step
+        window["samples"] += len(micro) * args.per_device_train_batch_size
+        window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
+
+        # ----------------------------------------------------------------------------------- logging
+        if step % args.logging_steps == 0 or step == total_steps:
+            red = torch.tensor([window["loss_sum"], window["samples"], window["tokens"]], device=device,
+                               dtype=torch.float64)
+            dist.all_reduce(red)
+            skipped = sum(v for k, v in totals.items() if k.startswith("skipped_"))
+            sk = torch.tensor([float(skipped), float(totals["samples"] + skipped)], device=device, dtype=torch.float64)
+            dist.all_reduce(sk)
+            elapsed = time.time() - t_window
+            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                   "loss": red[0].item() / window["sup_tok_global"], "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
+                   "data_wait_share": window["t_data"] / max(window["t_step"], 1e-9),
+                   "sec_per_step": window["t_step"] / window["steps"], "peak_mem_mb": round(peak_memory_mb(), 1),
+                   "skipped": int(sk[0].item()),
+                   **{k: v for k, v in totals.items() if k.startswith("skipped_")}}
+            if rank == 0:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                if tb:
+                    for k, v in rec.items():
+                        if k != "step":
+                            tb.add_scalar(f"train/{k}", v, step)
+            if sk[1].item() >= 200 and sk[0].item() > args.max_bad_sample_fraction * sk[1].item():
+                raise SystemExit(f"error: {int(sk[0].item())} of {int(sk[1].item())} samples were skipped "
+                                 f"({ {k: v for k, v in totals.items() if k.startswith('skipped_')} } on rank {rank}); "
+                                 f"above --max_bad_sample_fraction {args.max_bad_sample_fraction}: check the data")
+            window.clear()
+            t_window = time.time()
+
+        # ------------------------------------------------------------------------ checkpoints / signals
+        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank agrees to stop at the same step
+        if flag.item() > 0:
+            save(f"signal {stop['signal'] or 'on another rank'}")
+            log.info("stopped by signal at step %d/%d; resume with --resume auto", step, total_steps)
+            bar.close()
+            if metrics_f:
+                metrics_f.close()
+            return {"engine": engine, "step": step, "stopped": True, "output_dir": out}
+        if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+            save("periodic")
+
+    # ---------------------------------------------------------------------------------------------- end
+    bar.close()
+    save("final")
+    steps = torch.tensor([float(step)], device=device)
+    all_steps = [torch.zeros_like(steps) for _ in range(world)]
+    dist.all_gather(all_steps, steps)
+    tensors = adapter_tensors()
+    if rank == 0:
+        from pipeline.m2pt import save_adapter
+
+        adapter_dir = save_adapter(engine.module, out / "adapter", state_dict=tensors, base_name=base.name)
+        metrics_f.write(json.dumps({"event": "end", "step": step, "steps_per_rank": [int(s.item()) for s in all_steps],
+                                    **dict(totals)}) + "\n")
+        metrics_f.close()
+        if tb:
+            tb.close()
+        size = sum(f.stat().st_size for f in adapter_dir.iterdir())
+        print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
+    dist.barrier()
+    return {"engine": engine, "step": step, "stopped": False, "output_dir": out}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

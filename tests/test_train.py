@@ -1,0 +1,207 @@
+"""The main job on the real DeepSpeed engine (CPU accelerator, gloo): training, freezing, learning, loss
+normalisation, resume equivalence, SIGTERM, 1 and 2 processes over uneven shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_prep.build_shards import main as build_main
+from data_prep.make_sample import build as make_sample
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """150 records in 10 shards of unequal size (9 x 16 + 6)."""
+    d = tmp_path_factory.mktemp("data")
+    make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)
+    assert build_main(["--input", str(d / "sample" / "train.json"), "--image-root", str(d / "sample"),
+                       "--output", str(d / "shards"), "--samples-per-shard", "16", "--shuffle", "--workers", "1",
+                       "--quiet"]) == 0
+    return d
+
+
+def _args(shards, out, *extra):
+    return ["--train_shards", str(shards / "shards"), "--output_dir", str(out), "--report_to", "none",
+            "--logging_steps", "1", "--save_steps", "0", *extra]
+
+
+def _run_inprocess(argv):
+    from pipeline.train import parse_args, run
+
+    return run(parse_args(argv))
+
+
+def _metrics(out):
+    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "loss" in x], [x for x in lines if x.get("event") == "end"]
+
+
+def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
+    from pipeline.m2pt import M2PTConfig, attach_m2pt
+    from pipeline.models import build_tiny
+
+    res = _run_inprocess(_args(shards, tmp_path, "--max_steps", "8", "--dataloader_num_workers", "0"))
+    trained = dict(res["engine"].module.named_parameters())
+    fresh = dict(attach_m2pt(build_tiny().model, M2PTConfig(seed=42)).named_parameters())
+    assert set(trained) == set(fresh)
+    n_frozen = 0
+    for n, p in trained.items():
+        if p.requires_grad:
+            assert not torch.equal(p.detach(), fresh[n].detach()), f"{n} did not train"
+        else:
+            assert torch.equal(p.detach(), fresh[n].detach()), f"frozen {n} changed"
+            n_frozen += 1
+    assert n_frozen > 30
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in adapter.values()) == 31872  # only the trainables, nothing frozen
+    logged, end = _metrics(tmp_path)
+    assert [x["step"] for x in logged] == list(range(1, 9))
+    assert end[0]["steps_per_rank"] == [8]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == 31872 and cfg["samples"] == 150
+
+
+def test_loss_falls_by_half_on_a_small_fixed_set(shards, tmp_path):
+    recs = json.loads((shards / "sample" / "train.json").read_text())
+    small = [r for r in recs if r["task_name"] in ("colour_recognition", "counting")][:8]
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    assert build_main(["--input", str(tmp_path / "small.json"), "--image-root", str(shards / "sample"),
+                       "--output", str(tmp_path / "s"), "--workers", "1", "--quiet"]) == 0
+    argv = ["--train_shards", str(tmp_path / "s"), "--output_dir", str(tmp_path / "o"), "--report_to", "none",
+            "--logging_steps", "1", "--save_steps", "0", "--max_steps", "150", "--learning_rate", "3e-3",
+            "--dataloader_num_workers", "0", "--shuffle_buffer", "1"]
+    _run_inprocess(argv)
+    losses = [x["loss"] for x in _metrics(tmp_path / "o")[0]]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last <= 0.5 * first, (first, last)
+
+
+def test_loss_is_normalised_by_tokens_across_micro_batches(tmp_path):
+    """bs 4 x accum 1 and bs 2 x accum 2 see the same 4 samples, whose answers have very different lengths: a
+    token-weighted loss gives the same loss and the same (pre-clip) gradient norm; a mean of per-micro-batch means
+    would weight the two micro-batches' tokens differently."""
+    answers = ["yes", "one two three four five six seven eight nine ten eleven twelve", "red",
+               "a small blue square on the left"]
+    recs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"Question {i}?"},
+                                              {"from": "gpt", "value": a}]} for i, a in enumerate(answers)]
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    assert build_main(["--input", str(tmp_path / "r.json"), "--output", str(tmp_path / "s"), "--workers", "1",
+                       "--quiet"]) == 0
+    res = []
+    for bs, acc in ((4, 1), (2, 2)):
+        out = tmp_path / f"{bs}x{acc}"
+        _run_inprocess(["--train_shards", str(tmp_path / "s"), "--output_dir", str(out), "--report_to", "none",
+                        "--logging_steps", "1", "--save_steps", "0", "--max_steps", "1", "--dataloader_num_workers",
+                        "0", "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps", str(acc),
+                        "--shuffle_buffer", "1"])
+        res.append(_metrics(out)[0][0])
+    assert res[0]["loss"] == pytest.approx(res[1]["loss"], rel=1e-5)
+    assert res[0]["grad_norm"] == pytest.approx(res[1]["grad_norm"], rel=1e-4)
+
+
+def _train_cmd(*args):
+    return [sys.executable, str(REPO / "pipeline" / "train.py"), *args]
+
+
+def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
+    common = ["--max_steps", "120", "--dist_timeout", "120", "--save_total_limit", "0"]
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(*_args(shards, straight, *common)), env=ENV, check=True, timeout=600,
+                   capture_output=True)
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_cmd(*_args(shards, out, *common)), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    log_text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log_text[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file(), log_text[-2000:]
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 15 <= stopped_at < 120, "the run finished before SIGTERM arrived"
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpts[0].name
+    assert {p.name for p in (ckpts[0] / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    # Debris a crash could leave: a half-written checkpoint must never be picked by --resume auto.
+    (out / "checkpoints" / "step-99999999" / "ds").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-step-99999998").mkdir()
+    (out / "checkpoints" / "latest").write_text("step-99999999\n")
+
+    r = subprocess.run(_train_cmd(*_args(shards, out, *common)), env=ENV, timeout=600, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ckpts[0]} at step {stopped_at}" in r.stderr
+
+    a, b = _metrics(straight)[0], _metrics(out)[0]
+    assert [x["step"] for x in b] == list(range(1, 121))  # no step lost or repeated
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), x["step"]
+    ta = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    tb = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert set(ta) == set(tb)
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
+    """`deepspeed --num_gpus N` (gloo); with 2 ranks the 10 unequal shards split 5/5 with different sample counts,
+    and both ranks must still take exactly the same number of steps (no hang: bounded by timeouts)."""
+    port = str(29500 + os.getpid() % 1000 + nprocs)
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nprocs), "--master_port", port,
+           str(REPO / "pipeline" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
+           *_args(shards, tmp_path, "--max_steps", "30", "--dist_timeout", "60", "--per_device_train_batch_size", "4")]
+    r = subprocess.run(cmd, env=ENV, timeout=400, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    end = _metrics(tmp_path)[1]
+    assert end[0]["steps_per_rank"] == [30] * nprocs
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["world_size"] == nprocs and cfg["steps_per_epoch"] == 150 // (4 * nprocs)
+
+
+def test_find_resume_ignores_incomplete(tmp_path):
+    from pipeline.checkpoint import find_resume
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000010").mkdir(parents=True)
+    (root / "step-00000010" / "COMPLETE").write_text("")
+    (root / "step-00000020").mkdir()  # incomplete
+    assert find_resume(tmp_path, "auto") == root / "step-00000010"
+    (root / "latest").write_text("step-00000020\n")
+    assert find_resume(tmp_path, "auto") == root / "step-00000010"
+    assert find_resume(tmp_path / "empty", "auto") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        find_resume(tmp_path, str(root / "step-00000020"))
+
+
+def test_ds_config_autofill_and_conflicts(tmp_path):
+    from pipeline.train import ds_config, parse_args
+
+    args = parse_args(["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2", "--bf16"])
+    cfg = ds_config(str(REPO / "ds_configs" / "zero2.json"), args, world=4)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = 8 but the flags say 3"):
+        ds_config(str(bad), args, world=1)
+    bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+        ds_config(str(bad), args, world=1)
