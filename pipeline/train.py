@@ -154,6 +154,14 @@ def default_shards(args, rank: int) -> str:
     return str(shards)
 
 
+def write_run_state(out: Path, **state) -> None:
+    """OUTPUT/run_state.json: "running" | "stopped" (by a signal, resumable) | "finished". The Slurm template reads
+    it to decide whether to requeue the job."""
+    tmp = out / "run_state.json.tmp"
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, out / "run_state.json")
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -163,7 +171,16 @@ def peak_memory_mb() -> float:
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        # User mistakes (a wrong path, a config that disagrees with the flags, an adapter for another model):
+        # one clear line and exit status 2, no traceback (M2PT_DEBUG=1 shows it).
+        if os.environ.get("M2PT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -293,6 +310,7 @@ def run(args) -> dict:
                     "attn_implementation": model.config._attn_implementation,
                     "resumed_from": str(ckpt) if ckpt else None}
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+        write_run_state(out, state="running", step=step, total_steps=total_steps)
         log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps",
                  n_samples, len(shards), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                  steps_per_epoch, total_steps)
@@ -403,8 +421,9 @@ def run(args) -> dict:
             save(f"signal {stop['signal'] or 'on another rank'}")
             log.info("stopped by signal at step %d/%d; resume with --resume auto", step, total_steps)
             bar.close()
-            if metrics_f:
+            if rank == 0:
                 metrics_f.close()
+                write_run_state(out, state="stopped", step=step, total_steps=total_steps, signal=stop["signal"])
             return {"engine": engine, "step": step, "stopped": True, "output_dir": out}
         if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
             save("periodic")
@@ -425,6 +444,7 @@ def run(args) -> dict:
         metrics_f.close()
         if tb:
             tb.close()
+        write_run_state(out, state="finished", step=step, total_steps=total_steps, adapter=str(adapter_dir))
         size = sum(f.stat().st_size for f in adapter_dir.iterdir())
         print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
     dist.barrier()
