@@ -4,8 +4,8 @@ Real images where the machine has them (scikit-learn's handwritten digits, UCI M
 procedurally drawn scenes. Training task types and held-out task types (reserved for zero-shot evaluation) are
 disjoint:
 
-  train.json   colour, shape, counting, position, reading text, size comparison, background colour,
-               text-only arithmetic (a few records without an image)
+  train.json   colour, shape, shape yes/no, counting, position, reading text, size comparison, background
+               colour, text-only arithmetic (a few records without an image)
   eval.json    held-out: digit recognition (MNIST-style), object existence yes/no (POPE-style)
 
     python -m data_prep.make_sample --output data/sample
@@ -35,8 +35,8 @@ POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bot
 WORDS = ["CAT", "DOG", "SUN", "CAR", "TREE", "BOX", "RED", "MAP", "HAT", "BUS", "PEN", "CUP"]
 SIZE = 64  # the tiny model resizes to 32 px; real pipelines use whatever their processor says
 
-TRAIN_TASKS = ("colour_recognition", "shape_recognition", "counting", "position", "read_text", "size_comparison",
-               "background_colour", "text_arithmetic")
+TRAIN_TASKS = ("colour_recognition", "shape_recognition", "shape_yes_no", "counting", "position", "read_text",
+               "size_comparison", "background_colour", "text_arithmetic")
 HELDOUT_TASKS = ("digit_recognition", "object_existence")
 
 
@@ -72,6 +72,15 @@ def shape_recognition(rng):
     img, d = _canvas()
     _shape(d, s, SIZE / 2, SIZE / 2, rng.uniform(12, 20), COLOURS[c])
     return img, _conv(rng.choice(["Which shape is shown?", "What shape is in the image?"]), s)
+
+
+def shape_yes_no(rng):
+    # Teaches the yes/no answer format on shapes, so the held-out existence questions (colours) test transfer.
+    c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    img, d = _canvas()
+    _shape(d, s, SIZE / 2, SIZE / 2, rng.uniform(12, 20), COLOURS[c])
+    asked = s if rng.random() < 0.5 else rng.choice([x for x in SHAPES if x != s])
+    return img, _conv(f"Is the shape a {asked}? Answer yes or no.", "yes" if asked == s else "no")
 
 
 def counting(rng):
@@ -187,7 +196,7 @@ def main(argv=None):
     ap.add_argument("--output", type=Path, default=Path("data/sample"),
                     help="folder to write train.json, eval.json and images/ into (default: %(default)s)")
     ap.add_argument("--per-task", type=int, default=300,
-                    help="records per image task type in train.json (default: %(default)s; 7 image tasks)")
+                    help="records per image task type in train.json (default: %(default)s; 8 image tasks)")
     ap.add_argument("--text-only", type=int, default=40, help="text-only records in train.json (default: %(default)s)")
     ap.add_argument("--heldout-per-task", type=int, default=100,
                     help="records per held-out task type in eval.json (default: %(default)s)")

@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always written")
     g.add_argument("--dist_timeout", type=int, default=int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
                    help="seconds before a stuck collective fails instead of hanging")
+    g.add_argument("--no_final_eval", action="store_true",
+                   help="skip the zero-shot table (base vs the new adapter on the held-out task types) that ends a "
+                        "run on the embedded default data")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args = ap.parse_args(argv)
     if args.resume == "none":
@@ -447,6 +450,13 @@ def run(args) -> dict:
         write_run_state(out, state="finished", step=step, total_steps=total_steps, adapter=str(adapter_dir))
         size = sum(f.stat().st_size for f in adapter_dir.iterdir())
         print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
+        if not args.train_shards and args.model in (None, "", "tiny") and not args.no_final_eval:
+            from pipeline import evaluate
+
+            res = evaluate.run(evaluate.parse_args(
+                ["--adapter", str(adapter_dir), "--with_base", "--tasks", "sample_mnist,sample_pope",
+                 "--data_root", str(DATA_HOME / "sample"), "--output_dir", str(out / "eval")]))
+            print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
     dist.barrier()
     return {"engine": engine, "step": step, "stopped": False, "output_dir": out}
 

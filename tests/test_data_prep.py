@@ -168,7 +168,7 @@ def test_same_shards_for_1_and_2_workers(sample, tmp_path):
         assert build_main(["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out),
                            "--workers", str(w), "--shuffle", "--seed", "3", "--samples-per-shard", "40", "--quiet"]) == 0
         outs.append(_hashes(out))
-    assert outs[0] == outs[1] and len(outs[0]) == 11  # 430 records / 40
+    assert outs[0] == outs[1] and len(outs[0]) == 13  # 490 records / 40
 
 
 def test_resume_after_kill_midway(sample, tmp_path):
@@ -199,7 +199,7 @@ def test_resume_after_kill_midway(sample, tmp_path):
     assert _hashes(out) == _hashes(ref)
     assert len(done["shards"]) < len(_hashes(ref))
     m = json.loads((out / "manifest.json").read_text())
-    assert m["totals"]["read"] == m["totals"]["written"] + m["totals"]["rejected"] == 430
+    assert m["totals"]["read"] == m["totals"]["written"] + m["totals"]["rejected"] == 490
     assert not list(out.glob("*.tmp")) and not prog.exists()
 
 
@@ -213,13 +213,13 @@ def test_round_trip_through_training_reader(sample, tmp_path):
     build_main(["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out),
                 "--samples-per-shard", "100", "--workers", "1", "--quiet"])
     shards, total = resolve_shards(str(out))
-    assert total == 430 and len(shards) == 5
+    assert total == 490 and len(shards) == 5
     base = build_tiny()
     pre = Preprocess(VicunaTemplate(base.tokenizer, base.model.config.image_token_id, 16), base.image_processor, 512)
     seen = []
     for rank in (0, 1):
         it = iter(ShardStream(shards, rank=rank, world=2, seed=0, batch_size=5, preprocess=pre, pad_id=3))
-        for _ in range(43):  # 215 samples each; shards split 3/2 so rank 1 wraps into its next epoch
+        for _ in range(49):  # 245 samples each; shards split 3/2 so rank 1 wraps into its next epoch
             b = next(it)
             assert b["input_ids"].shape[0] == 5
             seen += [(rank, b["cursor"][1], i) for i in b["ids"]]

@@ -23,7 +23,7 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """150 records in 10 shards of unequal size (9 x 16 + 6)."""
+    """170 records in 11 shards of unequal size (10 x 16 + 10)."""
     d = tmp_path_factory.mktemp("data")
     make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)
     assert build_main(["--input", str(d / "sample" / "train.json"), "--image-root", str(d / "sample"),
@@ -70,7 +70,7 @@ def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
     assert [x["step"] for x in logged] == list(range(1, 9))
     assert end[0]["steps_per_rank"] == [8]
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == 31872 and cfg["samples"] == 150
+    assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == 31872 and cfg["samples"] == 170
 
 
 def test_loss_falls_by_half_on_a_small_fixed_set(shards, tmp_path):
@@ -161,7 +161,7 @@ def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
 
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
-    """`deepspeed --num_gpus N` (gloo); with 2 ranks the 10 unequal shards split 5/5 with different sample counts,
+    """`deepspeed --num_gpus N` (gloo); with 2 ranks the 11 unequal shards split 6/5 with different sample counts,
     and both ranks must still take exactly the same number of steps (no hang: bounded by timeouts)."""
     port = str(29500 + os.getpid() % 1000 + nprocs)
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nprocs), "--master_port", port,
@@ -173,7 +173,7 @@ def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
     assert end[0]["steps_per_rank"] == [30] * nprocs
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["world_size"] == nprocs and cfg["steps_per_epoch"] == 150 // (4 * nprocs)
+    assert cfg["world_size"] == nprocs and cfg["steps_per_epoch"] == 170 // (4 * nprocs)
 
 
 def test_find_resume_ignores_incomplete(tmp_path):

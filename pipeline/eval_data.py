@@ -1,0 +1,171 @@
+"""Evaluation sets from local disk (no downloads). Every loader returns items:
+
+    {"task", "category", "image_id", "qid", "question", "target", "answers"?, "image": path | bytes | None}
+
+Layouts under --data_root (each task looks in its own sub-folder or file):
+
+  mme/        the official release (one folder per subtask: `<cat>/images/*.jpg` + `<cat>/questions_answers_YN/
+              *.txt`, or images and .txt side by side; each .txt holds "question<TAB>Yes|No" lines), or the
+              lmms-lab parquet files (columns question_id, image, question, answer, category)
+  pope/       lmms-lab parquet files (question_id, question, answer, image_source, image, category), or the
+              official `coco_pope_{adversarial,popular,random}.json` (JSON lines: question_id, image, text, label)
+              with COCO images in pope/val2014/ (or --coco_root)
+  <name>.jsonl or <name>/*.jsonl
+              the reference / MixLoRA form: unique_id, image_path (relative to the file's folder), prompt, target
+              (+ optional `answers`, a list, for TextVQA); names: text_vqa, visual_spatial_reasoning,
+              snli_ve_classification, cifar_10, cifar_100, mnist
+  sample_mnist, sample_pope
+              held-out task types of the embedded sample set (eval.json beside its images), used by default
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+JSONL_NAMES = {"textvqa": "text_vqa", "vsr": "visual_spatial_reasoning", "snli_ve": "snli_ve_classification",
+               "cifar10": "cifar_10", "cifar100": "cifar_100", "mnist": "mnist"}
+TASKS = ("mme", "pope", *JSONL_NAMES, "sample_mnist", "sample_pope")
+YES_NO = " Please answer yes or no."
+
+
+class LayoutError(FileNotFoundError):
+    """The evaluation data is not where or not in the form a loader expects (names the file or column)."""
+
+
+def load_task(task: str, data_root: Path, coco_root: Path | None = None) -> list[dict]:
+    if task == "mme":
+        return load_mme(data_root / "mme")
+    if task == "pope":
+        return load_pope(data_root / "pope", coco_root)
+    if task in JSONL_NAMES:
+        return load_jsonl_task(task, data_root)
+    if task in ("sample_mnist", "sample_pope"):
+        return load_sample(task, data_root)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise LayoutError(f"{path}: not found ({what})")
+    return path
+
+
+def _parquet_rows(files: list[Path], columns: set[str]):
+    import datasets
+
+    ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    missing = columns - set(ds.column_names)
+    if missing:
+        raise LayoutError(f"{files[0].parent}: parquet lacks column(s) {sorted(missing)} (has {ds.column_names})")
+    return ds
+
+
+def _image_bytes(v):
+    if isinstance(v, dict) and v.get("bytes") is not None:
+        return v["bytes"]
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if hasattr(v, "save"):  # a decoded PIL image
+        import io
+
+        buf = io.BytesIO()
+        v.save(buf, format="PNG")
+        return buf.getvalue()
+    raise LayoutError(f"unsupported image value of type {type(v).__name__}")
+
+
+# -------------------------------------------------------------------------------------------------- MME
+def load_mme(root: Path) -> list[dict]:
+    _need(root, "MME: official release folder or lmms-lab parquet files")
+    parquet = sorted(root.rglob("*.parquet"))
+    if parquet:
+        ds = _parquet_rows(parquet, {"question_id", "image", "question", "answer", "category"})
+        return [{"task": "mme", "category": r["category"], "image_id": r["question_id"], "qid": f"{r['question_id']}#{i}",
+                 "question": r["question"], "target": r["answer"], "image": _image_bytes(r["image"])}
+                for i, r in enumerate(ds)]
+    items = []
+    for cat_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        qa_dir = cat_dir / "questions_answers_YN"
+        img_dir = cat_dir / "images" if qa_dir.is_dir() else cat_dir
+        txts = sorted((qa_dir if qa_dir.is_dir() else cat_dir).glob("*.txt"))
+        for txt in txts:
+            image = next((img_dir / (txt.stem + e) for e in (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
+                          if (img_dir / (txt.stem + e)).is_file()), None)
+            if image is None:
+                raise LayoutError(f"{txt}: no image {txt.stem}.jpg/.png in {img_dir}")
+            for k, line in enumerate(txt.read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                parts = line.split("\t")
+                if len(parts) != 2:
+                    raise LayoutError(f"{txt}:{k + 1}: expected 'question<TAB>answer', got {line!r}")
+                items.append({"task": "mme", "category": cat_dir.name, "image_id": f"{cat_dir.name}/{txt.stem}",
+                              "qid": f"{cat_dir.name}/{txt.stem}#{k}", "question": parts[0].strip(),
+                              "target": parts[1].strip(), "image": str(image)})
+    if not items:
+        raise LayoutError(f"{root}: no MME subtask folders with question .txt files and no parquet files")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------- POPE
+def load_pope(root: Path, coco_root: Path | None = None) -> list[dict]:
+    _need(root, "POPE: lmms-lab parquet files or coco_pope_*.json + COCO images")
+    parquet = sorted(root.rglob("*.parquet"))
+    if parquet:
+        ds = _parquet_rows(parquet, {"question_id", "question", "answer", "image", "category"})
+        return [{"task": "pope", "category": r["category"], "image_id": r.get("image_source") or r["question_id"],
+                 "qid": f"{r['category']}#{r['question_id']}", "question": r["question"] + YES_NO,
+                 "target": r["answer"], "image": _image_bytes(r["image"])} for r in ds]
+    images = coco_root or root / "val2014"
+    items = []
+    for split in ("adversarial", "popular", "random"):
+        f = _need(root / f"coco_pope_{split}.json", "official POPE question file")
+        for k, line in enumerate(f.read_text().splitlines()):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            missing = {"question_id", "image", "text", "label"} - set(r)
+            if missing:
+                raise LayoutError(f"{f}:{k + 1}: missing field(s) {sorted(missing)}")
+            items.append({"task": "pope", "category": split, "image_id": r["image"], "qid": f"{split}#{r['question_id']}",
+                          "question": r["text"] + YES_NO, "target": r["label"], "image": str(images / r["image"])})
+    return items
+
+
+# -------------------------------------------------------------------------------- reference JSONL sets
+def load_jsonl_task(task: str, data_root: Path) -> list[dict]:
+    name = JSONL_NAMES[task]
+    cands = [data_root / f"{name}.jsonl", data_root / f"{task}.jsonl"]
+    cands += sorted((data_root / name).glob("*.jsonl")) if (data_root / name).is_dir() else []
+    f = next((c for c in cands if c.is_file()), None)
+    if f is None:
+        raise LayoutError(f"{task}: none of {[str(c) for c in cands[:2]]} or {data_root / name}/*.jsonl exists")
+    items = []
+    for k, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        missing = {"unique_id", "image_path", "prompt", "target"} - set(r)
+        if missing:
+            raise LayoutError(f"{f}:{k + 1}: missing field(s) {sorted(missing)}")
+        img = Path(r["image_path"])
+        items.append({"task": task, "category": task, "image_id": str(r["unique_id"]), "qid": str(r["unique_id"]),
+                      "question": r["prompt"].replace("[Options]", "Options"), "target": str(r["target"]),
+                      "answers": r.get("answers"), "image": str(img if img.is_absolute() else f.parent / img)})
+    return items
+
+
+# ---------------------------------------------------------------------------- embedded sample (held out)
+def load_sample(task: str, data_root: Path) -> list[dict]:
+    f = _need(data_root / "eval.json", "the embedded sample set's held-out records (python -m data_prep.make_sample)")
+    want = {"sample_mnist": "digit_recognition", "sample_pope": "object_existence"}[task]
+    items = []
+    for r in json.loads(f.read_text()):
+        if r["task_name"] != want:
+            continue
+        q = r["conversations"][0]["value"].replace("<image>", "").strip()
+        items.append({"task": task, "category": "random" if task == "sample_pope" else task, "image_id": r["id"],
+                      "qid": r["id"], "question": q, "target": r["conversations"][1]["value"],
+                      "image": str(data_root / r["image"])})
+    return items
