@@ -104,6 +104,18 @@ def _init_prompt(n: int, p: int, d: int, gen: torch.Generator) -> list[nn.Parame
     return [nn.Parameter((torch.rand(p, d, generator=gen) * 2 - 1) * a) for _ in range(n)]
 
 
+class PromptList(nn.ParameterList):
+    """A ParameterList read through its own forward (`prompts(i)`), never by indexing inside another module's
+    hook. Under ZeRO-3 a parameter is gathered only around the forward/backward of the module that owns it;
+    reading it from a hook of the encoder would leave it partitioned (size 0) when autograd accumulates its
+    gradient."""
+
+    __call__ = nn.Module.__call__  # ParameterList forbids calls; the normal call path runs the ZeRO-3 hooks
+
+    def forward(self, i: int) -> torch.Tensor:
+        return self[i]
+
+
 class M2PTPrompts(nn.Module):
     """Holds the prompt parameters; attached to the model as `model.m2pt` so optimisers and DeepSpeed see them."""
 
@@ -111,8 +123,8 @@ class M2PTPrompts(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(cfg.seed)
         pv, pt = cfg.visual_prompt_length, cfg.text_prompt_length
-        self.vision_prompts = nn.ParameterList(_init_prompt(n_vision if pv else 0, pv, d_vision, gen))
-        self.text_prompts = nn.ParameterList(_init_prompt(n_text if pt else 0, pt, d_text, gen))
+        self.vision_prompts = PromptList(_init_prompt(n_vision if pv else 0, pv, d_vision, gen))
+        self.text_prompts = PromptList(_init_prompt(n_text if pt else 0, pt, d_text, gen))
 
 
 class _LMState:
@@ -164,15 +176,15 @@ def _install_vision_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
     handles.append(encoder.register_forward_hook(strip_slots, with_kwargs=True))
     handles.append(
         layers[0].register_forward_pre_hook(
-            lambda m, a, k: _replace_first_arg(a, k, "hidden_states", lambda h: _overwrite(h, vp[0])), with_kwargs=True
+            lambda m, a, k: _replace_first_arg(a, k, "hidden_states", lambda h: _overwrite(h, vp(0))), with_kwargs=True
         )
     )
     for i in range(len(vp) - 1):
 
         def write_next(module, args, output, nxt=i + 1):
             if isinstance(output, tuple):
-                return (_overwrite(output[0], vp[nxt]),) + tuple(output[1:])
-            return _overwrite(output, vp[nxt])
+                return (_overwrite(output[0], vp(nxt)),) + tuple(output[1:])
+            return _overwrite(output, vp(nxt))
 
         # prepend=True: run before transformers' lazily installed hidden-state recorder, which must see the result.
         handles.append(layers[i].register_forward_hook(write_next, prepend=True))
@@ -238,7 +250,7 @@ def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
         def write(module, args, kwargs, j=j):
             if not state.prefixed:
                 return None
-            return _replace_first_arg(args, kwargs, "hidden_states", lambda h: _overwrite(h, tp[j]))
+            return _replace_first_arg(args, kwargs, "hidden_states", lambda h: _overwrite(h, tp(j)))
 
         handles.append(layer.register_forward_pre_hook(write, with_kwargs=True))
     return handles

@@ -157,6 +157,18 @@ def default_shards(args, rank: int) -> str:
     return str(shards)
 
 
+def vision_keepalive(model, dtype, device):
+    """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
+    import torch
+
+    vc = model.config.vision_config
+    px = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    feats = model.model.get_image_features(
+        pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    return sum(f.float().sum() for f in feats) * 0.0
+
+
 def write_run_state(out: Path, **state) -> None:
     """OUTPUT/run_state.json: "running" | "stopped" (by a signal, resumable) | "finished". The Slurm template reads
     it to decide whether to requeue the job."""
@@ -209,8 +221,7 @@ def run(args) -> dict:
     from pipeline.chat import VicunaTemplate
     from pipeline.data import Preprocess, ShardStream, count_samples, resolve_shards
     from pipeline.m2pt import (
-        M2PTConfig, adapter_state_dict, attach_m2pt, language_model, load_adapter, num_visual_tokens,
-        parameter_table, vision_core,
+        M2PTConfig, adapter_state_dict, attach_m2pt, load_adapter, num_visual_tokens, parameter_table,
     )
     from pipeline.models import load_base
 
@@ -263,14 +274,6 @@ def run(args) -> dict:
 
     # -------------------------------------------------------------------------------------------- engine
     cfg = ds_config(args.deepspeed, args, world)
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        # The prompts are read inside hooks of the encoder / LLM, not by a module of their own: tell ZeRO-3 to
-        # gather them for those modules' forward.
-        for p in model.m2pt.vision_prompts:
-            deepspeed.zero.register_external_parameter(vision_core(model).encoder, p)
-        for p in model.m2pt.text_prompts:
-            deepspeed.zero.register_external_parameter(language_model(model), p)
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -370,9 +373,10 @@ def run(args) -> dict:
                 reduction="sum")
             loss = tok_loss * (world * args.gradient_accumulation_steps / n_tok_step)
             if px is None:
-                # A text-only batch never runs the vision path: keep every trainable in the graph (x0), since
-                # ZeRO cannot handle a trainable set that changes between steps.
-                loss = loss + sum(p.sum() for _, p in trainable_named) * 0.0
+                # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts
+                # and the projector stay in the graph (ZeRO cannot handle a trainable set that changes between
+                # steps). Through the modules' own forward, so ZeRO-3 gathers their partitioned weights.
+                loss = loss + vision_keepalive(engine.module, dtype, device)
             engine.backward(loss)
             engine.step()
             loss_sum += tok_loss.item()
