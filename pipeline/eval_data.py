@@ -51,6 +51,23 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def read_jsonl(path: Path, required: set[str]) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-empty line; a malformed line or a missing field names file:line."""
+    out = []
+    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LayoutError(f"{path}:{k}: not valid JSON ({e})") from None
+        missing = required - set(r) if isinstance(r, dict) else required
+        if missing:
+            raise LayoutError(f"{path}:{k}: missing field(s) {sorted(missing)}")
+        out.append((k, r))
+    return out
+
+
 def _parquet_rows(files: list[Path], columns: set[str]):
     import datasets
 
@@ -121,13 +138,7 @@ def load_pope(root: Path, coco_root: Path | None = None) -> list[dict]:
     items = []
     for split in ("adversarial", "popular", "random"):
         f = _need(root / f"coco_pope_{split}.json", "official POPE question file")
-        for k, line in enumerate(f.read_text().splitlines()):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            missing = {"question_id", "image", "text", "label"} - set(r)
-            if missing:
-                raise LayoutError(f"{f}:{k + 1}: missing field(s) {sorted(missing)}")
+        for _, r in read_jsonl(f, {"question_id", "image", "text", "label"}):
             items.append({"task": "pope", "category": split, "image_id": r["image"], "qid": f"{split}#{r['question_id']}",
                           "question": r["text"] + YES_NO, "target": r["label"], "image": str(images / r["image"])})
     return items
@@ -142,13 +153,7 @@ def load_jsonl_task(task: str, data_root: Path) -> list[dict]:
     if f is None:
         raise LayoutError(f"{task}: none of {[str(c) for c in cands[:2]]} or {data_root / name}/*.jsonl exists")
     items = []
-    for k, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        missing = {"unique_id", "image_path", "prompt", "target"} - set(r)
-        if missing:
-            raise LayoutError(f"{f}:{k + 1}: missing field(s) {sorted(missing)}")
+    for _, r in read_jsonl(f, {"unique_id", "image_path", "prompt", "target"}):
         img = Path(r["image_path"])
         items.append({"task": task, "category": task, "image_id": str(r["unique_id"]), "qid": str(r["unique_id"]),
                       "question": r["prompt"].replace("[Options]", "Options"), "target": str(r["target"]),

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.eval_data import TASKS, LayoutError, load_task
+from pipeline.eval_data import TASKS, LayoutError, load_task, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("m2pt.evaluate")
@@ -209,16 +209,7 @@ def parse_args(argv=None):
 
 
 def _read_predictions(path: Path) -> list[dict]:
-    recs = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        missing = {"task", "category", "image_id", "question", "target", "prediction"} - set(r)
-        if missing:
-            raise LayoutError(f"{path}:{k + 1}: missing field(s) {sorted(missing)}")
-        recs.append(r)
-    return recs
+    return [r for _, r in read_jsonl(path, {"task", "category", "image_id", "question", "target", "prediction"})]
 
 
 def _run_name(adapter: str) -> str:

@@ -149,6 +149,9 @@ def test_layout_errors_name_the_file(tmp_path):
     (tmp_path / "mnist.jsonl").write_text(json.dumps({"unique_id": 1, "prompt": "p", "target": "1"}) + "\n")
     with pytest.raises(LayoutError, match=r"mnist.jsonl:1: missing field\(s\) \['image_path'\]"):
         load_task("mnist", tmp_path)
+    (tmp_path / "mnist.jsonl").write_text("{not json\n")
+    with pytest.raises(LayoutError, match=r"mnist.jsonl:1: not valid JSON"):
+        load_task("mnist", tmp_path)
 
 
 # ----------------------------------------------------------------------------------- end to end (tiny)
