@@ -345,7 +345,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     for j, p in enumerate(model.m2pt.text_prompts):
         out[f"text_prompts.{j}"] = p
     if cfg.tune_projector:
-        for k, v in projector(model).state_dict().items():
+        # keep_vars: the Parameters themselves, not detached copies, so callers can map them (e.g. to ZeRO-3's
+        # gathered fp32 masters by identity) and load_adapter can copy into them.
+        for k, v in projector(model).state_dict(keep_vars=True).items():
             out[f"projector.{k}"] = v
     if cfg.tune_lm_head:
         out["lm_head.weight"] = model.get_output_embeddings().weight

@@ -114,11 +114,17 @@ def test_loss_is_normalised_by_tokens_across_micro_batches(tmp_path):
 def test_zero3_matches_zero2_and_handles_text_only_batches(shards, tmp_path):
     """The same script and flags on ds_configs/zero3.json: identical per-step losses and adapter (the prompts are
     gathered through their own module forward), also for batches without any image (the x0 vision keep-alive)."""
+    # Persistence threshold 0: every parameter is really partitioned (with the tiny model's small tensors the
+    # default threshold would keep them whole and leave ZeRO-3's code path untested).
+    z3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    z3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(z3))
+    configs = {"zero2": str(REPO / "ds_configs" / "zero2.json"), "zero3": str(tmp_path / "zero3.json")}
     outs = {}
-    for cfg in ("zero2", "zero3"):
+    for cfg, path in configs.items():
         outs[cfg] = tmp_path / cfg
         _run_inprocess(_args(shards, outs[cfg], "--max_steps", "6", "--dataloader_num_workers", "0",
-                             "--deepspeed", str(REPO / "ds_configs" / f"{cfg}.json")))
+                             "--deepspeed", path))
     a, b = _metrics(outs["zero2"])[0], _metrics(outs["zero3"])[0]
     assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-5)
     ta = load_file(str(outs["zero2"] / "adapter" / "adapter_model.safetensors"))
@@ -134,7 +140,7 @@ def test_zero3_matches_zero2_and_handles_text_only_batches(shards, tmp_path):
                        "--quiet"]) == 0
     res = _run_inprocess(["--train_shards", str(tmp_path / "ts"), "--output_dir", str(tmp_path / "t3"),
                           "--report_to", "none", "--max_steps", "2", "--dataloader_num_workers", "0",
-                          "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+                          "--deepspeed", configs["zero3"]])
     assert res["step"] == 2
 
 
