@@ -121,6 +121,15 @@ def _init_worker(image_root: str, max_pixels: int, model: str | None, image_toke
     )
 
 
+def record_id(rec) -> str | None:
+    """The record's id as a string, or None when it has no usable one (missing, empty, not str/int, a bool).
+    The one definition used for validation, duplicate detection and its rebuild on resume."""
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        return None
+    return str(rid)
+
+
 def sample_key(rid: str) -> str:
     """Stable tar key: the id with anything but [A-Za-z0-9_-] replaced (dots would split the webdataset key),
     plus a short hash of the original whenever sanitising changed it, so distinct ids never collide."""
@@ -187,10 +196,9 @@ def process(job: Job):
             raise rec
         if not isinstance(rec, dict):
             raise Rejected("bad_record", f"record is a {type(rec).__name__}, not an object")
-        rid = rec.get("id")
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        rid = record_id(rec)
+        if rid is None:
             raise Rejected("bad_record", "missing or empty 'id'")
-        rid = str(rid)
         if job.duplicate:
             raise Rejected("duplicate_id", f"id {rid!r} already used by an earlier record")
         image = rec.get("image")
@@ -336,17 +344,17 @@ def build(args) -> dict:
 
     seen: set[str] = set()
     for pos in order[: state["records_done"]]:
-        rec = jobs[pos].record
-        if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)):
-            seen.add(str(rec["id"]))
+        rid = record_id(jobs[pos].record)
+        if rid is not None:
+            seen.add(rid)
 
     def todo():
         for pos in order[state["records_done"]:]:
             job = jobs[pos]
-            rid = job.record.get("id") if isinstance(job.record, dict) else None
-            if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid):
-                job.duplicate = str(rid) in seen
-                seen.add(str(rid))
+            rid = record_id(job.record)
+            if rid is not None:
+                job.duplicate = rid in seen
+                seen.add(rid)
             yield job
 
     sink = ShardSink(out, args.prefix, args.samples_per_shard, args.max_shard_bytes, len(state["shards"]))

@@ -131,6 +131,14 @@ def test_bad_inputs_rejected_with_reasons_and_good_ones_round_trip(corpus, capsy
     assert meta["task_name"] == "t1" and meta["source"].endswith("in.json:0")
 
 
+def test_record_id_is_one_definition():
+    from data_prep.build_shards import record_id
+
+    assert record_id({"id": 3}) == "3" and record_id({"id": "a.b"}) == "a.b"
+    assert record_id({"id": True}) is None and record_id({"id": ""}) is None and record_id({}) is None
+    assert record_id("not a record") is None and record_id({"id": [1]}) is None
+
+
 def test_nothing_written_or_unreadable_input_exit_codes(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "x", "conversations": []}]))
     assert build_main(["--input", str(tmp_path / "bad.json"), "--output", str(tmp_path / "o1"), "--quiet"]) == 1
