@@ -247,8 +247,7 @@ def run(args) -> dict:
     if default and not adapters and (REPO / "out" / "default" / "adapter").is_dir():
         adapters = [str(REPO / "out" / "default" / "adapter")]
         args.with_base = True
-    for a in adapters:
-        read_adapter_config(a)  # fail before any model loads
+    adapter_configs = {a: read_adapter_config(a) for a in adapters}  # fail before any model loads
     runs = ([("base", None)] if (args.with_base or not adapters) else []) + [(_run_name(a), a) for a in adapters]
     items = {t: load_task(t, data_root, args.coco_root)[: args.limit] for t in tasks}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -281,7 +280,7 @@ def run(args) -> dict:
                 f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
         results[name] = {"tasks": score(recs), "provenance": {
             "base_model": base.name, "adapter": adapter,
-            "adapter_config": read_adapter_config(adapter)["m2pt_config"] if adapter else None,
+            "adapter_config": adapter_configs[adapter]["m2pt_config"] if adapter else None,
             "data_root": str(data_root), "tasks": tasks, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size,
             "seconds": round(time.time() - t0, 1)}}

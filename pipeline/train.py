@@ -380,14 +380,12 @@ def run(args) -> dict:
             engine.backward(loss)
             engine.step()
             loss_sum += tok_loss.item()
-            totals["samples"] += b["input_ids"].shape[0]
-            totals["tokens"] += int(b["attention_mask"].sum())
+            counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
+            totals.update(counts)
+            window.update(counts)
         step += 1
         bar.update()
-        window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0)
-        window["sup_tok_global"] += n_tok_step
-        window["samples"] += len(micro) * args.per_device_train_batch_size
-        window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
+        window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0, sup_tok_global=n_tok_step)
 
         # ----------------------------------------------------------------------------------- logging
         if step % args.logging_steps == 0 or step == total_steps:
