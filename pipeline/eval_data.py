@@ -16,6 +16,11 @@ Layouts under --data_root (each task looks in its own sub-folder or file):
               snli_ve_classification, cifar_10, cifar_100, mnist
   sample_mnist, sample_pope
               held-out task types of the embedded sample set (eval.json beside its images), used by default
+
+Your own held-out set, by path (`--tasks path/to/heldout.json` or `--tasks name=path`): a LLaVA / Vision-Flan JSON
+list or JSONL (`id`, `image` relative to the file's folder, `conversations`: the first human turn is the question,
+the first gpt turn the target), or a shard folder written by data_prep.build_shards. Scored by normalised label
+match; its name (the file's stem, the folder's name, or `name=`) is its column in the results table.
 """
 
 from __future__ import annotations
@@ -33,7 +38,39 @@ class LayoutError(FileNotFoundError):
     """The evaluation data is not where or not in the form a loader expects (names the file or column)."""
 
 
-def load_task(task: str, data_root: Path, coco_root: Path | None = None) -> list[dict]:
+def parse_tasks(spec: str) -> dict[str, Path | None]:
+    """`--tasks` -> {name: None for a built-in task | path of a held-out set}. Entries: a built-in name, `name=path`,
+    or a path (named after its stem / folder)."""
+    out: dict[str, Path | None] = {}
+    for entry in [e.strip() for e in spec.split(",") if e.strip()]:
+        if "=" in entry:
+            name, path = entry.split("=", 1)
+            name, path = name.strip(), Path(path.strip())
+        elif entry in TASKS:
+            name, path = entry, None
+        elif Path(entry).suffix in (".json", ".jsonl") or Path(entry).exists():
+            path = Path(entry)
+            name = path.stem if path.suffix else path.name
+        else:
+            raise ValueError(f"--tasks: unknown task {entry!r}; built-in: {', '.join(TASKS)}; or give a held-out "
+                             "set as a path (.json / .jsonl / shard folder) or name=path")
+        if path is not None:
+            if name in TASKS:
+                raise ValueError(f"--tasks {entry}: {name!r} is a built-in task with its own scoring; name your "
+                                 "set differently (name=path)")
+            if not path.exists():
+                raise LayoutError(f"--tasks {entry}: {path} not found")
+        if name in out:
+            raise ValueError(f"--tasks: {name!r} given twice")
+        out[name] = path
+    if not out:
+        raise ValueError("--tasks: no task given")
+    return out
+
+
+def load_task(task: str, data_root: Path, coco_root: Path | None = None, path: Path | None = None) -> list[dict]:
+    if path is not None:
+        return load_heldout(task, path)
     if task == "mme":
         return load_mme(data_root / "mme")
     if task == "pope":
@@ -173,4 +210,64 @@ def load_sample(task: str, data_root: Path) -> list[dict]:
         items.append({"task": task, "category": "random" if task == "sample_pope" else task, "image_id": r["id"],
                       "qid": r["id"], "question": q, "target": r["conversations"][1]["value"],
                       "image": str(data_root / r["image"])})
+    return items
+
+
+# ------------------------------------------------------------------------------------ your own held-out set
+def _heldout_item(task: str, where: str, rec, image) -> dict:
+    """One LLaVA-format record -> an item: first human turn = question (without <image>), first gpt turn = target."""
+    try:
+        convs = rec["conversations"]
+        q = next(c["value"] for c in convs if c["from"] == "human")
+        a = next(c["value"] for c in convs if c["from"] == "gpt")
+        rid = str(rec["id"])
+    except (KeyError, TypeError, StopIteration) as e:
+        raise LayoutError(f"{where}: not a LLaVA record with id and a human + a gpt turn ({type(e).__name__}: {e})") \
+            from None
+    return {"task": task, "category": task, "image_id": rid, "qid": rid, "question": q.replace("<image>", "").strip(),
+            "target": a.strip(), "image": image}
+
+
+def load_heldout(task: str, path: Path) -> list[dict]:
+    if path.is_dir():
+        return _load_heldout_shards(task, path)
+    if path.suffix == ".jsonl":
+        recs = [(f"{path}:{k}", r) for k, r in read_jsonl(path, {"id", "conversations"})]
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LayoutError(f"{path}: not a readable JSON list ({e})") from None
+        if not isinstance(data, list):
+            raise LayoutError(f"{path}: expected a JSON list of LLaVA records, got {type(data).__name__}")
+        recs = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    items = []
+    for where, r in recs:
+        img = r.get("image") if isinstance(r, dict) else None
+        if img:
+            img = Path(img) if Path(img).is_absolute() else path.parent / img
+            if not img.is_file():
+                raise LayoutError(f"{where}: image {img} not found")
+            img = str(img)
+        items.append(_heldout_item(task, where, r, img or None))
+    if not items:
+        raise LayoutError(f"{path}: no records")
+    return items
+
+
+def _load_heldout_shards(task: str, folder: Path) -> list[dict]:
+    import tarfile
+
+    man = _need(folder / "manifest.json", "a held-out shard folder needs the manifest.json of data_prep.build_shards")
+    items = []
+    for s in json.loads(man.read_text())["shards"]:
+        tar = _need(folder / s["name"], f"listed in {man}")
+        members: dict[str, dict] = {}
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, {})[ext] = t.extractfile(m).read()
+        for key, parts in members.items():
+            image = next((parts[e] for e in ("jpg", "jpeg", "png") if e in parts), None)
+            items.append(_heldout_item(task, f"{tar}:{key}", json.loads(parts["json"]), image))
     return items

@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.eval_data import TASKS, LayoutError, load_task, read_jsonl
+from pipeline.eval_data import TASKS, LayoutError, load_task, parse_tasks, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("m2pt.evaluate")
@@ -158,7 +158,9 @@ def _cell(res: dict, col: str) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    cols = [c for c in TABLE_COLUMNS if any(c in r["tasks"] for r in results.values())]
+    present = [t for r in results.values() for t in r["tasks"]]
+    cols = [c for c in TABLE_COLUMNS if c in present]
+    cols += [c for c in dict.fromkeys(present) if c not in cols]  # held-out sets given by path, in order
     names = {"mme": "MME (P / C)", "pope": "POPE acc", "mmavg": "MMAvg", "sample_mnist": "sample digits",
              "sample_pope": "sample existence (acc)"}
     lines = ["| run | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -185,19 +187,24 @@ def parse_args(argv=None):
     ap.add_argument("--with_base", action="store_true",
                     help="also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")
     ap.add_argument("--tasks", default=None,
-                    help=f"comma-separated, from: {', '.join(TASKS)} (default: sample_mnist,sample_pope)")
+                    help=f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA "
+                         ".json / .jsonl, or a shard folder) or name=path, scored by label match (default: "
+                         "sample_mnist,sample_pope)")
     ap.add_argument("--data_root", type=Path, default=None,
                     help="folder holding the task data (layouts in pipeline/eval_data.py; default: the embedded "
                          "sample set, data/sample)")
     ap.add_argument("--coco_root", type=Path, default=None, help="COCO val2014 images for the official POPE json")
-    ap.add_argument("--output_dir", type=Path, default=REPO / "out" / "eval", help="where results go (default: %(default)s)")
+    ap.add_argument("--output_dir", type=Path, default=None,
+                    help="where results go (default: out/eval in the repository; with --score_only: the folder of "
+                         "the predictions file)")
     ap.add_argument("--batch_size", type=int, default=8, help="questions per generation batch (default: %(default)s)")
     ap.add_argument("--max_new_tokens", type=int, default=32, help="(default: %(default)s; the reference used 128 "
                                                                    "for MME and 50 for the others)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0: deterministic greedy (default); the reference sampled at 0.2 (then --seed applies)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions per task")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="evaluate only the first N questions per task (MME: rounded up to whole image pairs)")
     ap.add_argument("--judge_model", default=None,
                     help="local HF causal LM used as the reference's yes/no judge for the non-MME tasks "
                          "(e.g. vicuna-13b-v1.5); reported as judge_accuracy beside the rule-based score")
@@ -210,6 +217,20 @@ def parse_args(argv=None):
 
 def _read_predictions(path: Path) -> list[dict]:
     return [r for _, r in read_jsonl(path, {"task", "category", "image_id", "question", "target", "prediction"})]
+
+
+def limit_items(task: str, items: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` questions; for MME whole images (both questions of a pair), so acc+ stays defined."""
+    if limit is None or len(items) <= limit:
+        return items
+    if task != "mme":
+        return items[:limit]
+    images: dict = {}
+    for it in items:
+        if len(images) * 2 >= limit and (it["category"], it["image_id"]) not in images:
+            break
+        images.setdefault((it["category"], it["image_id"]), []).append(it)
+    return [it for group in images.values() for it in group]
 
 
 def _run_name(adapter: str) -> str:
@@ -233,11 +254,14 @@ def run(args) -> dict:
         recs = _read_predictions(args.score_only)
         results = {args.score_only.parent.name or "predictions": {"tasks": score(recs),
                                                                   "provenance": {"predictions": str(args.score_only)}}}
+        args.output_dir = args.output_dir or args.score_only.parent  # beside its input, never a shared default
         write_outputs(args.output_dir, results)
         return results
 
+    args.output_dir = args.output_dir or REPO / "out" / "eval"
     default = args.tasks is None and args.data_root is None
-    tasks = (args.tasks or "sample_mnist,sample_pope").split(",")
+    task_paths = parse_tasks(args.tasks or "sample_mnist,sample_pope")
+    tasks = list(task_paths)
     data_root = args.data_root or REPO / "data" / "sample"
     if default:
         from data_prep.make_sample import ensure_sample
@@ -249,7 +273,9 @@ def run(args) -> dict:
         args.with_base = True
     adapter_configs = {a: read_adapter_config(a) for a in adapters}  # fail before any model loads
     runs = ([("base", None)] if (args.with_base or not adapters) else []) + [(_run_name(a), a) for a in adapters]
-    items = {t: load_task(t, data_root, args.coco_root)[: args.limit] for t in tasks}
+    items = {t: limit_items(t, load_task(t, data_root, args.coco_root, task_paths[t]), args.limit) for t in tasks}
+    if "mme" in items:
+        metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     judge = Judge(args.judge_model, device) if args.judge_model else None

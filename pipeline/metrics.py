@@ -14,8 +14,8 @@ MMAVG_TASKS = ("textvqa", "vsr", "snli_ve", "cifar10", "cifar100", "mnist", "pop
 
 # -------------------------------------------------------------------------------------------------- MME
 def mme_parse(prediction: str) -> str:
-    """The official MME tool (calculation.py): exact "yes"/"no", else "yes"/"no" within the first four
-    characters, else "other" (which counts as wrong)."""
+    """The official MME tool (eval_tool/calculation.py, `parse_pred_ans`, after its `.lower()`): exact "yes"/"no",
+    else "yes"/"no" within the first four characters, else "other" (which counts as wrong)."""
     p = prediction.lower().strip()
     if p in ("yes", "no"):
         return p
@@ -27,9 +27,29 @@ def mme_parse(prediction: str) -> str:
     return "other"
 
 
+class MMEPairError(ValueError):
+    """An MME image without exactly two questions: the official score (acc+) is undefined for it."""
+
+
+def check_mme_pairs(records: list[dict]) -> None:
+    """The official calculation.py asserts exactly two questions per image (`assert len(img_items) == 2`), and
+    lmms-eval refuses too: acc+ of an image with one question would be that question's accuracy. Name the
+    offenders instead of scoring them."""
+    per_image: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        per_image[(r["category"], r["image_id"])] += 1
+    bad = [(k, n) for k, n in per_image.items() if n != 2]
+    if bad:
+        (cat, image), n = bad[0]
+        raise MMEPairError(f"MME image {image!r} ({cat}) has {n} question(s), the official score needs exactly 2 "
+                           f"per image ({len(bad)} image(s) affected); complete or drop the pair")
+
+
 def mme_scores(records: list[dict]) -> dict:
-    """records: {category, image_id, target, prediction}. Per subtask: acc (per question), acc+ (images whose
-    questions are all right), score = 100 acc + 100 acc+; Perception / Cognition = sums over their subtasks."""
+    """records: {category, image_id, target, prediction}. Per subtask: acc (per question), acc+ (images whose two
+    questions are both right), score = 100 acc + 100 acc+; Perception / Cognition = sums over their subtasks.
+    Raises MMEPairError for an image without exactly two questions, as the official tool does."""
+    check_mme_pairs(records)
     by_cat: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_cat[r["category"]].append(r)
@@ -52,16 +72,26 @@ def mme_scores(records: list[dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------------- POPE
 def pope_parse(prediction: str) -> str:
-    """LLaVA's eval_pope.py rule: keep the first sentence; "no"/"not" as a word -> no, else yes."""
-    first = prediction.split(".")[0].replace(",", " ").lower()
-    words = first.split()
-    return "no" if ("no" in words or "not" in words) else "yes"
+    """The official POPE rule, exactly: RUCAIBox/POPE `evaluate.py`, copied verbatim by LLaVA's
+    `llava/eval/eval_pope.py` (and the M2PT repository's copy of it):
+
+        if text.find('.') != -1: text = text.split('.')[0]      # only the first sentence
+        text = text.replace(',', '')                            # commas removed, not replaced by a space
+        words = text.split(' ')                                 # single spaces, not any whitespace
+        'no' if ('No' in words or 'not' in words or 'no' in words) else 'yes'
+
+    Case-sensitive: "NO", "Not at all." and "No,there is none." all count as "yes". Deliberately so: published
+    POPE numbers were computed this way, and ours must be comparable with them."""
+    text = prediction.split(".")[0].replace(",", "")
+    words = text.split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
 def pope_metrics(targets: list[str], predictions: list[str]) -> dict:
-    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio, in percent."""
+    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio, in percent. As the official script, a
+    label is "no" only when it reads "no" (trimmed, any case: the lmms-lab copy's labels), anything else is "yes"."""
     pred = [pope_parse(p) for p in predictions]
-    gold = [t.lower().strip() for t in targets]
+    gold = ["no" if t.strip().lower() == "no" else "yes" for t in targets]
     tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
     fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
     fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gold))

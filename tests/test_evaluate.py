@@ -48,6 +48,46 @@ def test_pope_all_yes_predictions():
     assert s["score"] == s["mean"]["accuracy"] == 75.0
 
 
+# The official rule (RUCAIBox/POPE evaluate.py = LLaVA eval_pope.py): first sentence, commas deleted, split on ' ',
+# "no" only for the exact words No / not / no. Before this project followed it, the first three counted as "no".
+@pytest.mark.parametrize("pred,label", [
+    ("NO", "yes"), ("Not at all.", "yes"), ("No,there is none.", "yes"), ("There is not a cat", "no"),
+    ("No, there is no cat.", "no"), ("no", "no"), ("No.", "no"), ("Yes. There is no dog.", "yes"),
+    ("There is no\tcat", "yes"), ("yes", "yes"), ("", "yes"),
+])
+def test_pope_parse_follows_the_official_rule(pred, label):
+    assert metrics.pope_parse(pred) == label
+
+
+def test_pope_scores_on_mixed_phrasing_match_the_official_script():
+    preds = ["NO", "Not at all.", "No,there is none.", "There is not a cat", "No, there is no cat.", "Yes", "yes.",
+             "No."]
+    gold = ["no", "no", "no", "no", "no", "yes", "yes", "no"]
+    m = metrics.pope_metrics(gold, preds)
+    # official: predictions -> yes yes yes no no yes yes no  =>  TP 2, FP 3, TN 3, FN 0
+    assert m["accuracy"] == 100 * 5 / 8 and m["precision"] == 100 * 2 / 5 and m["recall"] == 100.0
+    assert m["yes_ratio"] == 100 * 5 / 8
+
+
+def test_mme_image_without_two_questions_is_an_error():
+    recs = [{"category": "existence", "image_id": "a", "target": "Yes", "prediction": "Yes"},
+            {"category": "existence", "image_id": "a", "target": "No", "prediction": "No"},
+            {"category": "existence", "image_id": "b", "target": "Yes", "prediction": "Yes"}]
+    with pytest.raises(metrics.MMEPairError, match=r"MME image 'b' \(existence\) has 1 question\(s\)"):
+        metrics.mme_scores(recs)
+    with pytest.raises(metrics.MMEPairError, match="has 3 question"):
+        metrics.mme_scores(recs[:2] + [dict(recs[0])])
+
+
+def test_limit_keeps_mme_pairs_whole():
+    from pipeline.evaluate import limit_items
+
+    items = [{"category": "c", "image_id": str(i // 2), "qid": str(i)} for i in range(10)]
+    assert [it["qid"] for it in limit_items("mme", items, 3)] == ["0", "1", "2", "3"]
+    assert [it["qid"] for it in limit_items("mme", items, 4)] == ["0", "1", "2", "3"]
+    assert len(limit_items("mme", items, 99)) == 10 and len(limit_items("pope", items, 3)) == 3
+
+
 def test_vqa_accuracy_and_label_match():
     answers = ["two"] * 3 + ["2 dogs"] * 7
     assert metrics.vqa_accuracy("2", answers) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)  # "two" -> "2"
@@ -174,6 +214,54 @@ def test_evaluate_every_layout_and_rescore(eval_root, tmp_path):
     assert main(["--score_only", str(out / "base" / "predictions.jsonl"), "--output_dir", str(tmp_path / "re")]) == 0
     again = json.loads((tmp_path / "re" / "results.json").read_text())["base"]["tasks"]
     assert again == json.loads(json.dumps(tasks))
+    # ... and without --output_dir it writes beside its input, never into a shared default folder
+    (out / "results.json").unlink()
+    assert main(["--score_only", str(out / "base" / "predictions.jsonl")]) == 0
+    assert json.loads((out / "base" / "results.json").read_text())["base"]["tasks"] == again
+    assert not (out / "results.json").exists()
+
+
+def test_incomplete_mme_pair_fails_before_generation_and_on_rescoring(eval_root, tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    txt = eval_root / "mme" / "artwork" / "questions_answers_YN" / "1.txt"
+    txt.write_text(txt.read_text().splitlines()[0] + "\n")
+    assert main(["--tasks", "mme", "--data_root", str(eval_root), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: MME image 'artwork/1' (artwork) has 1 question(s)" in err
+    assert not (tmp_path / "o").exists()  # nothing was generated
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"task": "mme", "category": "count", "image_id": "x", "question": "q", "target": "Yes",
+                                 "prediction": "Yes"}) + "\n")
+    assert main(["--score_only", str(preds)]) == 2
+    assert "MME image 'x' (count) has 1 question(s)" in capsys.readouterr().err
+
+
+def test_own_heldout_sets_by_path_json_and_shards(tmp_path):
+    """--tasks with a LLaVA JSON and a shard folder of held-out data: scored by label match under their own names."""
+    from data_prep.build_shards import main as build_main
+    from pipeline.evaluate import main
+
+    recs = [{"id": f"h{i}", "image": f"img/{i}.png", "task_name": "shape",
+             "conversations": [{"from": "human", "value": "<image>\nWhat shape is it?"},
+                               {"from": "gpt", "value": "circle"}]} for i in range(3)]
+    for i in range(3):
+        _png(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "held.json").write_text(json.dumps(recs))
+    assert build_main(["--input", str(tmp_path / "held.json"), "--image-root", str(tmp_path), "--output",
+                       str(tmp_path / "held_shards"), "--workers", "1", "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["--tasks", f"{tmp_path / 'held.json'},mine={tmp_path / 'held_shards'}", "--output_dir", str(out),
+                 "--max_new_tokens", "3"]) == 0
+    res = json.loads((out / "results.json").read_text())["base"]["tasks"]
+    assert res["held"]["questions"] == 3 and res["mine"]["questions"] == 3
+    assert "| run | held | mine |" in (out / "results.md").read_text()
+    preds = [json.loads(x) for x in (out / "base" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["target"] for p in preds} == {"circle"} and {p["question"] for p in preds} == {"What shape is it?"}
+    with pytest.raises(ValueError, match="'pope' is a built-in task"):
+        from pipeline.eval_data import parse_tasks
+
+        parse_tasks(f"pope={tmp_path / 'held.json'}")
 
 
 def test_batched_and_shuffled_generation_equal_sequential(eval_root):
