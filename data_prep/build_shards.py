@@ -299,6 +299,29 @@ def _image_tokens(args) -> int:
                                                visual_token_mode=args.visual_token_mode))
 
 
+def _listed_shards(path: Path, fingerprint: str) -> set[str]:
+    """Shard names a manifest / progress file of *another* build lists (empty for this build's own or none)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if doc.get("fingerprint") == fingerprint:
+        return set()
+    return {s["name"] for s in doc.get("shards", []) if isinstance(s, dict) and "name" in s}
+
+
+def _remove_old_build(out: Path, fingerprint: str, keep: set[str]) -> None:
+    """--overwrite: delete the tars of the previous build (whatever their prefix, so a `*.tar` glob never mixes two
+    builds), but only the files its manifest / progress file lists: never a file this tool did not write."""
+    old = (_listed_shards(out / MANIFEST, fingerprint) | _listed_shards(out / PROGRESS, fingerprint)) - keep
+    for name in sorted(old):
+        if "/" not in name and name.endswith(".tar"):
+            (out / name).unlink(missing_ok=True)
+    if old:
+        log.info("--overwrite: removed %d shard(s) of the previous build in %s", len(old), out)
+    (out / MANIFEST).unlink(missing_ok=True)  # a manifest of this very build returned early in build()
+
+
 def build(args) -> dict:
     """Run a build; returns the manifest. Raises InputError for unreadable input."""
     from tqdm import tqdm
@@ -331,9 +354,8 @@ def build(args) -> dict:
                      state["records_done"], len(jobs))
         elif not args.overwrite:
             raise InputError(f"{out} holds a partial build with other arguments; use --overwrite or another --output")
-    if args.overwrite and not state["shards"]:
-        for f in list(out.glob(f"{args.prefix}-*.tar")) + [manifest_path]:
-            f.unlink(missing_ok=True)
+    if args.overwrite:
+        _remove_old_build(out, fp, keep={s["name"] for s in state["shards"]})
     for stray in out.glob("*.tar.tmp"):  # a shard that was being written when the last run died
         stray.unlink()
     # Rejections are flushed only up to the last complete shard's boundary: drop anything after it.

@@ -220,8 +220,9 @@ def test_round_trip_through_training_reader(sample, tmp_path):
     out = tmp_path / "s"
     build_main(["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out),
                 "--samples-per-shard", "100", "--workers", "1", "--quiet"])
-    shards, total = resolve_shards(str(out))
-    assert total == 490 and len(shards) == 5
+    found = resolve_shards(str(out))
+    shards, total = found.paths, found.total
+    assert total == 490 and len(shards) == 5 and sum(found.counts.values()) == 490
     base = build_tiny()
     pre = Preprocess(VicunaTemplate(base.tokenizer, base.model.config.image_token_id, 16), base.image_processor, 512)
     seen = []
@@ -235,3 +236,19 @@ def test_round_trip_through_training_reader(sample, tmp_path):
     assert len(first_epoch) == len([x for x in seen if x[1] == 0])  # no duplicates within an epoch
     records = json.loads((sample / "train.json").read_text())
     assert first_epoch <= {r["id"] for r in records}
+
+
+def test_overwrite_removes_the_previous_builds_tars_whatever_their_prefix(sample, tmp_path):
+    """Before: `--overwrite --prefix other` left the old shard-*.tar beside the new build, so a *.tar glob mixed two
+    builds. Now the old manifest's tars go; a file the tool never wrote stays."""
+    out = tmp_path / "s"
+    common = ["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out), "--workers", "1",
+              "--quiet"]
+    assert build_main([*common, "--samples-per-shard", "100"]) == 0
+    old = sorted(p.name for p in out.glob("*.tar"))
+    assert len(old) == 5 and all(n.startswith("shard-") for n in old)
+    (out / "mine.tar").write_bytes(b"not ours")
+    assert build_main([*common, "--samples-per-shard", "200", "--prefix", "other", "--overwrite"]) == 0
+    new = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted([s["name"] for s in new["shards"]] + ["mine.tar"])
+    assert all(s["name"].startswith("other-") for s in new["shards"]) and new["totals"]["written"] == 490
