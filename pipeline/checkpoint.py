@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, verified, resumable training checkpoints.
 
     OUTPUT/checkpoints/step-00000120/
         adapter/                 the M2PT adapter at this step (fp32 trainables: adapter_config.json + safetensors)
@@ -6,55 +6,114 @@
                                  (saved with exclude_frozen_parameters: megabytes, not the frozen base model)
         rank-00000.json          per-rank data position (cursor per loader slot), skip counters, RNG state
         trainer_state.json       step, samples, tokens, world size
-        COMPLETE                 written last; a directory without it is never resumed from
+        COMPLETE                 written last: {"files": {relative path: size}} - what it vouches for
     OUTPUT/checkpoints/latest    name of the newest complete checkpoint (replaced atomically)
 
-Everything is written into `.tmp-step-…` first and renamed once every rank has finished, so a crash or kill
-at any moment leaves either the previous complete checkpoint or the new one, never a half-written one that
-`--resume auto` could pick.
+Why it is shaped this way (each rule closes a window in which a kill -9 or a full disk used to lose the run):
+* Everything is written into `.tmp-step-…` first; `COMPLETE` goes in last, so a directory without it was never
+  finished. `COMPLETE` lists every file with its size, and resume *verifies* them: a marker beside a half-deleted
+  directory (a kill while pruning or re-saving) is not mistaken for a checkpoint.
+* The checkpoint `latest` names is never deleted before its replacement is complete: a re-save of an existing step
+  (a finished run launched again, a signal right after a periodic save) points `latest` at the complete new copy
+  first, then removes the old one, then renames the new one into place.
+* Pruning removes a checkpoint's marker before its files.
+* `--resume auto` takes `latest` if it verifies, else the newest checkpoint that does (an intact `.tmp-…` copy
+  included), and says so. A checkpoint named with `--resume PATH` that does not verify is an error naming what is
+  missing.
+* A failed save (no space left on device, ...) removes its partial `.tmp-…` and raises CheckpointError with one
+  line; the previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from pipeline.errors import CheckpointError, UsageError
+
 log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+# Files every checkpoint has whatever its marker says (also how markers written before sizes were recorded are
+# checked).
+REQUIRED = ("trainer_state.json", "rank-00000.json", "adapter/adapter_model.safetensors", "ds/latest")
 
 
 def ckpt_root(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _complete(d: Path) -> bool:
-    return (d / "COMPLETE").is_file()
+def _step_of(d: Path) -> int | None:
+    m = re.fullmatch(r"(?:\.tmp-)?step-(\d+)", d.name)
+    return int(m.group(1)) if m else None
+
+
+def inventory(d: Path) -> dict[str, int]:
+    """{relative path: size} of every file under d except the marker."""
+    return {p.relative_to(d).as_posix(): p.stat().st_size for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
+def verify(d: Path) -> str | None:
+    """None when `d` is a complete checkpoint (marker present, every file it lists there with its size); else why
+    not, in a few words."""
+    marker = d / MARKER
+    if not marker.is_file():
+        return "no COMPLETE marker" if d.is_dir() else "no such directory"
+    text = marker.read_text().strip()
+    try:
+        files = json.loads(text)["files"] if text else {}  # empty: a marker written before sizes were recorded
+    except (ValueError, KeyError, TypeError):
+        return "unreadable COMPLETE marker"
+    missing = [f for f in list(files) + [f for f in REQUIRED if f not in files] if not (d / f).is_file()]
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    for f, size in files.items():
+        if (d / f).stat().st_size != size:
+            return f"{f} has {(d / f).stat().st_size} bytes, COMPLETE recorded {size}"
+    return None
 
 
 def find_resume(output_dir, resume: str | None) -> Path | None:
-    """`auto`: the newest complete checkpoint under output_dir (None if there is none); a path: that checkpoint."""
+    """`auto`: the checkpoint `latest` names if it verifies, else the newest one that does (None if none does);
+    a path: that checkpoint, which must verify."""
     if not resume:
         return None
     if resume != "auto":
         d = Path(resume)
-        if not _complete(d):
-            raise FileNotFoundError(f"--resume {d}: not a complete checkpoint (no COMPLETE marker)")
+        why = verify(d)
+        if why:
+            raise FileNotFoundError(f"--resume {d}: not a resumable checkpoint ({why})")
         return d
     root = ckpt_root(output_dir)
-    latest = root / "latest"
-    if latest.is_file():
-        d = root / latest.read_text().strip()
-        if _complete(d):
+    named = None
+    if (root / "latest").is_file():
+        named = root / (root / "latest").read_text().strip()
+        why = verify(named)
+        if why is None:
+            return named
+        log.warning("checkpoint %s named by %s is not usable (%s); looking for the newest intact one",
+                    named, root / "latest", why)
+    # Newest first; at equal steps the final name before an interrupted re-save's .tmp copy.
+    cands = sorted((d for d in root.glob("*step-*") if d.is_dir() and _step_of(d) is not None),
+                   key=lambda d: (_step_of(d), not d.name.startswith(".tmp-")), reverse=True)
+    for d in cands:
+        why = verify(d)
+        if why is None:
+            if named is not None:
+                log.warning("resuming from %s instead", d)
             return d
-    done = sorted(d for d in root.glob("step-*") if _complete(d))
-    return done[-1] if done else None
+        log.info("skipping %s: %s", d, why)
+    return None
 
 
 def _rng_state() -> dict:
@@ -76,11 +135,45 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _remove(d: Path) -> None:
+    """Delete a checkpoint directory, its marker first: a kill halfway leaves an unmarked (ignored) directory."""
+    (d / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _write_marker(d: Path) -> None:
+    tmp = d / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"files": inventory(d)}, indent=1) + "\n")
+    os.replace(tmp, d / MARKER)
+
+
+def _save_error(e: BaseException, where: Path) -> str:
+    """One line for a failed save. torch's writer reports a full disk as 'basic_ios::clear: iostream error' or
+    'unexpected pos …', never ENOSPC: check the free space ourselves."""
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < (1 << 20)):
+        left = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        return f"No space left on device writing a checkpoint to {where}{left}"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"writing a checkpoint to {where} failed: {type(e).__name__}: {first}"
+
+
 def save(engine, model, output_dir, step: int, rank: int, world: int, state: dict, rank_state: dict,
-         adapter_tensors_fn, save_total_limit: int | None) -> Path | None:
-    """Collective: every rank must call it. Returns the checkpoint path."""
+         adapter_tensors_fn, save_total_limit: int | None) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint path; raises CheckpointError on every rank when
+    any rank failed to write (the partial copy is removed, the previous checkpoint is untouched)."""
     import deepspeed.comm as dist
 
+    from pipeline.dist import device
     from pipeline.m2pt import save_adapter
 
     root = ckpt_root(output_dir)
@@ -89,43 +182,80 @@ def save(engine, model, output_dir, step: int, rank: int, world: int, state: dic
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            shutil.rmtree(tmp)
+            if verify(tmp) is None and verify(final) is not None:
+                # An intact copy from a re-save that was killed after removing the old one: make it the step.
+                _remove(final)
+                os.replace(tmp, final)
+                _point_latest(root, name)
+            else:
+                _remove(tmp)
         tmp.mkdir()
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="ds", exclude_frozen_parameters=True)
-    rank_state = dict(rank_state, rng=base64.b64encode(pickle.dumps(_rng_state())).decode())
-    (tmp / f"rank-{rank:05d}.json").write_text(json.dumps(rank_state) + "\n")
-    tensors = adapter_tensors_fn()  # collective under ZeRO-3 (gathers); cheap local copies otherwise
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag="ds", exclude_frozen_parameters=True)
+        rank_state = dict(rank_state, rng=base64.b64encode(pickle.dumps(_rng_state())).decode())
+        (tmp / f"rank-{rank:05d}.json").write_text(json.dumps(rank_state) + "\n")
+        tensors = adapter_tensors_fn()  # collective under ZeRO-3 (gathers); cheap local copies otherwise
+    except Exception as e:  # noqa: BLE001 - reported below, on every rank
+        error = _save_error(e, root)
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device())  # NCCL reduces on the GPU only
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if rank == 0 and not failed.item():
+        try:
+            save_adapter(model, tmp / "adapter", state_dict=tensors)
+            (tmp / "trainer_state.json").write_text(
+                json.dumps(dict(state, step=step, world_size=world), indent=2) + "\n")
+            _write_marker(tmp)
+        except Exception as e:  # noqa: BLE001
+            error = _save_error(e, root)
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        if rank == 0:
+            _remove(tmp)
+        prev = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        dist.barrier()
+        raise CheckpointError(f"{error or 'another rank failed to write its part of the checkpoint'}; removed the "
+                              f"partial {tmp.name}" + (f"; {prev} is intact" if prev else ""))
     if rank == 0:
-        save_adapter(model, tmp / "adapter", state_dict=tensors)
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, step=step, world_size=world), indent=2) + "\n")
-        (tmp / "COMPLETE").write_text("")
-        if final.exists():  # a re-save of the same step (e.g. the signal arrived right after a periodic save)
-            shutil.rmtree(final)
+        if final.exists():  # a re-save of the same step: never delete what `latest` names before the new copy is in
+            _point_latest(root, tmp.name)
+            _remove(final)
         os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, root / "latest")
+        _point_latest(root, name)
         _prune(root, save_total_limit, keep=final)
     dist.barrier()
     return final
 
 
 def _prune(root: Path, limit: int | None, keep: Path) -> None:
+    """Tidy up once `keep` is complete and named by `latest` (only this run writes here: it holds the folder's
+    lock): an intact `.tmp-` copy left by an interrupted re-save takes its step's name, debris without a marker
+    goes, and of the complete checkpoints the newest `limit` stay (0: all)."""
+    for tmp in root.glob(".tmp-step-*"):
+        final = root / tmp.name[len(".tmp-"):]
+        if verify(tmp) is None and verify(final) is not None:
+            _remove(final)
+            os.replace(tmp, final)
+        else:
+            _remove(tmp)
+    for d in root.glob("step-*"):
+        if d.is_dir() and not (d / MARKER).is_file():
+            _remove(d)
     if not limit or limit <= 0:
         return
-    done = sorted(d for d in root.glob("step-*") if _complete(d))
+    done = sorted(d for d in root.glob("step-*") if (d / MARKER).is_file())
     for d in done[:-limit]:
         if d != keep:
-            shutil.rmtree(d, ignore_errors=True)
+            _remove(d)
 
 
 def load(engine, ckpt: Path, rank: int, world: int) -> tuple[dict, dict]:
     """Restore engine + this rank's data position and RNG. Returns (trainer_state, rank_state)."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if state["world_size"] != world:
-        raise RuntimeError(
+        raise UsageError(
             f"{ckpt} was written by {state['world_size']} rank(s) but this run has {world}: ZeRO optimizer "
             "partitions and per-rank data positions cannot be re-split. Resume with the same world size, or start "
             f"a new run from its adapter ({ckpt / 'adapter'}) with --init_adapter.")
