@@ -24,6 +24,7 @@ import json
 import logging
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,10 @@ from pipeline.chat import IGNORE, ConversationError, VicunaTemplate
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+# Why a sample read from a shard did not train (counted per rank, summed in the metrics and the final summary).
+SKIP_REASONS = ("bad_json", "bad_conversation", "image_mismatch", "too_long", "no_supervised", "corrupt_image",
+                "lost_in_broken_shard")
+READ_ERRORS = "tar_read_errors"  # errors, not samples: reported beside the skips, not counted toward their share
 
 
 class SkipSample(Exception):
@@ -42,32 +47,83 @@ class SkipSample(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- shards
-def resolve_shards(spec: str) -> tuple[list[str], int | None]:
-    """Shard paths and total sample count from a shard folder (with manifest.json), a brace pattern
-    (`dir/shard-{000000..000009}.tar`), a glob, or a comma-separated list of those."""
+@dataclass
+class ShardSet:
+    """The shards of a run. `counts` holds each shard's sample count from its manifest (absent for shards without
+    one), so a tar that breaks mid-read is accounted for in *samples* lost, not in read errors."""
+
+    paths: list[str]
+    total: int | None  # samples in all shards; None when some shard has no manifest
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _check_listed(path: Path, entry: dict, manifest: Path, verify_sha256: bool) -> None:
+    """A shard must be the file its manifest describes: present, same size (and same sha256 when asked)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path}: listed in {manifest} but missing")
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        raise ValueError(f"shard {path}: {size} bytes but {manifest} records {entry['bytes']} (truncated or replaced "
+                         "since the build); rebuild with data_prep.build_shards or restore the file")
+    if verify_sha256 and "sha256" in entry and _sha256(path) != entry["sha256"]:
+        raise ValueError(f"shard {path}: sha256 differs from {manifest} (corrupted or replaced since the build)")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_entries(folder: Path) -> tuple[Path, dict[str, dict]] | None:
+    m = folder / "manifest.json"
+    if not m.is_file():
+        return None
+    try:
+        man = json.loads(m.read_text())
+        return m, {s["name"]: s for s in man["shards"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{m}: unreadable shard manifest ({e})") from None
+
+
+def resolve_shards(spec: str, verify_sha256: bool = False) -> ShardSet:
+    """Shards from a shard folder (with manifest.json), a brace pattern (`dir/shard-{000000..000009}.tar`), a glob,
+    or a comma-separated list of those. Every shard a manifest lists (also one found by a pattern, when its folder
+    has a manifest) is checked against it before any work: present, same size, and same sha256 with
+    `verify_sha256`. A mismatch is an error naming the shard."""
     import braceexpand
 
-    paths, total = [], 0
+    paths: list[str] = []
+    counts: dict[str, int] = {}
+    unknown = False
     for part in [s for s in spec.split(",") if s]:
         p = Path(part)
         if p.is_dir():
-            m = p / "manifest.json"
-            if not m.is_file():
+            found = _manifest_entries(p)
+            if found is None:
                 raise FileNotFoundError(f"{p}: a shard folder needs the manifest.json written by data_prep.build_shards")
-            man = json.loads(m.read_text())
-            for s in man["shards"]:
-                paths.append(str(p / s["name"]))
-            total = None if total is None else total + man["totals"]["written"]
-            continue
-        found = [f for pat in braceexpand.braceexpand(part) for f in (sorted(glob.glob(pat)) or [pat])]
-        missing = [f for f in found if not Path(f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"--train_shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
-        paths += found
-        total = None  # counts unknown without a manifest; the caller counts them
+            listed = [p / name for name in found[1]]
+        else:
+            listed = [Path(f) for pat in braceexpand.braceexpand(part) for f in (sorted(glob.glob(pat)) or [pat])]
+            missing = [f for f in listed if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"--train_shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+        for f in listed:
+            found = _manifest_entries(f.parent)
+            entry = found[1].get(f.name) if found else None
+            if entry is None:
+                unknown = True
+            else:
+                _check_listed(f, entry, found[0], verify_sha256)
+                counts[str(f)] = int(entry["samples"])
+            paths.append(str(f))
     if not paths:
         raise FileNotFoundError(f"--train_shards {spec!r}: no shards")
-    return paths, total
+    return ShardSet(paths, None if unknown else sum(counts[p] for p in paths), counts)
 
 
 def count_samples(paths: list[str]) -> int:
@@ -143,26 +199,41 @@ class ShardStream(IterableDataset):
     `start`: {slot: [epoch, raw_consumed]} from a checkpoint; each slot resumes right after that sample."""
 
     def __init__(self, shards: list[str], *, rank: int, world: int, seed: int, batch_size: int, preprocess,
-                 pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None):
+                 pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None, counts: dict | None = None):
         self.shards, self.rank, self.world, self.seed = list(shards), rank, world, seed
+        self.counts = dict(counts or {})  # shard -> samples its manifest lists
         self.batch_size, self.preprocess, self.pad_id = batch_size, preprocess, pad_id
         self.shuffle_buffer, self.start = shuffle_buffer, {int(k): v for k, v in (start or {}).items()}
 
-    def _raw(self, slot: int, nslots: int, epoch: int, tar_errors: Counter):
+    def _read_shard(self, url: str, stats: Counter, count_lost: bool):
+        """Raw samples of one tar. A truncated or corrupt tar ends early: the samples its manifest promised but
+        that never came are counted as lost (toward --max_bad_sample_fraction), not just the read error."""
         import webdataset as wds
+
+        def on_error(exn):
+            stats["tar_read_errors"] += 1
+            log.warning("unreadable shard data in %s: %s", url, exn)
+            return True
+
+        n = 0
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=on_error):
+            n += 1
+            yield sample
+        expected = self.counts.get(url)
+        if count_lost and expected is not None and n < expected:
+            stats["lost_in_broken_shard"] += expected - n
+            log.warning("%s: read %d of the %d samples its manifest lists; %d lost this epoch", url, n, expected,
+                        expected - n)
+
+    def _raw(self, slot: int, nslots: int, epoch: int, stats: Counter):
         from webdataset.filters import _shuffle
 
         perm = list(self.shards)
         random.Random(self.seed + epoch).shuffle(perm)  # identical on every rank and worker
         by_shard = len(perm) >= nslots
         mine = perm[slot::nslots] if by_shard else perm
-
-        def on_error(exn):  # a truncated or corrupt tar member: count it and go on
-            tar_errors["corrupt_tar"] += 1
-            log.warning("skipping unreadable shard data: %s", exn)
-            return True
-
-        raw = wds.tariterators.tarfile_samples(({"url": u} for u in mine), handler=on_error)
+        # When every slot reads every shard, only slot 0 counts lost samples (once, not once per slot).
+        raw = (s for u in mine for s in self._read_shard(u, stats, count_lost=by_shard or slot == 0))
         if not by_shard:
             raw = (s for i, s in enumerate(raw) if i % nslots == slot)
         if self.shuffle_buffer > 1:

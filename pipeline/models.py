@@ -112,6 +112,73 @@ def _check_dir(path, what: str) -> Path:
     return p
 
 
+LLAVA_MODEL_TYPES = ("llava",)  # what LlavaForConditionalGeneration loads
+VISION_MODEL_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model")
+
+
+def _read_config(p: Path, what: str) -> dict:
+    import json
+
+    try:
+        return json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {p}: unreadable config.json ({e})") from None
+
+
+def _check_weights(p: Path, what: str) -> None:
+    """Weights must be there before anything loads (from_pretrained's own error is a bare OSError traceback)."""
+    import json
+
+    for index in sorted(p.glob("*.index.json")):
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{what} {p}: unreadable {index.name} ({e})") from None
+        missing = sorted(f for f in files if not (p / f).is_file())
+        if missing:
+            raise FileNotFoundError(f"{what} {p}: {len(missing)} weight file(s) listed in {index.name} are missing, "
+                                    f"e.g. {missing[0]}")
+        return
+    if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
+        raise FileNotFoundError(f"{what} {p}: config.json but no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def check_model_source(model: str | None = None, llm=None, vision=None, mm_projector=None) -> None:
+    """Check a model source from its files alone, before any weight is read: the folder's `model_type` must be
+    LLaVA (or, for LLaVA-v1 parts, a causal LM + a CLIP/SigLIP vision model + a projector file) and its weights
+    must exist. A Llama folder given as --model would otherwise be loaded into LLaVA defaults (a 7B random model,
+    tens of GB) before anything failed."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if llm or vision or mm_projector:
+        if not (llm and vision and mm_projector) or model not in (None, "", TINY):
+            raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
+        p = _check_dir(llm, "--model_llm")
+        mt = _read_config(p, "--model_llm").get("model_type")
+        if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in LLAVA_MODEL_TYPES:
+            raise ValueError(f"--model_llm {p}: model_type {mt!r} is not a causal language model (Llama, Vicuna, "
+                             "Mistral, Qwen2, ...)")
+        _check_weights(p, "--model_llm")
+        v = _check_dir(vision, "--model_vision")
+        vt = _read_config(v, "--model_vision").get("model_type")
+        if vt not in VISION_MODEL_TYPES:
+            raise ValueError(f"--model_vision {v}: model_type {vt!r} is not a CLIP/SigLIP vision model "
+                             f"({', '.join(VISION_MODEL_TYPES)})")
+        _check_weights(v, "--model_vision")
+        if not Path(mm_projector).is_file():
+            raise FileNotFoundError(f"--mm_projector {mm_projector}: no such file")
+        return
+    if model in (None, "", TINY):
+        return
+    p = _check_dir(model, "--model")
+    mt = _read_config(p, "--model").get("model_type")
+    if mt not in LLAVA_MODEL_TYPES:
+        hint = ("; for LLaVA-v1 parts (this LLM + a CLIP tower + a stage-1 mm_projector.bin) use --model_llm, "
+                "--model_vision and --mm_projector" if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
+        raise ValueError(f"--model {p}: model_type {mt!r} is not a LLaVA model ({', '.join(LLAVA_MODEL_TYPES)}){hint}")
+    _check_weights(p, "--model")
+
+
 def load_hf_llava(path, dtype=torch.float32, attn: str = "sdpa") -> Base:
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
@@ -202,6 +269,7 @@ def _load_v1_projector(path: Path, d_in: int, d_out: int, dtype) -> nn.Linear:
 
 def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None, dtype=torch.float32,
               attn: str | None = None, seed: int = 0) -> Base:
+    check_model_source(model, llm, vision, mm_projector)
     attn = pick_attn_implementation(attn)
     log.info("attention implementation: %s", attn)
     if llm or vision or mm_projector:

@@ -4,8 +4,12 @@
         --model /models/llava-1.5-7b-hf --output_dir runs/m2pt --bf16
 
 With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
-process, and prints where the adapter went. Read top to bottom: arguments -> process group -> data -> model ->
-engine -> (resume) -> loop -> final adapter.
+process, and prints where the adapter went. Read top to bottom, in execution order: arguments -> process group ->
+start-up checks (flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) ->
+model -> engine -> (resume) -> data -> loop -> final adapter.
+
+Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
+mistake (one line starting "error:", before any work); 1 anything else (run_state.json then says "failed").
 """
 
 from __future__ import annotations
@@ -16,20 +20,29 @@ import logging
 import math
 import os
 import resource
-import signal
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
+
+from pipeline.errors import CheckpointError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
 log = logging.getLogger("m2pt.train")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+METHOD_FLAGS = ("visual_prompt_length", "text_prompt_length", "visual_token_mode", "tune_projector", "tune_lm_head")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other start-up error, not usage + "train.py: error:"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = ap.add_argument_group("model (one of: --model, or the three LLaVA-v1 parts; default: the embedded tiny model)")
     g.add_argument("--model", default="tiny", help="Hugging Face llava folder (llava-hf layout) or 'tiny'")
     g.add_argument("--model_llm", default=None, help="LLaVA-v1 parts: Vicuna/Llama folder")
@@ -61,7 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--shuffle_buffer", type=int, default=1000, help="samples in each worker's shuffle buffer")
     g.add_argument("--max_bad_sample_fraction", type=float, default=0.05,
                    help="abort when more than this share of samples read so far was skipped (corrupt, too long, "
-                        "no supervised token, ...); checked once 200 samples were read")
+                        "no supervised token, lost in a broken shard, ...); checked once 200 samples (or one "
+                        "epoch, if smaller) were read")
+    g.add_argument("--verify_shards", action="store_true",
+                   help="also compare every shard's sha256 with manifest.json at start-up (sizes are always "
+                        "compared); reads all the data once")
 
     g = ap.add_argument_group("optimisation (Hugging Face TrainingArguments spelling)")
     g.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zero2.json"),
@@ -99,18 +116,64 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the zero-shot table (base vs the new adapter on the held-out task types) that ends a "
                         "run on the embedded default data")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return ap
+
+
+def _flag_problems(a) -> list[str]:
+    """Values no run can use (a batch of 0 used to surface as a ZeroDivisionError traceback after a step)."""
+    rules = [
+        (a.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
+        (a.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (a.logging_steps >= 1, "--logging_steps must be >= 1"),
+        (a.save_steps >= 0, "--save_steps must be >= 0 (0: only at the end)"),
+        (a.save_total_limit >= 0, "--save_total_limit must be >= 0 (0: keep all)"),
+        (a.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+        (a.shuffle_buffer >= 0, "--shuffle_buffer must be >= 0"),
+        (a.model_max_length >= 1, "--model_max_length must be >= 1"),
+        (a.visual_prompt_length >= 0 and a.text_prompt_length >= 0, "prompt lengths must be >= 0"),
+        (0 <= a.max_bad_sample_fraction <= 1, "--max_bad_sample_fraction must be within [0, 1]"),
+        (a.learning_rate > 0, "--learning_rate must be > 0"),
+        (a.max_steps > 0 or a.num_train_epochs > 0, "--num_train_epochs must be > 0 (or set --max_steps)"),
+        (0 <= a.warmup_ratio < 1, "--warmup_ratio must be within [0, 1)"),
+        (a.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (0 <= a.adam_beta1 < 1 and 0 <= a.adam_beta2 < 1, "--adam_beta1 / --adam_beta2 must be within [0, 1)"),
+        (a.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
+        (a.dist_timeout >= 1, "--dist_timeout must be >= 1"),
+        (not (a.bf16 and a.fp16), "choose one of --bf16 / --fp16"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    # Which flags were given explicitly (a parse with every default suppressed): --init_adapter must not silently
+    # override an explicit method flag.
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(probe.parse_args(argv)))
     if args.resume == "none":
         args.resume = None
-    if args.bf16 and args.fp16:
-        ap.error("choose one of --bf16 / --fp16")
+    problems = _flag_problems(args)
+    if problems:
+        ap.error("; ".join(problems))
     return args
 
 
 def ds_config(path: str, args, world: int) -> dict:
     """Read the DeepSpeed config and fill its "auto" values from the flags (the command line is the one source of
     truth: a concrete value that disagrees with a flag is an error, not a silent override)."""
-    cfg = json.loads(Path(path).read_text())
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--deepspeed {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--deepspeed {path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--deepspeed {path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--deepspeed {path}: expected a JSON object, got {type(cfg).__name__}")
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise ValueError(f"{path}: remove the '{section}' section; set it with --learning_rate / "
@@ -135,145 +198,131 @@ def ds_config(path: str, args, world: int) -> dict:
     return cfg
 
 
-def default_shards(args, rank: int) -> str:
-    """The embedded sample set's shards, built once (by rank 0) if missing."""
-    import deepspeed.comm as dist
+# ----------------------------------------------------------------------------------------------- start-up checks
+def build_sample_shards(args, m2pt) -> Path:
+    """The embedded sample set's shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
+    from data_prep import build_shards
+    from data_prep.make_sample import ensure_sample
 
     shards = DATA_HOME / "sample_shards"
-    if rank == 0 and not (shards / "manifest.json").is_file():
-        from data_prep import build_shards
-        from data_prep.make_sample import ensure_sample
-
+    if not (shards / "manifest.json").is_file():
         sample = ensure_sample(DATA_HOME / "sample")
         log.info("building shards of the embedded sample set at %s", shards)
         rc = build_shards.main(["--input", str(sample / "train.json"), "--image-root", str(sample),
                                 "--output", str(shards), "--samples-per-shard", "256", "--shuffle", "--workers", "2",
                                 "--max-length", str(args.model_max_length), "--quiet",
-                                "--visual-prompt-length", str(args.visual_prompt_length),
-                                "--visual-token-mode", args.visual_token_mode])
+                                "--visual-prompt-length", str(m2pt.visual_prompt_length),
+                                "--visual-token-mode", m2pt.visual_token_mode])
         if rc != 0:
             raise RuntimeError(f"building the sample shards failed (exit {rc})")
-    dist.barrier()
-    return str(shards)
+    return shards
 
 
-def vision_keepalive(model, dtype, device):
-    """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
+def method_config(args):
+    """The M2PT config of this run: from the flags, or from --init_adapter (then an explicit method flag that
+    disagrees with the adapter is an error, and args are rewritten so config.json records what really trains)."""
+    from pipeline.m2pt import M2PTConfig, read_adapter_config
+
+    if not args.init_adapter:
+        cfg = M2PTConfig(**{k: getattr(args, k) for k in METHOD_FLAGS}, seed=args.seed)
+        if not (cfg.visual_prompt_length or cfg.text_prompt_length or cfg.tune_projector or cfg.tune_lm_head):
+            raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
+                             "is not tuned")
+        return cfg
+    cfg = M2PTConfig.from_dict(read_adapter_config(args.init_adapter)["m2pt_config"])
+    clash = [f"--{k} {getattr(args, k)} (adapter: {getattr(cfg, k)})" for k in METHOD_FLAGS
+             if k in args.explicit and getattr(args, k) != getattr(cfg, k)]
+    if clash:
+        raise UsageError(f"--init_adapter {args.init_adapter} fixes the method's shape; conflicting flag(s): "
+                         + ", ".join(clash) + ". Drop them, or start without --init_adapter")
+    for k in METHOD_FLAGS:
+        setattr(args, k, getattr(cfg, k))
+    return cfg
+
+
+def _agree(fn, dist):
+    """Run one start-up check on every rank; if any rank failed, every rank stops (the failing one with its own
+    error) instead of the others hanging in the next collective."""
     import torch
 
-    vc = model.config.vision_config
-    px = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
-    feats = model.model.get_image_features(
-        pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
-    return sum(f.float().sum() for f in feats) * 0.0
+    from pipeline.dist import device
 
-
-def write_run_state(out: Path, **state) -> None:
-    """OUTPUT/run_state.json: "running" | "stopped" (by a signal, resumable) | "finished". The Slurm template reads
-    it to decide whether to requeue the job."""
-    tmp = out / "run_state.json.tmp"
-    tmp.write_text(json.dumps(state) + "\n")
-    os.replace(tmp, out / "run_state.json")
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+    error, result = None, None
     try:
-        run(args)
-    except (FileNotFoundError, ValueError) as e:
-        # User mistakes (a wrong path, a config that disagrees with the flags, an adapter for another model):
-        # one clear line and exit status 2, no traceback (M2PT_DEBUG=1 shows it).
-        if os.environ.get("M2PT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        result = fn()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        error = e
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device())  # NCCL reduces on the GPU only
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise UsageError("another rank failed its start-up checks (its error is above)")
+    return result
 
 
-def run(args) -> dict:
-    """Train; returns {"engine", "step", "stopped", "output_dir"} (the engine is for in-process tests)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    # ------------------------------------------------------------------ process group, logging, stop signals
-    from pipeline import dist as pdist
-
-    rank, world, _ = pdist.init(args.dist_timeout)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    import deepspeed
+def start_up_checks(args, rank: int, world: int, lock) -> dict:
+    """Everything that can be checked without loading the model, before it loads (a 7B takes minutes): flags,
+    the DeepSpeed config, one run per output folder, the model's files, the method config, the shards."""
     import deepspeed.comm as dist
-    import torch
-    from transformers import get_scheduler
 
-    from pipeline import checkpoint
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import Preprocess, ShardStream, count_samples, resolve_shards
-    from pipeline.m2pt import (
-        M2PTConfig, adapter_state_dict, attach_m2pt, load_adapter, num_visual_tokens, parameter_table,
-    )
+    from pipeline.data import resolve_shards
+    from pipeline.models import check_model_source
+
+    def local():
+        if rank == 0:
+            lock.acquire()
+        check_model_source(args.model, args.model_llm, args.model_vision, args.mm_projector)
+        from transformers import SchedulerType
+
+        if args.lr_scheduler_type not in {t.value for t in SchedulerType}:
+            raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type!r}: not one of "
+                             f"{', '.join(t.value for t in SchedulerType)}")
+        if args.resume not in (None, "auto"):
+            from pipeline.checkpoint import find_resume
+
+            find_resume(args.output_dir, args.resume)  # a damaged checkpoint: one line naming what is missing
+        return ds_config(args.deepspeed, args, world), method_config(args)
+
+    cfg, m2pt = _agree(local, dist)
+    spec = args.train_shards
+    if not spec:
+        _agree(lambda: build_sample_shards(args, m2pt) if rank == 0 else None, dist)
+        spec = str(DATA_HOME / "sample_shards")
+    shards = _agree(lambda: resolve_shards(spec, verify_sha256=args.verify_shards and rank == 0), dist)
+    return {"deepspeed_config": cfg, "m2pt": m2pt, "shards": shards}
+
+
+# ------------------------------------------------------------------------------------------- model and engine
+def build_model(args, m2pt, rank: int):
+    from pipeline.m2pt import attach_m2pt, load_adapter, parameter_table
     from pipeline.models import load_base
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):  # only set a flag: the save happens at the next step boundary, on all ranks
-        stop["signal"] = signal.Signals(signum).name
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGUSR1, on_signal)
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    device = pdist.device()
-
-    # --------------------------------------------------------------------------------------------- model
     base = load_base(args.model, llm=args.model_llm, vision=args.model_vision, mm_projector=args.mm_projector,
                      attn=args.attn_implementation)
-    if args.init_adapter:
-        model = load_adapter(base.model, args.init_adapter)
-    else:
-        model = attach_m2pt(base.model, M2PTConfig(
-            visual_prompt_length=args.visual_prompt_length, text_prompt_length=args.text_prompt_length,
-            visual_token_mode=args.visual_token_mode, tune_projector=args.tune_projector,
-            tune_lm_head=args.tune_lm_head, seed=args.seed))
+    model = load_adapter(base.model, args.init_adapter) if args.init_adapter else attach_m2pt(base.model, m2pt)
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
     if n_train == 0:
-        raise SystemExit("error: nothing is trainable (prompt lengths 0, projector frozen, no LM head)")
+        raise UsageError("nothing is trainable (prompt lengths 0, projector frozen, no LM head)")
     if rank == 0:
         lines = [f"{'module':<16}{'trainable':>14}{'total':>16}{'share':>9}"]
         for name, t, tot in parameter_table(model):
             lines.append(f"{name:<16}{t:>14,}{tot:>16,}{100 * t / tot:>8.3f}%")
         lines.append(f"{'all':<16}{n_train:>14,}{n_total:>16,}{100 * n_train / n_total:>8.3f}%")
         log.info("trainable parameters:\n%s", "\n".join(lines))
+    return base, model, n_train, n_total
 
-    # ---------------------------------------------------------------------------------------------- data
-    shard_spec = args.train_shards or default_shards(args, rank)
-    shards, n_samples = resolve_shards(shard_spec)
-    if n_samples is None:
-        n_samples = count_samples(shards)
-    per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = n_samples // per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {n_samples} samples are fewer than one optimizer step needs ({per_step})")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
 
-    # -------------------------------------------------------------------------------------------- engine
-    cfg = ds_config(args.deepspeed, args, world)
+def build_engine(args, cfg: dict, model, total_steps: int):
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -288,8 +337,165 @@ def run(args) -> dict:
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
+    return engine, scheduler
+
+
+def vision_keepalive(model, dtype, device):
+    """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
+    import torch
+
+    vc = model.config.vision_config
+    px = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    feats = model.model.get_image_features(
+        pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    return sum(f.float().sum() for f in feats) * 0.0
+
+
+# ------------------------------------------------------------------------------------------- bookkeeping
+def write_run_state(out: Path, **state) -> None:
+    """OUTPUT/run_state.json: "running" | "stopped" (by a signal, resumable) | "finished" | "failed" (with the
+    error's first line). The Slurm template reads it to decide whether to requeue the job."""
+    tmp = out / "run_state.json.tmp"
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, out / "run_state.json")
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard) on rank 0; every line carries the run id, and each run (a resumed one too)
+    starts with a "start" line, so appended runs stay distinguishable."""
+
+    def __init__(self, out: Path, rank: int, report_to: str, run_id: str):
+        self.run_id, self.f, self.tb = run_id, None, None
+        if rank != 0:
+            return
+        self.f = open(out / "metrics.jsonl", "a")
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, rec: dict) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps({"run_id": self.run_id, **rec}, default=str) + "\n")
+        self.f.flush()
+        if self.tb and "step" in rec and "event" not in rec:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def global_counts(totals: Counter, device) -> dict:
+    """Samples, tokens and skips summed over all ranks (every rank must call it)."""
+    import deepspeed.comm as dist
+    import torch
+
+    from pipeline.data import READ_ERRORS, SKIP_REASONS
+
+    keys = ["samples", "tokens", READ_ERRORS] + [f"skipped_{r}" for r in SKIP_REASONS]
+    t = torch.tensor([float(totals.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    out = {k: int(v) for k, v in zip(keys, t.tolist())}
+    out["skipped"] = sum(out[f"skipped_{r}"] for r in SKIP_REASONS)
+    return out
+
+
+def check_bad_samples(counts: dict, args, n_samples: int) -> None:
+    seen = counts["samples"] + counts["skipped"]
+    if seen >= min(200, n_samples) and counts["skipped"] > args.max_bad_sample_fraction * seen:
+        reasons = {k[8:]: v for k, v in counts.items() if k.startswith("skipped_") and v}
+        raise UsageError(f"{counts['skipped']} of {seen} samples read so far were skipped ({reasons}), above "
+                         f"--max_bad_sample_fraction {args.max_bad_sample_fraction}: check the data")
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        # User mistakes (a wrong path, a config that disagrees with the flags, an adapter for another model, a busy
+        # output folder) and failed checkpoints (a full disk): one clear line, no traceback (M2PT_DEBUG=1 shows it).
+        if os.environ.get("M2PT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, CheckpointError) else 2
+    return 0
+
+
+def run(args) -> dict:
+    """Train; returns {"engine", "step", "stopped", "output_dir"} (the engine is for in-process tests)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipeline import dist as pdist
+    from pipeline.run_control import OutputLock, StopFlag
+
+    under_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # before init fills them in
+    rank, world, _ = pdist.init(args.dist_timeout)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = StopFlag().install(under_launcher)
+    out = Path(args.output_dir)
+    lock = OutputLock(out)
+    try:
+        plan = start_up_checks(args, rank, world, lock)
+        return train(args, plan, rank, world, stop)
+    except BaseException as e:
+        if lock.held:  # rank 0 of *this* run only: a refused second run must not mark the first one failed
+            first = (str(e).strip().splitlines() or [""])[0]
+            write_run_state(out, state="failed", error=f"{type(e).__name__}: {first}")
+        raise
+    finally:
+        lock.release()
+
+
+def train(args, plan: dict, rank: int, world: int, stop) -> dict:
+    import deepspeed.comm as dist
+    import torch
+    from tqdm import tqdm
+
+    from pipeline import checkpoint
+    from pipeline import dist as pdist
+    from pipeline.chat import VicunaTemplate
+    from pipeline.data import READ_ERRORS, Preprocess, ShardStream, count_samples
+    from pipeline.m2pt import adapter_state_dict, num_visual_tokens
+    from pipeline.run_control import quiet_worker
+
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    device = pdist.device()
+    cfg, shards = plan["deepspeed_config"], plan["shards"]
+
+    # -------------------------------------------------------------------------------------- model, engine
+    base, model, n_train, n_total = build_model(args, plan["m2pt"], rank)
+    n_samples = shards.total if shards.total is not None else count_samples(shards.paths)
+    per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = n_samples // per_step
+    if steps_per_epoch == 0:
+        raise UsageError(f"{n_samples} samples are fewer than one optimizer step needs ({per_step})")
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
+    engine, scheduler = build_engine(args, cfg, model, total_steps)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     trainable_named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
@@ -307,34 +513,33 @@ def run(args) -> dict:
         state, rank_state = checkpoint.load(engine, ckpt, rank, world)
         step, totals, start = state["step"], Counter(rank_state["totals"]), rank_state["cursors"]
         log.info("resumed from %s at step %d", ckpt, step)
+    run_id = uuid.uuid4().hex[:12]
+    metrics = MetricsWriter(out, rank, args.report_to, run_id)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         resolved = {"args": vars(args), "deepspeed_config": cfg, "world_size": world, "samples": n_samples,
-                    "shards": len(shards), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                    "shards": len(shards.paths), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "num_visual_tokens": num_visual_tokens(model), "m2pt": vars(model.m2pt_config),
                     "base_model": base.name, "trainable": n_train, "total_parameters": n_total,
                     "attn_implementation": model.config._attn_implementation,
-                    "resumed_from": str(ckpt) if ckpt else None}
+                    "resumed_from": str(ckpt) if ckpt else None, "run_id": run_id}
         (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-        write_run_state(out, state="running", step=step, total_steps=total_steps)
+        write_run_state(out, state="running", step=step, total_steps=total_steps, run_id=run_id)
+        metrics.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                       "resumed_from": str(ckpt) if ckpt else None, "world_size": world, "args": vars(args)})
         log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps",
-                 n_samples, len(shards), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                 steps_per_epoch, total_steps)
+                 n_samples, len(shards.paths), world, args.per_device_train_batch_size,
+                 args.gradient_accumulation_steps, steps_per_epoch, total_steps)
 
-    stream = ShardStream(shards, rank=rank, world=world, seed=args.seed, batch_size=args.per_device_train_batch_size,
+    # ---------------------------------------------------------------------------------------------- data
+    stream = ShardStream(shards.paths, rank=rank, world=world, seed=args.seed,
+                         batch_size=args.per_device_train_batch_size,
                          preprocess=Preprocess(template, base.image_processor, args.model_max_length),
-                         pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer, start=start)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers))
+                         pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer, start=start,
+                         counts=shards.counts)
+    loader = iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.dataloader_num_workers,
+        worker_init_fn=quiet_worker if args.dataloader_num_workers > 0 else None))
     cursors = dict(start)
-
-    tb = None
-    if rank == 0 and args.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(out / "tb"))
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True)
 
     def save(reason: str):
@@ -344,121 +549,116 @@ def run(args) -> dict:
         log.info("checkpoint (%s) -> %s", reason, d)
 
     # ------------------------------------------------------------------------------------------------ loop
-    window = Counter()
-    t_window = time.time()
-    while step < total_steps:
-        t0 = time.time()
-        micro = []
-        for _ in range(args.gradient_accumulation_steps):
-            b = next(loader)
-            cursors[str(b["cursor"][0])] = list(b["cursor"][1:])
-            for k, v in b["skipped"].items():
-                totals["skipped_" + k] += v
-            micro.append(b)
-        t_data = time.time() - t0
-        # Loss = sum over supervised tokens / supervised tokens of the whole step (all micro-batches, all ranks),
-        # not a mean of per-batch means. DeepSpeed divides by accumulation steps and averages over ranks, so each
-        # micro-batch's summed loss is scaled by world * accum / N_step.
-        n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=device)
-        dist.all_reduce(n_tok)
-        n_tok_step = max(n_tok.item(), 1.0)
-        loss_sum = 0.0
-        for b in micro:
-            px = b["pixel_values"]
-            logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                            pixel_values=px.to(device, dtype) if px is not None else None).logits
-            labels = b["labels"][:, 1:].to(device)
-            tok_loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                reduction="sum")
-            loss = tok_loss * (world * args.gradient_accumulation_steps / n_tok_step)
-            if px is None:
-                # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts
-                # and the projector stay in the graph (ZeRO cannot handle a trainable set that changes between
-                # steps). Through the modules' own forward, so ZeRO-3 gathers their partitioned weights.
-                loss = loss + vision_keepalive(engine.module, dtype, device)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += tok_loss.item()
-            counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
-            totals.update(counts)
-            window.update(counts)
-        step += 1
-        bar.update()
-        window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0, sup_tok_global=n_tok_step)
+    try:
+        window = Counter()
+        t_window = time.time()
+        while step < total_steps:
+            t0 = time.time()
+            micro = []
+            for _ in range(args.gradient_accumulation_steps):
+                b = next(loader)
+                cursors[str(b["cursor"][0])] = list(b["cursor"][1:])
+                for k, v in b["skipped"].items():
+                    totals[k if k == READ_ERRORS else "skipped_" + k] += v
+                micro.append(b)
+            t_data = time.time() - t0
+            # Loss = sum over supervised tokens / supervised tokens of the whole step (all micro-batches, all
+            # ranks), not a mean of per-batch means. DeepSpeed divides by accumulation steps and averages over
+            # ranks, so each micro-batch's summed loss is scaled by world * accum / N_step.
+            n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=device)
+            dist.all_reduce(n_tok)
+            n_tok_step = max(n_tok.item(), 1.0)
+            loss_sum = 0.0
+            for b in micro:
+                px = b["pixel_values"]
+                logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                                pixel_values=px.to(device, dtype) if px is not None else None).logits
+                labels = b["labels"][:, 1:].to(device)
+                tok_loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                    reduction="sum")
+                loss = tok_loss * (world * args.gradient_accumulation_steps / n_tok_step)
+                if px is None:
+                    # A text-only batch never runs the vision path: run it on a blank image x0 so the visual
+                    # prompts and the projector stay in the graph (ZeRO cannot handle a trainable set that
+                    # changes between steps). Through the modules' own forward, so ZeRO-3 gathers their weights.
+                    loss = loss + vision_keepalive(engine.module, dtype, device)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += tok_loss.item()
+                counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
+                totals.update(counts)
+                window.update(counts)
+            step += 1
+            bar.update()
+            window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0,
+                          sup_tok_global=n_tok_step)
 
-        # ----------------------------------------------------------------------------------- logging
-        if step % args.logging_steps == 0 or step == total_steps:
-            red = torch.tensor([window["loss_sum"], window["samples"], window["tokens"]], device=device,
-                               dtype=torch.float64)
-            dist.all_reduce(red)
-            skipped = sum(v for k, v in totals.items() if k.startswith("skipped_"))
-            sk = torch.tensor([float(skipped), float(totals["samples"] + skipped)], device=device, dtype=torch.float64)
-            dist.all_reduce(sk)
-            elapsed = time.time() - t_window
-            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                   "loss": red[0].item() / window["sup_tok_global"], "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
-                   "data_wait_share": window["t_data"] / max(window["t_step"], 1e-9),
-                   "sec_per_step": window["t_step"] / window["steps"], "peak_mem_mb": round(peak_memory_mb(), 1),
-                   "skipped": int(sk[0].item()),
-                   **{k: v for k, v in totals.items() if k.startswith("skipped_")}}
-            if rank == 0:
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
+            # ------------------------------------------------------------------------------- logging
+            if step % args.logging_steps == 0 or step == total_steps:
+                red = torch.tensor([window["loss_sum"], window["samples"], window["tokens"]], device=device,
+                                   dtype=torch.float64)
+                dist.all_reduce(red)
+                counts = global_counts(totals, device)
+                elapsed = time.time() - t_window
+                rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                       "loss": red[0].item() / window["sup_tok_global"], "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
+                       "data_wait_share": window["t_data"] / max(window["t_step"], 1e-9),
+                       "sec_per_step": window["t_step"] / window["steps"], "peak_mem_mb": round(peak_memory_mb(), 1),
+                       **{k: v for k, v in counts.items() if k not in ("samples", "tokens")}}
+                metrics.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
-                if tb:
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(f"train/{k}", v, step)
-            if sk[1].item() >= 200 and sk[0].item() > args.max_bad_sample_fraction * sk[1].item():
-                raise SystemExit(f"error: {int(sk[0].item())} of {int(sk[1].item())} samples were skipped "
-                                 f"({ {k: v for k, v in totals.items() if k.startswith('skipped_')} } on rank {rank}); "
-                                 f"above --max_bad_sample_fraction {args.max_bad_sample_fraction}: check the data")
-            window.clear()
-            t_window = time.time()
+                check_bad_samples(counts, args, n_samples)
+                window.clear()
+                t_window = time.time()
 
-        # ------------------------------------------------------------------------ checkpoints / signals
-        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank agrees to stop at the same step
-        if flag.item() > 0:
-            save(f"signal {stop['signal'] or 'on another rank'}")
-            log.info("stopped by signal at step %d/%d; resume with --resume auto", step, total_steps)
-            bar.close()
-            if rank == 0:
-                metrics_f.close()
-                write_run_state(out, state="stopped", step=step, total_steps=total_steps, signal=stop["signal"])
-            return {"engine": engine, "step": step, "stopped": True, "output_dir": out}
-        if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
-            save("periodic")
+            # -------------------------------------------------------------------- checkpoints / signals
+            flag = torch.tensor([1.0 if stop.poll() else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank agrees to stop at the same step
+            if flag.item() > 0:
+                save(f"stop: {stop.reason or 'requested on another rank'}")
+                log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank",
+                         step, total_steps)
+                if rank == 0:
+                    write_run_state(out, state="stopped", step=step, total_steps=total_steps, run_id=run_id,
+                                    signal=stop.reason)
+                return {"engine": engine, "step": step, "stopped": True, "output_dir": out}
+            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+                save("periodic")
 
-    # ---------------------------------------------------------------------------------------------- end
-    bar.close()
-    save("final")
-    steps = torch.tensor([float(step)], device=device)
-    all_steps = [torch.zeros_like(steps) for _ in range(world)]
-    dist.all_gather(all_steps, steps)
-    tensors = adapter_tensors()
-    if rank == 0:
-        from pipeline.m2pt import save_adapter
+        # ------------------------------------------------------------------------------------------ end
+        save("final")
+        steps = torch.tensor([float(step)], device=device)
+        all_steps = [torch.zeros_like(steps) for _ in range(world)]
+        dist.all_gather(all_steps, steps)
+        counts = global_counts(totals, device)
+        tensors = adapter_tensors()
+        if rank == 0:
+            from pipeline.m2pt import save_adapter
 
-        adapter_dir = save_adapter(engine.module, out / "adapter", state_dict=tensors, base_name=base.name)
-        metrics_f.write(json.dumps({"event": "end", "step": step, "steps_per_rank": [int(s.item()) for s in all_steps],
-                                    **dict(totals)}) + "\n")
-        metrics_f.close()
-        if tb:
-            tb.close()
-        write_run_state(out, state="finished", step=step, total_steps=total_steps, adapter=str(adapter_dir))
-        size = sum(f.stat().st_size for f in adapter_dir.iterdir())
-        print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
-        if not args.train_shards and args.model in (None, "", "tiny") and not args.no_final_eval:
-            from pipeline import evaluate
+            adapter_dir = save_adapter(engine.module, out / "adapter", state_dict=tensors, base_name=base.name)
+            metrics.write({"event": "end", "step": step, "steps_per_rank": [int(s.item()) for s in all_steps],
+                           **counts})
+            metrics.close()
+            write_run_state(out, state="finished", step=step, total_steps=total_steps, run_id=run_id,
+                            adapter=str(adapter_dir))
+            size = sum(f.stat().st_size for f in adapter_dir.iterdir())
+            skipped = {k[8:]: v for k, v in counts.items() if k.startswith("skipped_") and v}
+            print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {step} steps; skipped "
+                  f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
+            print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
+            if not args.train_shards and args.model in (None, "", "tiny") and not args.no_final_eval:
+                from pipeline import evaluate
 
-            res = evaluate.run(evaluate.parse_args(
-                ["--adapter", str(adapter_dir), "--with_base", "--tasks", "sample_mnist,sample_pope",
-                 "--data_root", str(DATA_HOME / "sample"), "--output_dir", str(out / "eval")]))
-            print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
+                res = evaluate.run(evaluate.parse_args(
+                    ["--adapter", str(adapter_dir), "--with_base", "--tasks", "sample_mnist,sample_pope",
+                     "--data_root", str(DATA_HOME / "sample"), "--output_dir", str(out / "eval")]))
+                print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
+    finally:
+        bar.close()
+        metrics.close()  # also when a signal, an error or the bad-sample limit ends the run
     dist.barrier()
     return {"engine": engine, "step": step, "stopped": False, "output_dir": out}
 

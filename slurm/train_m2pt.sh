@@ -51,6 +51,9 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Each srun task takes its rank from SLURM_PROCID (pipeline/dist.py); a RANK / WORLD_SIZE exported from the
+# submitting shell (sbatch --export=ALL) would make every task "rank 0 of 1".
+unset RANK WORLD_SIZE LOCAL_RANK
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The accelerator is chosen at run time by DeepSpeed (CUDA with NCCL on GPU nodes, CPU with gloo elsewhere), so
 # this exact file also runs on the CPU-only test cluster in tests/test_slurm.py.

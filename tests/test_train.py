@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,45 +13,19 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.build_shards import main as build_main
-from data_prep.make_sample import build as make_sample
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """170 records in 11 shards of unequal size (10 x 16 + 10)."""
-    d = tmp_path_factory.mktemp("data")
-    make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)
-    assert build_main(["--input", str(d / "sample" / "train.json"), "--image-root", str(d / "sample"),
-                       "--output", str(d / "shards"), "--samples-per-shard", "16", "--shuffle", "--workers", "1",
-                       "--quiet"]) == 0
-    return d
-
-
-def _args(shards, out, *extra):
-    return ["--train_shards", str(shards / "shards"), "--output_dir", str(out), "--report_to", "none",
-            "--logging_steps", "1", "--save_steps", "0", *extra]
-
-
-def _run_inprocess(argv):
-    from pipeline.train import parse_args, run
-
-    return run(parse_args(argv))
+from helpers import ENV, REPO, TINY_TRAINABLE, deepspeed_cmd, read_metrics, run_inprocess, train_args, train_cmd
 
 
 def _metrics(out):
-    lines = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if "loss" in x], [x for x in lines if x.get("event") == "end"]
+    return read_metrics(out)[:2]
 
 
 def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
     from pipeline.m2pt import M2PTConfig, attach_m2pt
     from pipeline.models import build_tiny
 
-    res = _run_inprocess(_args(shards, tmp_path, "--max_steps", "8", "--dataloader_num_workers", "0"))
+    res = run_inprocess(train_args(shards, tmp_path, "--max_steps", "8", "--dataloader_num_workers", "0"))
     trained = dict(res["engine"].module.named_parameters())
     fresh = dict(attach_m2pt(build_tiny().model, M2PTConfig(seed=42)).named_parameters())
     assert set(trained) == set(fresh)
@@ -65,12 +38,12 @@ def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
             n_frozen += 1
     assert n_frozen > 30
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert sum(t.numel() for t in adapter.values()) == 31872  # only the trainables, nothing frozen
+    assert sum(t.numel() for t in adapter.values()) == TINY_TRAINABLE  # only the trainables, nothing frozen
     logged, end = _metrics(tmp_path)
     assert [x["step"] for x in logged] == list(range(1, 9))
     assert end[0]["steps_per_rank"] == [8]
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == 31872 and cfg["samples"] == 170
+    assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == TINY_TRAINABLE and cfg["samples"] == 170
 
 
 def test_loss_falls_by_half_on_a_small_fixed_set(shards, tmp_path):
@@ -82,7 +55,7 @@ def test_loss_falls_by_half_on_a_small_fixed_set(shards, tmp_path):
     argv = ["--train_shards", str(tmp_path / "s"), "--output_dir", str(tmp_path / "o"), "--report_to", "none",
             "--logging_steps", "1", "--save_steps", "0", "--max_steps", "150", "--learning_rate", "3e-3",
             "--dataloader_num_workers", "0", "--shuffle_buffer", "1"]
-    _run_inprocess(argv)
+    run_inprocess(argv)
     losses = [x["loss"] for x in _metrics(tmp_path / "o")[0]]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last <= 0.5 * first, (first, last)
@@ -102,7 +75,7 @@ def test_loss_is_normalised_by_tokens_across_micro_batches(tmp_path):
     res = []
     for bs, acc in ((4, 1), (2, 2)):
         out = tmp_path / f"{bs}x{acc}"
-        _run_inprocess(["--train_shards", str(tmp_path / "s"), "--output_dir", str(out), "--report_to", "none",
+        run_inprocess(["--train_shards", str(tmp_path / "s"), "--output_dir", str(out), "--report_to", "none",
                         "--logging_steps", "1", "--save_steps", "0", "--max_steps", "1", "--dataloader_num_workers",
                         "0", "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps", str(acc),
                         "--shuffle_buffer", "1"])
@@ -123,13 +96,13 @@ def test_zero3_matches_zero2_and_handles_text_only_batches(shards, tmp_path):
     outs = {}
     for cfg, path in configs.items():
         outs[cfg] = tmp_path / cfg
-        _run_inprocess(_args(shards, outs[cfg], "--max_steps", "6", "--dataloader_num_workers", "0",
+        run_inprocess(train_args(shards, outs[cfg], "--max_steps", "6", "--dataloader_num_workers", "0",
                              "--deepspeed", path))
     a, b = _metrics(outs["zero2"])[0], _metrics(outs["zero3"])[0]
     assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-5)
     ta = load_file(str(outs["zero2"] / "adapter" / "adapter_model.safetensors"))
     tb = load_file(str(outs["zero3"] / "adapter" / "adapter_model.safetensors"))
-    assert set(ta) == set(tb) and sum(t.numel() for t in tb.values()) == 31872
+    assert set(ta) == set(tb) and sum(t.numel() for t in tb.values()) == TINY_TRAINABLE
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-6)
 
@@ -138,24 +111,20 @@ def test_zero3_matches_zero2_and_handles_text_only_batches(shards, tmp_path):
     (tmp_path / "text.json").write_text(json.dumps(recs))
     assert build_main(["--input", str(tmp_path / "text.json"), "--output", str(tmp_path / "ts"), "--workers", "1",
                        "--quiet"]) == 0
-    res = _run_inprocess(["--train_shards", str(tmp_path / "ts"), "--output_dir", str(tmp_path / "t3"),
+    res = run_inprocess(["--train_shards", str(tmp_path / "ts"), "--output_dir", str(tmp_path / "t3"),
                           "--report_to", "none", "--max_steps", "2", "--dataloader_num_workers", "0",
                           "--deepspeed", configs["zero3"]])
     assert res["step"] == 2
 
 
-def _train_cmd(*args):
-    return [sys.executable, str(REPO / "pipeline" / "train.py"), *args]
-
-
 def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
     common = ["--max_steps", "120", "--dist_timeout", "120", "--save_total_limit", "0"]
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(*_args(shards, straight, *common)), env=ENV, check=True, timeout=600,
+    subprocess.run(train_cmd(*train_args(shards, straight, *common)), env=ENV, check=True, timeout=600,
                    capture_output=True)
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_cmd(*_args(shards, out, *common)), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(*train_args(shards, out, *common)), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -177,7 +146,7 @@ def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
     (out / "checkpoints" / ".tmp-step-99999998").mkdir()
     (out / "checkpoints" / "latest").write_text("step-99999999\n")
 
-    r = subprocess.run(_train_cmd(*_args(shards, out, *common)), env=ENV, timeout=600, capture_output=True, text=True)
+    r = subprocess.run(train_cmd(*train_args(shards, out, *common)), env=ENV, timeout=600, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {ckpts[0]} at step {stopped_at}" in r.stderr
 
@@ -196,32 +165,50 @@ def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
 def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
     """`deepspeed --num_gpus N` (gloo); with 2 ranks the 11 unequal shards split 6/5 with different sample counts,
     and both ranks must still take exactly the same number of steps (no hang: bounded by timeouts)."""
-    port = str(29500 + os.getpid() % 1000 + nprocs)
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nprocs), "--master_port", port,
-           str(REPO / "pipeline" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2.json"),
-           *_args(shards, tmp_path, "--max_steps", "30", "--dist_timeout", "60", "--per_device_train_batch_size", "4")]
+    cmd = deepspeed_cmd(nprocs, 29500 + os.getpid() % 1000 + nprocs,
+                        *train_args(shards, tmp_path, "--max_steps", "30", "--dist_timeout", "60",
+                                    "--per_device_train_batch_size", "4"))
     r = subprocess.run(cmd, env=ENV, timeout=400, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     end = _metrics(tmp_path)[1]
     assert end[0]["steps_per_rank"] == [30] * nprocs
+    assert end[0]["samples"] == 30 * 4 * nprocs  # the end line counts every rank's samples, not rank 0's
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["world_size"] == nprocs and cfg["steps_per_epoch"] == 170 // (4 * nprocs)
 
 
-def test_find_resume_ignores_incomplete(tmp_path):
+def _fake_checkpoint(d: Path, marker: bool = True) -> Path:
+    from pipeline.checkpoint import REQUIRED, _write_marker
+
+    for f in REQUIRED:
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_text("x" * 10)
+    if marker:
+        _write_marker(d)
+    return d
+
+
+def test_find_resume_takes_only_verified_checkpoints(tmp_path):
     from pipeline.checkpoint import find_resume
 
     root = tmp_path / "checkpoints"
-    (root / "step-00000010").mkdir(parents=True)
-    (root / "step-00000010" / "COMPLETE").write_text("")
-    (root / "step-00000020").mkdir()  # incomplete
-    assert find_resume(tmp_path, "auto") == root / "step-00000010"
+    ok = _fake_checkpoint(root / "step-00000010")
+    _fake_checkpoint(root / "step-00000020", marker=False)  # never finished
+    assert find_resume(tmp_path, "auto") == ok
     (root / "latest").write_text("step-00000020\n")
-    assert find_resume(tmp_path, "auto") == root / "step-00000010"
+    assert find_resume(tmp_path, "auto") == ok
+    damaged = _fake_checkpoint(root / "step-00000030")  # marker, then a file lost (a kill while pruning)
+    (damaged / "ds" / "latest").unlink()
+    (root / "latest").write_text("step-00000030\n")
+    assert find_resume(tmp_path, "auto") == ok
+    (ok / "trainer_state.json").write_text("short")  # size differs from what COMPLETE recorded
+    assert find_resume(tmp_path, "auto") is None
     assert find_resume(tmp_path / "empty", "auto") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="step-00000020: not a resumable checkpoint .no COMPLETE marker"):
         find_resume(tmp_path, str(root / "step-00000020"))
+    with pytest.raises(FileNotFoundError, match=r"1 file\(s\) missing, e.g. ds/latest"):
+        find_resume(tmp_path, str(damaged))
 
 
 def test_ds_config_autofill_and_conflicts(tmp_path):
