@@ -5,6 +5,7 @@ each failed before its fix - the re-save kill window, a truncated shard, two run
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -214,8 +215,11 @@ def test_wrong_model_folder_fails_before_loading_with_bounded_memory(shards, tmp
     """Before: a Llama folder was loaded into LLaVA defaults (18.5 GB RSS, OOM-killed after 262 s); a folder
     without weights gave a raw OSError traceback."""
     model = folder(tmp_path / "model")
+    def cap_memory():  # a regression must fail here, not take the machine down (the old code reached 20 GB)
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
     proc = subprocess.Popen(train_cmd(*train_args(shards, tmp_path / "o", "--model", str(model))), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=cap_memory)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read()
     assert os.waitstatus_to_exitcode(status) == 2, err[-2000:]
