@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from data_prep.build_shards import main as build
-from data_prep.make_sample import build as make_sample
+from pipeline.sample_data import build as make_sample
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
         make_sample(d / "s", per_task=300, text_only=40, heldout_per_task=1, seed=0)
         for w in args.workers:
             t0 = time.perf_counter()
-            build(["--input", str(d / "s" / "train.json"), "--image-root", str(d / "s"), "--output", str(d / f"o{w}"),
+            build(["--input", str(d / "s" / "train.json"), "--image_root", str(d / "s"), "--output", str(d / f"o{w}"),
                    "--workers", str(w), "--quiet"])
             dt = time.perf_counter() - t0
             m = json.loads((d / f"o{w}" / "manifest.json").read_text())

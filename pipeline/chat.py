@@ -31,6 +31,12 @@ class ConversationError(ValueError):
 
 def check_conversation(conversations, has_image: bool) -> None:
     """Validate a Vision-Flan/LLaVA conversation list; raise ConversationError(reason) if unusable."""
+    _check_turns(conversations)
+    _check_image_tokens(conversations, has_image)
+
+
+def _check_turns(conversations) -> None:
+    """Alternating human / gpt turns with string values, ending on a non-empty assistant answer."""
     if not isinstance(conversations, list) or not conversations:
         raise ConversationError("bad_conversation", "conversations must be a non-empty list")
     for i, turn in enumerate(conversations):
@@ -44,6 +50,10 @@ def check_conversation(conversations, has_image: bool) -> None:
     for i in range(1, len(conversations), 2):
         if not conversations[i]["value"].strip():
             raise ConversationError("empty_answer", f"turn {i}: empty answer")
+
+
+def _check_image_tokens(conversations, has_image: bool) -> None:
+    """Exactly one <image> placeholder, in a user turn, when the record has an image; none otherwise."""
     n_img = sum(t["value"].count(IMAGE) for t in conversations)
     if has_image and n_img != 1:
         reason = "missing_image_token" if n_img == 0 else "extra_image_token"

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError, UsageError
+from pipeline.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -142,15 +143,11 @@ def _remove(d: Path) -> None:
 
 
 def _point_latest(root: Path, name: str) -> None:
-    tmp = root / "latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
+    atomic_write_text(root / "latest", name + "\n")
 
 
 def _write_marker(d: Path) -> None:
-    tmp = d / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"files": inventory(d)}, indent=1) + "\n")
-    os.replace(tmp, d / MARKER)
+    atomic_write_json(d / MARKER, {"files": inventory(d)}, indent=1)
 
 
 def _save_error(e: BaseException, where: Path) -> str:
@@ -167,51 +164,79 @@ def _save_error(e: BaseException, where: Path) -> str:
     return f"writing a checkpoint to {where} failed: {type(e).__name__}: {first}"
 
 
+def _promote(tmp: Path, final: Path) -> bool:
+    """An intact `.tmp-` copy left by a re-save killed after it removed the old copy takes its step's name."""
+    if verify(tmp) is None and verify(final) is not None:
+        _remove(final)
+        os.replace(tmp, final)
+        return True
+    return False
+
+
+def _any_failed(error: str | None) -> bool:
+    """Collective: did any rank fail? (NCCL reduces on the GPU only, hence the device.)"""
+    import deepspeed.comm as dist
+
+    from pipeline.dist import device
+
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return bool(failed.item())
+
+
+def _write_rank_part(engine, tmp: Path, rank: int, rank_state: dict, adapter_tensors_fn):
+    """Every rank: its DeepSpeed shards, its data position + RNG; returns (adapter tensors, error or None)."""
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag="ds", exclude_frozen_parameters=True)
+        rank_state = dict(rank_state, rng=base64.b64encode(pickle.dumps(_rng_state())).decode())
+        (tmp / f"rank-{rank:05d}.json").write_text(json.dumps(rank_state) + "\n")
+        return adapter_tensors_fn(), None  # collective under ZeRO-3 (gathers); cheap local copies otherwise
+    except Exception as e:  # noqa: BLE001 - reported on every rank by the caller
+        return None, _save_error(e, tmp.parent)
+
+
+def _write_rank0_part(model, tmp: Path, tensors, state: dict) -> str | None:
+    """Rank 0: the adapter, the trainer state, then the marker that vouches for every file."""
+    from pipeline.m2pt import save_adapter
+
+    try:
+        save_adapter(model, tmp / "adapter", state_dict=tensors)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        _write_marker(tmp)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return _save_error(e, tmp.parent)
+
+
+def _publish(root: Path, tmp: Path, final: Path, limit: int | None) -> None:
+    """Rank 0: move the complete copy into place without ever deleting what `latest` names first."""
+    if final.exists():  # a re-save of the same step: point at the new copy before the old one goes
+        _point_latest(root, tmp.name)
+        _remove(final)
+    os.replace(tmp, final)
+    _point_latest(root, final.name)
+    _prune(root, limit, keep=final)
+
+
 def save(engine, model, output_dir, step: int, rank: int, world: int, state: dict, rank_state: dict,
          adapter_tensors_fn, save_total_limit: int | None) -> Path:
     """Collective: every rank must call it. Returns the checkpoint path; raises CheckpointError on every rank when
     any rank failed to write (the partial copy is removed, the previous checkpoint is untouched)."""
     import deepspeed.comm as dist
 
-    from pipeline.dist import device
-    from pipeline.m2pt import save_adapter
-
     root = ckpt_root(output_dir)
-    name = f"step-{step:08d}"
-    final, tmp = root / name, root / f".tmp-{name}"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            if verify(tmp) is None and verify(final) is not None:
-                # An intact copy from a re-save that was killed after removing the old one: make it the step.
-                _remove(final)
-                os.replace(tmp, final)
-                _point_latest(root, name)
-            else:
-                _remove(tmp)
+        if tmp.exists() and _promote(tmp, final):
+            _point_latest(root, final.name)
+        _remove(tmp)
         tmp.mkdir()
     dist.barrier()
-    error = None
-    try:
-        engine.save_checkpoint(str(tmp / "ds"), tag="ds", exclude_frozen_parameters=True)
-        rank_state = dict(rank_state, rng=base64.b64encode(pickle.dumps(_rng_state())).decode())
-        (tmp / f"rank-{rank:05d}.json").write_text(json.dumps(rank_state) + "\n")
-        tensors = adapter_tensors_fn()  # collective under ZeRO-3 (gathers); cheap local copies otherwise
-    except Exception as e:  # noqa: BLE001 - reported below, on every rank
-        error = _save_error(e, root)
-    failed = torch.tensor([0.0 if error is None else 1.0], device=device())  # NCCL reduces on the GPU only
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if rank == 0 and not failed.item():
-        try:
-            save_adapter(model, tmp / "adapter", state_dict=tensors)
-            (tmp / "trainer_state.json").write_text(
-                json.dumps(dict(state, step=step, world_size=world), indent=2) + "\n")
-            _write_marker(tmp)
-        except Exception as e:  # noqa: BLE001
-            error = _save_error(e, root)
-    failed = torch.tensor([0.0 if error is None else 1.0], device=device())
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    tensors, error = _write_rank_part(engine, tmp, rank, rank_state, adapter_tensors_fn)
+    if not _any_failed(error) and rank == 0:
+        error = _write_rank0_part(model, tmp, tensors, dict(state, step=step, world_size=world))
+    if _any_failed(error):
         if rank == 0:
             _remove(tmp)
         prev = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
@@ -219,12 +244,7 @@ def save(engine, model, output_dir, step: int, rank: int, world: int, state: dic
         raise CheckpointError(f"{error or 'another rank failed to write its part of the checkpoint'}; removed the "
                               f"partial {tmp.name}" + (f"; {prev} is intact" if prev else ""))
     if rank == 0:
-        if final.exists():  # a re-save of the same step: never delete what `latest` names before the new copy is in
-            _point_latest(root, tmp.name)
-            _remove(final)
-        os.replace(tmp, final)
-        _point_latest(root, name)
-        _prune(root, save_total_limit, keep=final)
+        _publish(root, tmp, final, save_total_limit)
     dist.barrier()
     return final
 
@@ -234,11 +254,7 @@ def _prune(root: Path, limit: int | None, keep: Path) -> None:
     lock): an intact `.tmp-` copy left by an interrupted re-save takes its step's name, debris without a marker
     goes, and of the complete checkpoints the newest `limit` stay (0: all)."""
     for tmp in root.glob(".tmp-step-*"):
-        final = root / tmp.name[len(".tmp-"):]
-        if verify(tmp) is None and verify(final) is not None:
-            _remove(final)
-            os.replace(tmp, final)
-        else:
+        if not _promote(tmp, root / tmp.name[len(".tmp-"):]):
             _remove(tmp)
     for d in root.glob("step-*"):
         if d.is_dir() and not (d / MARKER).is_file():

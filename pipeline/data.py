@@ -19,7 +19,6 @@ Why each step is shaped this way:
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import random
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.chat import IGNORE, ConversationError, VicunaTemplate
+from pipeline.files import open_rgb, sha256_file
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -55,6 +55,7 @@ class ShardSet:
     paths: list[str]
     total: int | None  # samples in all shards; None when some shard has no manifest
     counts: dict[str, int] = field(default_factory=dict)
+    num_visual_tokens: dict[str, int | None] = field(default_factory=dict)  # manifest -> tokens per <image> it used
 
 
 def _check_listed(path: Path, entry: dict, manifest: Path, verify_sha256: bool) -> None:
@@ -65,29 +66,40 @@ def _check_listed(path: Path, entry: dict, manifest: Path, verify_sha256: bool) 
     if "bytes" in entry and size != entry["bytes"]:
         raise ValueError(f"shard {path}: {size} bytes but {manifest} records {entry['bytes']} (truncated or replaced "
                          "since the build); rebuild with data_prep.build_shards or restore the file")
-    if verify_sha256 and "sha256" in entry and _sha256(path) != entry["sha256"]:
+    if verify_sha256 and "sha256" in entry and sha256_file(path) != entry["sha256"]:
         raise ValueError(f"shard {path}: sha256 differs from {manifest} (corrupted or replaced since the build)")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest_entries(folder: Path) -> tuple[Path, dict[str, dict]] | None:
+def _manifest_entries(folder: Path, seen: dict) -> tuple[Path, dict[str, dict]] | None:
+    """(manifest path, shard name -> entry) of a shard folder, or None without a manifest; `seen` collects each
+    manifest's num_visual_tokens."""
     m = folder / "manifest.json"
     if not m.is_file():
         return None
     try:
         man = json.loads(m.read_text())
-        return m, {s["name"]: s for s in man["shards"]}
+        entries = {s["name"]: s for s in man["shards"]}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{m}: unreadable shard manifest ({e})") from None
+    seen[str(m)] = man.get("num_visual_tokens")
+    return m, entries
+
+
+def _expand(part: str, tokens: dict) -> list[Path]:
+    """One comma-separated part of a shard spec -> shard paths (a folder: what its manifest lists)."""
+    import braceexpand
+
+    p = Path(part)
+    if p.is_dir():
+        found = _manifest_entries(p, tokens)
+        if found is None:
+            raise FileNotFoundError(f"{p}: a shard folder needs the manifest.json written by data_prep.build_shards")
+        return [p / name for name in found[1]]
+    listed = [Path(f) for pat in braceexpand.braceexpand(part) for f in (sorted(glob.glob(pat)) or [pat])]
+    missing = [f for f in listed if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--train_shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return listed
 
 
 def resolve_shards(spec: str, verify_sha256: bool = False) -> ShardSet:
@@ -95,35 +107,20 @@ def resolve_shards(spec: str, verify_sha256: bool = False) -> ShardSet:
     or a comma-separated list of those. Every shard a manifest lists (also one found by a pattern, when its folder
     has a manifest) is checked against it before any work: present, same size, and same sha256 with
     `verify_sha256`. A mismatch is an error naming the shard."""
-    import braceexpand
-
     paths: list[str] = []
     counts: dict[str, int] = {}
-    unknown = False
-    for part in [s for s in spec.split(",") if s]:
-        p = Path(part)
-        if p.is_dir():
-            found = _manifest_entries(p)
-            if found is None:
-                raise FileNotFoundError(f"{p}: a shard folder needs the manifest.json written by data_prep.build_shards")
-            listed = [p / name for name in found[1]]
-        else:
-            listed = [Path(f) for pat in braceexpand.braceexpand(part) for f in (sorted(glob.glob(pat)) or [pat])]
-            missing = [f for f in listed if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"--train_shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
-        for f in listed:
-            found = _manifest_entries(f.parent)
-            entry = found[1].get(f.name) if found else None
-            if entry is None:
-                unknown = True
-            else:
-                _check_listed(f, entry, found[0], verify_sha256)
-                counts[str(f)] = int(entry["samples"])
-            paths.append(str(f))
+    tokens: dict[str, int | None] = {}
+    for f in [f for part in spec.split(",") if part for f in _expand(part, tokens)]:
+        found = _manifest_entries(f.parent, tokens)
+        entry = found[1].get(f.name) if found else None
+        if entry is not None:
+            _check_listed(f, entry, found[0], verify_sha256)
+            counts[str(f)] = int(entry["samples"])
+        paths.append(str(f))
     if not paths:
         raise FileNotFoundError(f"--train_shards {spec!r}: no shards")
-    return ShardSet(paths, None if unknown else sum(counts[p] for p in paths), counts)
+    total = sum(counts.values()) if len(counts) == len(paths) else None  # unknown without every manifest
+    return ShardSet(paths, total, counts, tokens)
 
 
 def count_samples(paths: list[str]) -> int:
@@ -145,8 +142,6 @@ class Preprocess:
         self.template, self.image_processor, self.max_length = template, image_processor, max_length
 
     def __call__(self, raw: dict) -> dict:
-        from PIL import Image
-
         try:
             meta = json.loads(raw["json"])
             conv = meta["conversations"]
@@ -168,7 +163,7 @@ class Preprocess:
         pixels = None
         if img_bytes is not None:
             try:
-                im = Image.open(io.BytesIO(img_bytes)).convert("RGB")
+                im = open_rgb(img_bytes)
             except Exception as e:
                 raise SkipSample("corrupt_image", f"{raw.get('__key__')}: {e}") from None
             pixels = self.image_processor(images=im, return_tensors="pt")["pixel_values"][0]

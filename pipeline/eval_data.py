@@ -116,49 +116,57 @@ def _parquet_rows(files: list[Path], columns: set[str]):
 
 
 def _image_bytes(v):
-    if isinstance(v, dict) and v.get("bytes") is not None:
-        return v["bytes"]
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    if hasattr(v, "save"):  # a decoded PIL image
-        import io
+    from pipeline.files import hf_image_bytes
 
-        buf = io.BytesIO()
-        v.save(buf, format="PNG")
-        return buf.getvalue()
-    raise LayoutError(f"unsupported image value of type {type(v).__name__}")
+    data = hf_image_bytes(v)
+    if data is None:
+        raise LayoutError(f"unsupported image value of type {type(v).__name__}")
+    return data
 
 
 # -------------------------------------------------------------------------------------------------- MME
 def load_mme(root: Path) -> list[dict]:
     _need(root, "MME: official release folder or lmms-lab parquet files")
     parquet = sorted(root.rglob("*.parquet"))
-    if parquet:
-        ds = _parquet_rows(parquet, {"question_id", "image", "question", "answer", "category"})
-        return [{"task": "mme", "category": r["category"], "image_id": r["question_id"], "qid": f"{r['question_id']}#{i}",
-                 "question": r["question"], "target": r["answer"], "image": _image_bytes(r["image"])}
-                for i, r in enumerate(ds)]
+    items = _mme_from_parquet(parquet) if parquet else _mme_from_release(root)
+    if not items:
+        raise LayoutError(f"{root}: no MME subtask folders with question .txt files and no parquet files")
+    return items
+
+
+def _mme_from_parquet(files: list[Path]) -> list[dict]:
+    ds = _parquet_rows(files, {"question_id", "image", "question", "answer", "category"})
+    return [{"task": "mme", "category": r["category"], "image_id": r["question_id"], "qid": f"{r['question_id']}#{i}",
+             "question": r["question"], "target": r["answer"], "image": _image_bytes(r["image"])}
+            for i, r in enumerate(ds)]
+
+
+def _mme_from_release(root: Path) -> list[dict]:
+    """The official release: `<cat>/images/*.jpg` + `<cat>/questions_answers_YN/*.txt`, or both side by side."""
     items = []
     for cat_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         qa_dir = cat_dir / "questions_answers_YN"
         img_dir = cat_dir / "images" if qa_dir.is_dir() else cat_dir
-        txts = sorted((qa_dir if qa_dir.is_dir() else cat_dir).glob("*.txt"))
-        for txt in txts:
+        for txt in sorted((qa_dir if qa_dir.is_dir() else cat_dir).glob("*.txt")):
             image = next((img_dir / (txt.stem + e) for e in (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
                           if (img_dir / (txt.stem + e)).is_file()), None)
             if image is None:
                 raise LayoutError(f"{txt}: no image {txt.stem}.jpg/.png in {img_dir}")
-            for k, line in enumerate(txt.read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                parts = line.split("\t")
-                if len(parts) != 2:
-                    raise LayoutError(f"{txt}:{k + 1}: expected 'question<TAB>answer', got {line!r}")
-                items.append({"task": "mme", "category": cat_dir.name, "image_id": f"{cat_dir.name}/{txt.stem}",
-                              "qid": f"{cat_dir.name}/{txt.stem}#{k}", "question": parts[0].strip(),
-                              "target": parts[1].strip(), "image": str(image)})
-    if not items:
-        raise LayoutError(f"{root}: no MME subtask folders with question .txt files and no parquet files")
+            items += _mme_questions(txt, cat_dir.name, image)
+    return items
+
+
+def _mme_questions(txt: Path, category: str, image: Path) -> list[dict]:
+    items = []
+    for k, line in enumerate(txt.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise LayoutError(f"{txt}:{k + 1}: expected 'question<TAB>answer', got {line!r}")
+        items.append({"task": "mme", "category": category, "image_id": f"{category}/{txt.stem}",
+                      "qid": f"{category}/{txt.stem}#{k}", "question": parts[0].strip(), "target": parts[1].strip(),
+                      "image": str(image)})
     return items
 
 

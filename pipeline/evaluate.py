@@ -18,13 +18,13 @@ question, target, prediction, correct), `results.json` (run -> task -> metrics, 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import random
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import metrics
@@ -41,12 +41,11 @@ TABLE_COLUMNS = ("mme", "textvqa", "vsr", "snli_ve", "cifar10", "cifar100", "mni
 
 # ------------------------------------------------------------------------------------------- generation
 def _load_image(image, image_processor):
-    from PIL import Image
+    from pipeline.files import open_rgb
 
     if image is None:
         return None
-    im = Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image).convert("RGB")
-    return image_processor(images=im, return_tensors="pt")["pixel_values"][0]
+    return image_processor(images=open_rgb(image), return_tensors="pt")["pixel_values"][0]
 
 
 def generate(model, tokenizer, image_processor, template, items: list[dict], batch_size: int, max_new_tokens: int,
@@ -129,9 +128,9 @@ class Judge:
 
         from pipeline.chat import SYSTEM
 
-        self.tok = AutoTokenizer.from_pretrained(path)
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.unk_token or self.tok.eos_token
+        from pipeline.models import ensure_pad_token
+
+        self.tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device == "cpu" else torch.float16)
         self.model.to(device).eval()
         self.system, self.device = SYSTEM, device
@@ -176,42 +175,50 @@ def write_outputs(out: Path, results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the app
+@dataclass
+class EvalConfig:
+    """One evaluation: which models, which tasks, how to decode (every field is a flag of this module's CLI)."""
+
+    model: str = field(default="tiny", metadata={"help": "HF llava folder or 'tiny'"})
+    model_llm: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: Vicuna/Llama folder"})
+    model_vision: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: CLIP vision folder"})
+    mm_projector: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: stage-1 mm_projector.bin"})
+    adapter: list | None = field(default=None, metadata={"nargs": "*", "help": (
+        "one or more adapter folders (adapter_config.json + adapter_model.safetensors); one row each")})
+    with_base: bool = field(default=False, metadata={"help": (
+        "also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")})
+    tasks: str | None = field(default=None, metadata={"help": (
+        f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA .json / .jsonl, "
+        "or a shard folder) or name=path, scored by label match (default: sample_mnist,sample_pope)")})
+    data_root: Path | None = field(default=None, metadata={"type": Path, "help": (
+        "folder holding the task data (layouts in pipeline/eval_data.py; default: the embedded sample set, "
+        "data/sample)")})
+    coco_root: Path | None = field(default=None, metadata={"type": Path, "help": (
+        "COCO val2014 images for the official POPE json")})
+    output_dir: Path | None = field(default=None, metadata={"type": Path, "help": (
+        "where results go (default: out/eval in the repository; with --score_only: the folder of the predictions "
+        "file)")})
+    batch_size: int = field(default=8, metadata={"help": "questions per generation batch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "the reference used 128 for MME and 50 for the others"})
+    temperature: float = field(default=0.0, metadata={"help": (
+        "0: deterministic greedy; the reference sampled at 0.2 (then --seed applies)")})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    limit: int | None = field(default=None, metadata={"type": int, "help": (
+        "evaluate only the first N questions per task (MME: rounded up to whole image pairs)")})
+    judge_model: str | None = field(default=None, metadata={"help": (
+        "local HF causal LM used as the reference's yes/no judge for the non-MME tasks (e.g. vicuna-13b-v1.5); "
+        "reported as judge_accuracy beside the rule-based score")})
+    score_only: Path | None = field(default=None, metadata={"type": Path, "help": (
+        "re-score an existing predictions.jsonl (fields task, category, image_id, question, target, prediction) "
+        "without loading any model")})
+    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="HF llava folder or 'tiny' (default: %(default)s)")
-    ap.add_argument("--model_llm", default=None, help="LLaVA-v1 parts: Vicuna/Llama folder")
-    ap.add_argument("--model_vision", default=None, help="LLaVA-v1 parts: CLIP vision folder")
-    ap.add_argument("--mm_projector", default=None, help="LLaVA-v1 parts: stage-1 mm_projector.bin")
-    ap.add_argument("--adapter", nargs="*", default=None,
-                    help="one or more adapter folders (adapter_config.json + adapter_model.safetensors); one row each")
-    ap.add_argument("--with_base", action="store_true",
-                    help="also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")
-    ap.add_argument("--tasks", default=None,
-                    help=f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA "
-                         ".json / .jsonl, or a shard folder) or name=path, scored by label match (default: "
-                         "sample_mnist,sample_pope)")
-    ap.add_argument("--data_root", type=Path, default=None,
-                    help="folder holding the task data (layouts in pipeline/eval_data.py; default: the embedded "
-                         "sample set, data/sample)")
-    ap.add_argument("--coco_root", type=Path, default=None, help="COCO val2014 images for the official POPE json")
-    ap.add_argument("--output_dir", type=Path, default=None,
-                    help="where results go (default: out/eval in the repository; with --score_only: the folder of "
-                         "the predictions file)")
-    ap.add_argument("--batch_size", type=int, default=8, help="questions per generation batch (default: %(default)s)")
-    ap.add_argument("--max_new_tokens", type=int, default=32, help="(default: %(default)s; the reference used 128 "
-                                                                   "for MME and 50 for the others)")
-    ap.add_argument("--temperature", type=float, default=0.0,
-                    help="0: deterministic greedy (default); the reference sampled at 0.2 (then --seed applies)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="evaluate only the first N questions per task (MME: rounded up to whole image pairs)")
-    ap.add_argument("--judge_model", default=None,
-                    help="local HF causal LM used as the reference's yes/no judge for the non-MME tasks "
-                         "(e.g. vicuna-13b-v1.5); reported as judge_accuracy beside the rule-based score")
-    ap.add_argument("--score_only", type=Path, default=None,
-                    help="re-score an existing predictions.jsonl (fields task, category, image_id, question, "
-                         "target, prediction) without loading any model")
-    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    from pipeline.cli import HelpFormatter, add_config_flags
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_config_flags(ap, EvalConfig)
     return ap.parse_args(argv)
 
 
@@ -243,76 +250,102 @@ def _run_name(adapter: str) -> str:
     return p.parent.name
 
 
-def run(args) -> dict:
+def rescore(cfg: EvalConfig) -> dict:
+    recs = _read_predictions(cfg.score_only)
+    results = {cfg.score_only.parent.name or "predictions": {"tasks": score(recs),
+                                                             "provenance": {"predictions": str(cfg.score_only)}}}
+    cfg.output_dir = cfg.output_dir or cfg.score_only.parent  # beside its input, never a shared default
+    write_outputs(cfg.output_dir, results)
+    return results
+
+
+def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
+    """Rows to evaluate [(name, adapter | None)], the items per task, and the data root - everything checked
+    before any model loads (adapter configs, task files, MME pairs)."""
+    from pipeline.m2pt import read_adapter_config
+
+    default = cfg.tasks is None and cfg.data_root is None
+    task_paths = parse_tasks(cfg.tasks or "sample_mnist,sample_pope")
+    data_root = cfg.data_root or REPO / "data" / "sample"
+    if default:
+        from pipeline.sample_data import ensure_sample
+
+        ensure_sample(data_root)
+    adapters = list(cfg.adapter or [])
+    if default and not adapters and (REPO / "out" / "default" / "adapter").is_dir():
+        adapters = [str(REPO / "out" / "default" / "adapter")]
+        cfg.with_base = True
+    for a in adapters:
+        read_adapter_config(a)  # fail before any model loads
+    runs = ([("base", None)] if (cfg.with_base or not adapters) else []) + [(_run_name(a), a) for a in adapters]
+    items = {t: limit_items(t, load_task(t, data_root, cfg.coco_root, p), cfg.limit) for t, p in task_paths.items()}
+    if "mme" in items:
+        metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
+    return runs, items, data_root
+
+
+def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, items: dict, data_root: Path, judge) -> dict:
+    """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
     import torch
 
     from pipeline.chat import VicunaTemplate
     from pipeline.m2pt import load_adapter, num_visual_tokens, read_adapter_config
     from pipeline.models import load_base
 
-    if args.score_only:
-        recs = _read_predictions(args.score_only)
-        results = {args.score_only.parent.name or "predictions": {"tasks": score(recs),
-                                                                  "provenance": {"predictions": str(args.score_only)}}}
-        args.output_dir = args.output_dir or args.score_only.parent  # beside its input, never a shared default
-        write_outputs(args.output_dir, results)
-        return results
+    t0 = time.time()
+    dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32
+    base = load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector, dtype=dtype)
+    model = load_adapter(base.model, adapter) if adapter else base.model
+    model.to(cfg.device).eval()
+    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
+    recs = []
+    for its in items.values():
+        preds = generate(model, base.tokenizer, base.image_processor, template, its, cfg.batch_size,
+                         cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        recs += [{k: it.get(k) for k in ("task", "category", "image_id", "qid", "question", "target", "answers")}
+                 | {"prediction": p} for it, p in zip(its, preds)]
+    mark_correct(recs)
+    if judge:
+        judged = [r for r in recs if r["task"] != "mme"]
+        for r, ok in zip(judged, judge(judged)):
+            r["judge_correct"] = ok
+    run_dir = cfg.output_dir / name.replace("/", "__")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "predictions.jsonl").open("w") as f:
+        for r in recs:
+            f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
+    return {"tasks": score(recs), "provenance": {
+        "base_model": base.name, "adapter": adapter,
+        "adapter_config": read_adapter_config(adapter)["m2pt_config"] if adapter else None,
+        "data_root": str(data_root), "tasks": list(items), "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "seconds": round(time.time() - t0, 1)}}
 
-    args.output_dir = args.output_dir or REPO / "out" / "eval"
-    default = args.tasks is None and args.data_root is None
-    task_paths = parse_tasks(args.tasks or "sample_mnist,sample_pope")
-    tasks = list(task_paths)
-    data_root = args.data_root or REPO / "data" / "sample"
-    if default:
-        from data_prep.make_sample import ensure_sample
 
-        ensure_sample(data_root)
-    adapters = list(args.adapter or [])
-    if default and not adapters and (REPO / "out" / "default" / "adapter").is_dir():
-        adapters = [str(REPO / "out" / "default" / "adapter")]
-        args.with_base = True
-    adapter_configs = {a: read_adapter_config(a) for a in adapters}  # fail before any model loads
-    runs = ([("base", None)] if (args.with_base or not adapters) else []) + [(_run_name(a), a) for a in adapters]
-    items = {t: limit_items(t, load_task(t, data_root, args.coco_root, task_paths[t]), args.limit) for t in tasks}
-    if "mme" in items:
-        metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    judge = Judge(args.judge_model, device) if args.judge_model else None
+def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate (or with score_only, re-score); returns {row: {"tasks": {task: metrics}, "provenance": ...}} and
+    writes results.json / results.md under cfg.output_dir."""
+    import torch
 
+    if cfg.score_only:
+        return rescore(cfg)
+    cfg.output_dir = cfg.output_dir or REPO / "out" / "eval"
+    runs, items, data_root = plan_runs(cfg)
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model else None
     results = {}
     for name, adapter in runs:
-        t0 = time.time()
-        base = load_base(args.model, llm=args.model_llm, vision=args.model_vision, mm_projector=args.mm_projector,
-                         dtype=dtype)
-        model = load_adapter(base.model, adapter) if adapter else base.model
-        model.to(device).eval()
-        template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
-        recs = []
-        for task, its in items.items():
-            preds = generate(model, base.tokenizer, base.image_processor, template, its, args.batch_size,
-                             args.max_new_tokens, args.temperature, args.seed)
-            for it, p in zip(its, preds):
-                recs.append({k: it.get(k) for k in ("task", "category", "image_id", "qid", "question", "target",
-                                                    "answers")} | {"prediction": p})
-        mark_correct(recs)
-        if judge:
-            for r, ok in zip([r for r in recs if r["task"] != "mme"], judge([r for r in recs if r["task"] != "mme"])):
-                r["judge_correct"] = ok
-        run_dir = args.output_dir / name.replace("/", "__")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with (run_dir / "predictions.jsonl").open("w") as f:
-            for r in recs:
-                f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
-        results[name] = {"tasks": score(recs), "provenance": {
-            "base_model": base.name, "adapter": adapter,
-            "adapter_config": adapter_configs[adapter]["m2pt_config"] if adapter else None,
-            "data_root": str(data_root), "tasks": tasks, "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size,
-            "seconds": round(time.time() - t0, 1)}}
+        results[name] = evaluate_one(cfg, name, adapter, items, data_root, judge)
         log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in results[name]["tasks"].items()})
-        del model, base
-    write_outputs(args.output_dir, results)
+    write_outputs(cfg.output_dir, results)
+    return results
+
+
+def run(args) -> dict:
+    """The CLI's namespace -> evaluate(); args.output_dir is updated to where the results went."""
+    cfg = EvalConfig(**vars(args))
+    results = evaluate(cfg)
+    args.output_dir = cfg.output_dir
     return results
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class M2PTConfig:
     visual_token_mode: str = field(
         default="official",
         metadata={
+            "choices": VISUAL_TOKEN_MODES,
             "help": "'official': the reference code's features (drop only position 0: N + pv visual tokens); "
             "'clean': drop prompt slots and CLS (standard LLaVA patches: N visual tokens)."
         },
@@ -67,7 +69,12 @@ class M2PTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "M2PTConfig":
+        """Unknown keys (an adapter from a newer version, a typo in a hand-written config) are ignored with a
+        warning that names them, as PEFT does - never silently."""
         names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            warnings.warn(f"M2PTConfig: ignoring unknown key(s) {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -152,11 +159,8 @@ def _replace_first_arg(args, kwargs, name, fn):
 
 
 def _install_vision_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
-    handles = []
-    pv = cfg.visual_prompt_length
-    vp = prompts.vision_prompts
-    if len(vp) == 0:
-        return handles
+    """Called only when there are visual prompts."""
+    pv, vp, handles = cfg.visual_prompt_length, prompts.vision_prompts, []
     core = vision_core(model)
     encoder, layers = core.encoder, core.encoder.layers
 
@@ -198,11 +202,8 @@ def _install_vision_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
 
 
 def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
-    handles = []
-    pt = cfg.text_prompt_length
-    tp = prompts.text_prompts
-    if len(tp) == 0:
-        return handles
+    """Called only when there are text prompts."""
+    pt, tp, handles = cfg.text_prompt_length, prompts.text_prompts, []
     lm = language_model(model)
     state = _LMState()
 
@@ -290,7 +291,8 @@ def attach_m2pt(model, cfg: M2PTConfig):
         head.requires_grad_(True)
 
     model.m2pt_config = cfg
-    model._m2pt_hooks = _install_vision_hooks(model, prompts, cfg) + _install_text_hooks(model, prompts, cfg)
+    model._m2pt_hooks = ((_install_vision_hooks(model, prompts, cfg) if len(prompts.vision_prompts) else [])
+                         + (_install_text_hooks(model, prompts, cfg) if len(prompts.text_prompts) else []))
     return model
 
 

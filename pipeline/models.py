@@ -194,9 +194,15 @@ def load_hf_llava(path, dtype=torch.float32, attn: str = "sdpa") -> Base:
     return Base(model, tok, ip, str(p))
 
 
-def _ensure_pad(tok, model):
-    if tok.pad_token_id is None:  # Vicuna/Llama ship no pad token; the reference pads with unk
+def ensure_pad_token(tok):
+    """The one pad-token rule: Vicuna/Llama ship no pad token; the reference pads with unk (else eos)."""
+    if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def _ensure_pad(tok, model):
+    ensure_pad_token(tok)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
 

@@ -24,16 +24,20 @@ import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipeline.cli import add_config_flags
 from pipeline.errors import CheckpointError, UsageError
+from pipeline.m2pt import M2PTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
 log = logging.getLogger("m2pt.train")
 
 
-METHOD_FLAGS = ("visual_prompt_length", "text_prompt_length", "visual_token_mode", "tune_projector", "tune_lm_head")
+METHOD_FLAGS = tuple(f.name for f in fields(M2PTConfig) if f.name != "seed")
+M2PT_ALIASES = {"visual_prompt_length": ["--PT_len_vision_encoder"], "text_prompt_length": ["--PT_len_llm"]}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,16 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: flash_attention_2 when CUDA + flash-attn are present, else sdpa")
     g.add_argument("--init_adapter", default=None, help="start from this adapter's prompts/projector (and its config)")
 
-    g = ap.add_argument_group("M2PT")
-    g.add_argument("--visual_prompt_length", "--PT_len_vision_encoder", type=int, default=10,
-                   help="prompt slots per vision-encoder layer (pv)")
-    g.add_argument("--text_prompt_length", "--PT_len_llm", type=int, default=10,
-                   help="prompt slots per LLM decoder layer (pt)")
-    g.add_argument("--visual_token_mode", choices=("official", "clean"), default="official",
-                   help="official: reference features (N + pv visual tokens); clean: standard patches (N)")
-    g.add_argument("--tune_lm_head", action="store_true", help="also train the LM head (reference launch script)")
-    g.add_argument("--no_tune_projector", dest="tune_projector", action="store_false",
-                   help="freeze the projector (prompts only)")
+    g = ap.add_argument_group("M2PT (pipeline.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
+    add_config_flags(g, M2PTConfig, exclude=("seed",), aliases=M2PT_ALIASES)
 
     g = ap.add_argument_group("data")
     g.add_argument("--train_shards", default=None,
@@ -201,20 +197,17 @@ def ds_config(path: str, args, world: int) -> dict:
 # ----------------------------------------------------------------------------------------------- start-up checks
 def build_sample_shards(args, m2pt) -> Path:
     """The embedded sample set's shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
-    from data_prep import build_shards
-    from data_prep.make_sample import ensure_sample
+    from pipeline.sample_data import ensure_sample
+    from pipeline.shards import ShardBuildConfig, build
 
     shards = DATA_HOME / "sample_shards"
     if not (shards / "manifest.json").is_file():
         sample = ensure_sample(DATA_HOME / "sample")
         log.info("building shards of the embedded sample set at %s", shards)
-        rc = build_shards.main(["--input", str(sample / "train.json"), "--image-root", str(sample),
-                                "--output", str(shards), "--samples-per-shard", "256", "--shuffle", "--workers", "2",
-                                "--max-length", str(args.model_max_length), "--quiet",
-                                "--visual-prompt-length", str(m2pt.visual_prompt_length),
-                                "--visual-token-mode", m2pt.visual_token_mode])
-        if rc != 0:
-            raise RuntimeError(f"building the sample shards failed (exit {rc})")
+        build(ShardBuildConfig(input=[str(sample / "train.json")], image_root=str(sample), output=str(shards),
+                               samples_per_shard=256, shuffle=True, workers=2, model_max_length=args.model_max_length,
+                               quiet=True, visual_prompt_length=m2pt.visual_prompt_length,
+                               visual_token_mode=m2pt.visual_token_mode))
     return shards
 
 
@@ -342,6 +335,87 @@ def build_engine(args, cfg: dict, model, total_steps: int):
     return engine, scheduler
 
 
+# ------------------------------------------------------------------------------------------- bookkeeping
+# ---------------------------------------------------------------------------------- progress and checkpoints
+@dataclass
+class TrainingProgress:
+    """Where a rank is: optimizer steps taken, what it consumed (samples, tokens, skips per reason) and each loader
+    slot's position in its shard stream. Saved per rank in every checkpoint; JSON keys are strings, in memory the
+    slot ids are ints (torchtune's TrainingProgress pattern)."""
+
+    step: int = 0
+    totals: Counter = field(default_factory=Counter)
+    cursors: dict = field(default_factory=dict)  # loader slot -> [epoch, raw samples consumed in that epoch]
+
+    def state_dict(self) -> dict:
+        return {"totals": dict(self.totals), "cursors": {str(k): list(v) for k, v in self.cursors.items()}}
+
+    def load_state_dict(self, d: dict, step: int) -> None:
+        self.step = step
+        self.totals = Counter(d["totals"])
+        self.cursors = {int(k): list(v) for k, v in d["cursors"].items()}
+
+    def consumed(self, batch: dict) -> None:
+        """Record a batch taken from the loader: its slot's new position and the samples skipped before it."""
+        from pipeline.data import READ_ERRORS
+
+        slot, epoch, n = batch["cursor"]
+        self.cursors[slot] = [epoch, n]
+        for k, v in batch["skipped"].items():
+            self.totals[k if k == READ_ERRORS else "skipped_" + k] += v
+
+
+class Checkpointer:
+    """Save / restore everything a resume needs for this run's engine (the layout and its guarantees are in
+    pipeline/checkpoint.py)."""
+
+    def __init__(self, engine, out: Path, rank: int, world: int, keep: int):
+        self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
+        self._trainable = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def adapter_tensors(self) -> dict:
+        """fp32 master copies (ZeRO 1-3 safe; a gather under ZeRO-3) under the adapter's key names."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from pipeline.m2pt import adapter_state_dict
+
+        by_id = {id(p): safe_get_full_fp32_param(p) for p in self._trainable}
+        return {k: by_id.get(id(v), v) for k, v in adapter_state_dict(self.engine.module).items()}
+
+    def resume(self, resume: str | None, progress: TrainingProgress) -> Path | None:
+        from pipeline import checkpoint
+
+        ckpt = checkpoint.find_resume(self.out, resume)
+        if ckpt is not None:
+            state, rank_state = checkpoint.load(self.engine, ckpt, self.rank, self.world)
+            progress.load_state_dict(rank_state, step=state["step"])
+            log.info("resumed from %s at step %d", ckpt, progress.step)
+        return ckpt
+
+    def save(self, progress: TrainingProgress, reason: str) -> None:
+        from pipeline import checkpoint
+
+        d = checkpoint.save(self.engine, self.engine.module, self.out, progress.step, self.rank, self.world,
+                            {"reason": reason, **dict(progress.totals)}, progress.state_dict(), self.adapter_tensors,
+                            self.keep)
+        log.info("checkpoint (%s) -> %s", reason, d)
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def loss_step(logits, labels, n_tok_step: float, scale: float):
+    """(summed next-token cross-entropy of this micro-batch's supervised tokens, the loss to backpropagate).
+
+    The step's loss is sum over its supervised tokens / their count across all micro-batches and ranks
+    (`n_tok_step`), not a mean of per-batch means. DeepSpeed divides gradients by the accumulation steps and
+    averages them over ranks, so each micro-batch's sum is multiplied by `scale` = world x accumulation."""
+    import torch
+
+    tok_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+        reduction="sum")
+    return tok_loss, tok_loss * (scale / n_tok_step)
+
+
 def vision_keepalive(model, dtype, device):
     """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
     import torch
@@ -354,13 +428,42 @@ def vision_keepalive(model, dtype, device):
     return sum(f.float().sum() for f in feats) * 0.0
 
 
+def train_step(r: "Run", micro: list[dict]) -> float:
+    """Forward + backward over the step's micro-batches; returns the summed token loss (this rank)."""
+    import deepspeed.comm as dist
+    import torch
+
+    n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
+    dist.all_reduce(n_tok)
+    r.window["sup_tok_global"] += max(n_tok.item(), 1.0)
+    loss_sum = 0.0
+    for b in micro:
+        px = b["pixel_values"]
+        logits = r.engine(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
+                          pixel_values=px.to(r.device, r.dtype) if px is not None else None).logits
+        tok_loss, loss = loss_step(logits, b["labels"].to(r.device), max(n_tok.item(), 1.0),
+                                   scale=r.world * len(micro))
+        if px is None:
+            # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts and the
+            # projector stay in the graph (ZeRO cannot handle a trainable set that changes between steps). Through
+            # the modules' own forward, so ZeRO-3 gathers their partitioned weights.
+            loss = loss + vision_keepalive(r.engine.module, r.dtype, r.device)
+        r.engine.backward(loss)
+        r.engine.step()
+        loss_sum += tok_loss.item()
+        counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
+        r.progress.totals.update(counts)
+        r.window.update(counts)
+    return loss_sum
+
+
 # ------------------------------------------------------------------------------------------- bookkeeping
 def write_run_state(out: Path, **state) -> None:
     """OUTPUT/run_state.json: "running" | "stopped" (by a signal, resumable) | "finished" | "failed" (with the
     error's first line). The Slurm template reads it to decide whether to requeue the job."""
-    tmp = out / "run_state.json.tmp"
-    tmp.write_text(json.dumps(state) + "\n")
-    os.replace(tmp, out / "run_state.json")
+    from pipeline.files import atomic_write_json
+
+    atomic_write_json(out / "run_state.json", state, indent=None)
 
 
 def peak_memory_mb() -> float:
@@ -427,6 +530,229 @@ def check_bad_samples(counts: dict, args, n_samples: int) -> None:
                          f"--max_bad_sample_fraction {args.max_bad_sample_fraction}: check the data")
 
 
+def log_window(r: "Run") -> None:
+    """Every --logging_steps: one metrics line (reduced over ranks), the progress bar, the bad-sample limit."""
+    import deepspeed.comm as dist
+    import torch
+
+    w = r.window
+    red = torch.tensor([w["loss_sum"], w["samples"], w["tokens"]], device=r.device, dtype=torch.float64)
+    dist.all_reduce(red)
+    counts = global_counts(r.progress.totals, r.device)
+    elapsed = time.time() - r.t_window
+    rec = {"step": r.progress.step, "epoch": round(r.progress.step / r.steps_per_epoch, 4),
+           "loss": red[0].item() / w["sup_tok_global"], "lr": r.scheduler.get_last_lr()[0],
+           "grad_norm": float(r.engine.get_global_grad_norm() or 0.0),
+           "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
+           "data_wait_share": w["t_data"] / max(w["t_step"], 1e-9), "sec_per_step": w["t_step"] / w["steps"],
+           "peak_mem_mb": round(peak_memory_mb(), 1),
+           **{k: v for k, v in counts.items() if k not in ("samples", "tokens")}}
+    r.metrics.write(rec)
+    r.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+    check_bad_samples(counts, r.args, r.n_samples)
+    w.clear()
+    r.t_window = time.time()
+
+
+# -------------------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """What the loop works with, built once by `setup`."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: object
+    dtype: object
+    out: Path
+    base: object
+    engine: object
+    scheduler: object
+    checkpointer: Checkpointer
+    progress: TrainingProgress
+    metrics: MetricsWriter
+    loader: object
+    bar: object
+    n_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    run_id: str
+    window: Counter = field(default_factory=Counter)
+    t_window: float = field(default_factory=time.time)
+
+
+def plan_steps(args, n_samples: int, world: int) -> tuple[int, int]:
+    per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = n_samples // per_step
+    if steps_per_epoch == 0:
+        raise UsageError(f"{n_samples} samples are fewer than one optimizer step needs ({per_step})")
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def check_visual_tokens(shards, model) -> None:
+    """Shards record the visual tokens per <image> their lengths were measured with; a model that expands an
+    image differently would train on sequences the --model_max_length check never saw."""
+    from pipeline.m2pt import num_visual_tokens
+
+    n = num_visual_tokens(model)
+    bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v != n}
+    if bad:
+        manifest, v = next(iter(bad.items()))
+        raise UsageError(f"{manifest} was built for {v} visual tokens per image, but this model and M2PT config give "
+                         f"{n}: rebuild the shards with the same --visual_prompt_length / --visual_token_mode / "
+                         "--model, or train with the settings they were built for")
+
+
+def write_config(r: Run, cfg: dict, ckpt, shards, model, n_train: int, n_total: int) -> None:
+    from pipeline.m2pt import num_visual_tokens
+
+    resolved = {"args": vars(r.args), "deepspeed_config": cfg, "world_size": r.world, "samples": r.n_samples,
+                "shards": len(shards.paths), "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps,
+                "num_visual_tokens": num_visual_tokens(model), "m2pt": vars(model.m2pt_config),
+                "base_model": r.base.name, "trainable": n_train, "total_parameters": n_total,
+                "attn_implementation": model.config._attn_implementation,
+                "resumed_from": str(ckpt) if ckpt else None, "run_id": r.run_id}
+    (r.out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+def setup(args, plan: dict, rank: int, world: int) -> Run:
+    """Model -> engine -> resume -> config.json / metrics start line -> data loader."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline import dist as pdist
+    from pipeline.chat import VicunaTemplate
+    from pipeline.data import Preprocess, ShardStream, count_samples
+    from pipeline.m2pt import num_visual_tokens
+    from pipeline.run_control import quiet_worker
+
+    torch.manual_seed(args.seed)
+    out, shards = Path(args.output_dir), plan["shards"]
+    base, model, n_train, n_total = build_model(args, plan["m2pt"], rank)
+    check_visual_tokens(shards, model)
+    n_samples = shards.total if shards.total is not None else count_samples(shards.paths)
+    steps_per_epoch, total_steps = plan_steps(args, n_samples, world)
+    engine, scheduler = build_engine(args, plan["deepspeed_config"], model, total_steps)
+    checkpointer = Checkpointer(engine, out, rank, world, args.save_total_limit)
+    progress = TrainingProgress()
+    ckpt = checkpointer.resume(args.resume, progress)
+
+    run_id = uuid.uuid4().hex[:12]
+    metrics = MetricsWriter(out, rank, args.report_to, run_id)
+    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
+    stream = ShardStream(shards.paths, rank=rank, world=world, seed=args.seed,
+                         batch_size=args.per_device_train_batch_size,
+                         preprocess=Preprocess(template, base.image_processor, args.model_max_length),
+                         pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer,
+                         start=progress.cursors, counts=shards.counts)
+    loader = iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.dataloader_num_workers,
+        worker_init_fn=quiet_worker if args.dataloader_num_workers > 0 else None))
+    bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    r = Run(args, rank, world, pdist.device(), dtype, out, base, engine, scheduler, checkpointer, progress, metrics,
+            loader, bar, n_samples, steps_per_epoch, total_steps, run_id)
+    if rank == 0:
+        write_config(r, plan["deepspeed_config"], ckpt, shards, model, n_train, n_total)
+        write_run_state(out, state="running", step=progress.step, total_steps=total_steps, run_id=run_id)
+        metrics.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": progress.step,
+                       "resumed_from": str(ckpt) if ckpt else None, "world_size": world, "args": vars(args)})
+        log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps", n_samples,
+                 len(shards.paths), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                 steps_per_epoch, total_steps)
+    return r
+
+
+def stop_requested(r: Run, stop) -> bool:
+    """Every rank agrees to stop at the same step (a signal may reach only some of them)."""
+    import deepspeed.comm as dist
+    import torch
+
+    flag = torch.tensor([1.0 if stop.poll() else 0.0], device=r.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def train_loop(r: Run, stop) -> bool:
+    """Steps until the planned total or a stop request (then a checkpoint); True when it was stopped."""
+    args, p = r.args, r.progress
+    while p.step < r.total_steps:
+        t0 = time.time()
+        micro = [next(r.loader) for _ in range(args.gradient_accumulation_steps)]
+        for b in micro:
+            p.consumed(b)
+        t_data = time.time() - t0
+        loss_sum = train_step(r, micro)
+        p.step += 1
+        r.bar.update()
+        r.window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0)
+        if p.step % args.logging_steps == 0 or p.step == r.total_steps:
+            log_window(r)
+        if stop_requested(r, stop):
+            r.checkpointer.save(p, f"stop: {stop.reason or 'requested on another rank'}")
+            log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank", p.step,
+                     r.total_steps)
+            if r.rank == 0:
+                write_run_state(r.out, state="stopped", step=p.step, total_steps=r.total_steps, run_id=r.run_id,
+                                signal=stop.reason)
+            return True
+        if args.save_steps > 0 and p.step % args.save_steps == 0 and p.step < r.total_steps:
+            r.checkpointer.save(p, "periodic")
+    return False
+
+
+def finish(r: Run) -> None:
+    """Final checkpoint, adapter, end line and summary; on the embedded default, the zero-shot table."""
+    import deepspeed.comm as dist
+    import torch
+
+    r.checkpointer.save(r.progress, "final")
+    steps = torch.tensor([float(r.progress.step)], device=r.device)
+    all_steps = [torch.zeros_like(steps) for _ in range(r.world)]
+    dist.all_gather(all_steps, steps)
+    counts = global_counts(r.progress.totals, r.device)
+    tensors = r.checkpointer.adapter_tensors()
+    if r.rank != 0:
+        return
+    from pipeline.m2pt import save_adapter
+
+    adapter_dir = save_adapter(r.engine.module, r.out / "adapter", state_dict=tensors, base_name=r.base.name)
+    r.metrics.write({"event": "end", "step": r.progress.step, "steps_per_rank": [int(s.item()) for s in all_steps],
+                     **counts})
+    r.metrics.close()
+    write_run_state(r.out, state="finished", step=r.progress.step, total_steps=r.total_steps, run_id=r.run_id,
+                    adapter=str(adapter_dir))
+    size = sum(f.stat().st_size for f in adapter_dir.iterdir())
+    skipped = {k[8:]: v for k, v in counts.items() if k.startswith("skipped_") and v}
+    print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {r.progress.step} steps; skipped "
+          f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
+    print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
+    if not r.args.train_shards and r.args.model in (None, "", "tiny") and not r.args.no_final_eval:
+        from pipeline import evaluate
+
+        res = evaluate.evaluate(evaluate.EvalConfig(
+            adapter=[str(adapter_dir)], with_base=True, tasks="sample_mnist,sample_pope",
+            data_root=DATA_HOME / "sample", output_dir=r.out / "eval"))
+        print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
+
+
+def train(args, plan: dict, rank: int, world: int, stop) -> dict:
+    import deepspeed.comm as dist
+
+    r = setup(args, plan, rank, world)
+    try:
+        stopped = train_loop(r, stop)
+        if not stopped:
+            finish(r)
+    finally:
+        r.bar.close()
+        r.metrics.close()  # also when a signal, an error or the bad-sample limit ends the run
+    if not stopped:
+        dist.barrier()
+    return {"engine": r.engine, "step": r.progress.step, "stopped": stopped, "output_dir": r.out}
+
+
 # ------------------------------------------------------------------------------------------------ the app
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -467,200 +793,6 @@ def run(args) -> dict:
         raise
     finally:
         lock.release()
-
-
-def train(args, plan: dict, rank: int, world: int, stop) -> dict:
-    import deepspeed.comm as dist
-    import torch
-    from tqdm import tqdm
-
-    from pipeline import checkpoint
-    from pipeline import dist as pdist
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import READ_ERRORS, Preprocess, ShardStream, count_samples
-    from pipeline.m2pt import adapter_state_dict, num_visual_tokens
-    from pipeline.run_control import quiet_worker
-
-    torch.manual_seed(args.seed)
-    out = Path(args.output_dir)
-    device = pdist.device()
-    cfg, shards = plan["deepspeed_config"], plan["shards"]
-
-    # -------------------------------------------------------------------------------------- model, engine
-    base, model, n_train, n_total = build_model(args, plan["m2pt"], rank)
-    n_samples = shards.total if shards.total is not None else count_samples(shards.paths)
-    per_step = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = n_samples // per_step
-    if steps_per_epoch == 0:
-        raise UsageError(f"{n_samples} samples are fewer than one optimizer step needs ({per_step})")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
-    engine, scheduler = build_engine(args, cfg, model, total_steps)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    trainable_named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-
-    def adapter_tensors():
-        """fp32 master copies (ZeRO 1-3 safe) under the adapter's key names."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        by_id = {id(p): safe_get_full_fp32_param(p) for _, p in trainable_named}
-        return {k: by_id.get(id(v), v) for k, v in adapter_state_dict(engine.module).items()}
-
-    # ------------------------------------------------------------------------------------ resume or fresh
-    step, totals, start = 0, Counter(), {}
-    ckpt = checkpoint.find_resume(out, args.resume)
-    if ckpt is not None:
-        state, rank_state = checkpoint.load(engine, ckpt, rank, world)
-        step, totals, start = state["step"], Counter(rank_state["totals"]), rank_state["cursors"]
-        log.info("resumed from %s at step %d", ckpt, step)
-    run_id = uuid.uuid4().hex[:12]
-    metrics = MetricsWriter(out, rank, args.report_to, run_id)
-    if rank == 0:
-        resolved = {"args": vars(args), "deepspeed_config": cfg, "world_size": world, "samples": n_samples,
-                    "shards": len(shards.paths), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                    "num_visual_tokens": num_visual_tokens(model), "m2pt": vars(model.m2pt_config),
-                    "base_model": base.name, "trainable": n_train, "total_parameters": n_total,
-                    "attn_implementation": model.config._attn_implementation,
-                    "resumed_from": str(ckpt) if ckpt else None, "run_id": run_id}
-        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-        write_run_state(out, state="running", step=step, total_steps=total_steps, run_id=run_id)
-        metrics.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
-                       "resumed_from": str(ckpt) if ckpt else None, "world_size": world, "args": vars(args)})
-        log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps",
-                 n_samples, len(shards.paths), world, args.per_device_train_batch_size,
-                 args.gradient_accumulation_steps, steps_per_epoch, total_steps)
-
-    # ---------------------------------------------------------------------------------------------- data
-    stream = ShardStream(shards.paths, rank=rank, world=world, seed=args.seed,
-                         batch_size=args.per_device_train_batch_size,
-                         preprocess=Preprocess(template, base.image_processor, args.model_max_length),
-                         pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer, start=start,
-                         counts=shards.counts)
-    loader = iter(torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=args.dataloader_num_workers,
-        worker_init_fn=quiet_worker if args.dataloader_num_workers > 0 else None))
-    cursors = dict(start)
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True)
-
-    def save(reason: str):
-        rank_state = {"cursors": cursors, "totals": dict(totals)}
-        d = checkpoint.save(engine, engine.module, out, step, rank, world, {"reason": reason, **dict(totals)},
-                            rank_state, adapter_tensors, args.save_total_limit)
-        log.info("checkpoint (%s) -> %s", reason, d)
-
-    # ------------------------------------------------------------------------------------------------ loop
-    try:
-        window = Counter()
-        t_window = time.time()
-        while step < total_steps:
-            t0 = time.time()
-            micro = []
-            for _ in range(args.gradient_accumulation_steps):
-                b = next(loader)
-                cursors[str(b["cursor"][0])] = list(b["cursor"][1:])
-                for k, v in b["skipped"].items():
-                    totals[k if k == READ_ERRORS else "skipped_" + k] += v
-                micro.append(b)
-            t_data = time.time() - t0
-            # Loss = sum over supervised tokens / supervised tokens of the whole step (all micro-batches, all
-            # ranks), not a mean of per-batch means. DeepSpeed divides by accumulation steps and averages over
-            # ranks, so each micro-batch's summed loss is scaled by world * accum / N_step.
-            n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=device)
-            dist.all_reduce(n_tok)
-            n_tok_step = max(n_tok.item(), 1.0)
-            loss_sum = 0.0
-            for b in micro:
-                px = b["pixel_values"]
-                logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                                pixel_values=px.to(device, dtype) if px is not None else None).logits
-                labels = b["labels"][:, 1:].to(device)
-                tok_loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                    reduction="sum")
-                loss = tok_loss * (world * args.gradient_accumulation_steps / n_tok_step)
-                if px is None:
-                    # A text-only batch never runs the vision path: run it on a blank image x0 so the visual
-                    # prompts and the projector stay in the graph (ZeRO cannot handle a trainable set that
-                    # changes between steps). Through the modules' own forward, so ZeRO-3 gathers their weights.
-                    loss = loss + vision_keepalive(engine.module, dtype, device)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += tok_loss.item()
-                counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
-                totals.update(counts)
-                window.update(counts)
-            step += 1
-            bar.update()
-            window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0,
-                          sup_tok_global=n_tok_step)
-
-            # ------------------------------------------------------------------------------- logging
-            if step % args.logging_steps == 0 or step == total_steps:
-                red = torch.tensor([window["loss_sum"], window["samples"], window["tokens"]], device=device,
-                                   dtype=torch.float64)
-                dist.all_reduce(red)
-                counts = global_counts(totals, device)
-                elapsed = time.time() - t_window
-                rec = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                       "loss": red[0].item() / window["sup_tok_global"], "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
-                       "data_wait_share": window["t_data"] / max(window["t_step"], 1e-9),
-                       "sec_per_step": window["t_step"] / window["steps"], "peak_mem_mb": round(peak_memory_mb(), 1),
-                       **{k: v for k, v in counts.items() if k not in ("samples", "tokens")}}
-                metrics.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
-                check_bad_samples(counts, args, n_samples)
-                window.clear()
-                t_window = time.time()
-
-            # -------------------------------------------------------------------- checkpoints / signals
-            flag = torch.tensor([1.0 if stop.poll() else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank agrees to stop at the same step
-            if flag.item() > 0:
-                save(f"stop: {stop.reason or 'requested on another rank'}")
-                log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank",
-                         step, total_steps)
-                if rank == 0:
-                    write_run_state(out, state="stopped", step=step, total_steps=total_steps, run_id=run_id,
-                                    signal=stop.reason)
-                return {"engine": engine, "step": step, "stopped": True, "output_dir": out}
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
-                save("periodic")
-
-        # ------------------------------------------------------------------------------------------ end
-        save("final")
-        steps = torch.tensor([float(step)], device=device)
-        all_steps = [torch.zeros_like(steps) for _ in range(world)]
-        dist.all_gather(all_steps, steps)
-        counts = global_counts(totals, device)
-        tensors = adapter_tensors()
-        if rank == 0:
-            from pipeline.m2pt import save_adapter
-
-            adapter_dir = save_adapter(engine.module, out / "adapter", state_dict=tensors, base_name=base.name)
-            metrics.write({"event": "end", "step": step, "steps_per_rank": [int(s.item()) for s in all_steps],
-                           **counts})
-            metrics.close()
-            write_run_state(out, state="finished", step=step, total_steps=total_steps, run_id=run_id,
-                            adapter=str(adapter_dir))
-            size = sum(f.stat().st_size for f in adapter_dir.iterdir())
-            skipped = {k[8:]: v for k, v in counts.items() if k.startswith("skipped_") and v}
-            print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {step} steps; skipped "
-                  f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
-            print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
-            if not args.train_shards and args.model in (None, "", "tiny") and not args.no_final_eval:
-                from pipeline import evaluate
-
-                res = evaluate.run(evaluate.parse_args(
-                    ["--adapter", str(adapter_dir), "--with_base", "--tasks", "sample_mnist,sample_pope",
-                     "--data_root", str(DATA_HOME / "sample"), "--output_dir", str(out / "eval")]))
-                print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
-    finally:
-        bar.close()
-        metrics.close()  # also when a signal, an error or the bad-sample limit ends the run
-    dist.barrier()
-    return {"engine": engine, "step": step, "stopped": False, "output_dir": out}
 
 
 if __name__ == "__main__":

@@ -22,16 +22,16 @@
 ##SBATCH --account=myproject
 #
 # Environment knobs: INPUT (one or more, space-separated), IMAGE_ROOT, OUTPUT (required); MODEL (tokenizer used
-# for --max-length, default the tiny model), MAX_LENGTH (2048), SAMPLES_PER_SHARD (1000), EXTRA_ARGS, PYTHON,
+# for --model_max_length, default the tiny model), MAX_LENGTH (2048), SAMPLES_PER_SHARD (1000), EXTRA_ARGS, PYTHON,
 # M2PT_HOME.
 set -euo pipefail
 M2PT_HOME=${M2PT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$M2PT_HOME"
 PYTHON=${PYTHON:-$M2PT_HOME/.venv/bin/python}
 : "${INPUT:?set INPUT}" "${OUTPUT:?set OUTPUT}"
-args=(--output "$OUTPUT" --workers "${SLURM_CPUS_PER_TASK:-8}" --samples-per-shard "${SAMPLES_PER_SHARD:-1000}"
-      --max-length "${MAX_LENGTH:-2048}" --shuffle)
-[ -n "${IMAGE_ROOT:-}" ] && args+=(--image-root "$IMAGE_ROOT")
+args=(--output "$OUTPUT" --workers "${SLURM_CPUS_PER_TASK:-8}" --samples_per_shard "${SAMPLES_PER_SHARD:-1000}"
+      --model_max_length "${MAX_LENGTH:-2048}" --shuffle)
+[ -n "${IMAGE_ROOT:-}" ] && args+=(--image_root "$IMAGE_ROOT")
 [ -n "${MODEL:-}" ] && args+=(--model "$MODEL")
 # shellcheck disable=SC2206
 args+=(${EXTRA_ARGS:-})

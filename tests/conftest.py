@@ -36,11 +36,11 @@ def tiny():
 def shards(tmp_path_factory):
     """170 records of the sample set in 11 shards of unequal size (10 x 16 + 10), under shards/ (+ sample/)."""
     from data_prep.build_shards import main as build_main
-    from data_prep.make_sample import build as make_sample
+    from pipeline.sample_data import build as make_sample
 
     d = tmp_path_factory.mktemp("data")
     make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)
-    assert build_main(["--input", str(d / "sample" / "train.json"), "--image-root", str(d / "sample"),
-                       "--output", str(d / "shards"), "--samples-per-shard", "16", "--shuffle", "--workers", "1",
+    assert build_main(["--input", str(d / "sample" / "train.json"), "--image_root", str(d / "sample"),
+                       "--output", str(d / "shards"), "--samples_per_shard", "16", "--shuffle", "--workers", "1",
                        "--quiet"]) == 0
     return d

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.build_shards import main as build_main
-from data_prep.make_sample import build as make_sample
+from pipeline.sample_data import build as make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,9 +101,9 @@ def _read_back(out: Path):
 def test_bad_inputs_rejected_with_reasons_and_good_ones_round_trip(corpus, capsys):
     tmp, root, good, jpg, expected = corpus
     out = tmp / "out"
-    rc = build_main(["--input", str(tmp / "in.json"), str(tmp / "in.jsonl"), "--image-root", str(root),
-                     "--output", str(out), "--workers", "1", "--max-length", "512", "--quiet",
-                     "--samples-per-shard", "2"])
+    rc = build_main(["--input", str(tmp / "in.json"), str(tmp / "in.jsonl"), "--image_root", str(root),
+                     "--output", str(out), "--workers", "1", "--model_max_length", "512", "--quiet",
+                     "--samples_per_shard", "2"])
     assert rc == 0
     assert "read 20, written 4 in 2 shard(s), rejected 16" in capsys.readouterr().out
     rej = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
@@ -132,7 +132,7 @@ def test_bad_inputs_rejected_with_reasons_and_good_ones_round_trip(corpus, capsy
 
 
 def test_record_id_is_one_definition():
-    from data_prep.build_shards import record_id
+    from pipeline.shards import record_id
 
     assert record_id({"id": 3}) == "3" and record_id({"id": "a.b"}) == "a.b"
     assert record_id({"id": True}) is None and record_id({"id": ""}) is None and record_id({}) is None
@@ -173,15 +173,16 @@ def test_same_shards_for_1_and_2_workers(sample, tmp_path):
     outs = []
     for w in (1, 2):
         out = tmp_path / f"w{w}"
-        assert build_main(["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out),
-                           "--workers", str(w), "--shuffle", "--seed", "3", "--samples-per-shard", "40", "--quiet"]) == 0
+        assert build_main(["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out),
+                           "--workers", str(w), "--shuffle", "--seed", "3", "--samples_per_shard", "40", "--quiet"]) == 0
         outs.append(_hashes(out))
     assert outs[0] == outs[1] and len(outs[0]) == 13  # 490 records / 40
 
 
+@pytest.mark.slow
 def test_resume_after_kill_midway(sample, tmp_path):
     ref = tmp_path / "ref"
-    args = ["--input", str(sample / "train.json"), "--image-root", str(sample), "--samples-per-shard", "10",
+    args = ["--input", str(sample / "train.json"), "--image_root", str(sample), "--samples_per_shard", "10",
             "--workers", "1", "--quiet"]
     assert build_main(args + ["--output", str(ref)]) == 0
     out = tmp_path / "killed"
@@ -218,8 +219,8 @@ def test_round_trip_through_training_reader(sample, tmp_path):
     from pipeline.models import build_tiny
 
     out = tmp_path / "s"
-    build_main(["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out),
-                "--samples-per-shard", "100", "--workers", "1", "--quiet"])
+    build_main(["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out),
+                "--samples_per_shard", "100", "--workers", "1", "--quiet"])
     found = resolve_shards(str(out))
     shards, total = found.paths, found.total
     assert total == 490 and len(shards) == 5 and sum(found.counts.values()) == 490
@@ -242,13 +243,25 @@ def test_overwrite_removes_the_previous_builds_tars_whatever_their_prefix(sample
     """Before: `--overwrite --prefix other` left the old shard-*.tar beside the new build, so a *.tar glob mixed two
     builds. Now the old manifest's tars go; a file the tool never wrote stays."""
     out = tmp_path / "s"
-    common = ["--input", str(sample / "train.json"), "--image-root", str(sample), "--output", str(out), "--workers", "1",
+    common = ["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out), "--workers", "1",
               "--quiet"]
-    assert build_main([*common, "--samples-per-shard", "100"]) == 0
+    assert build_main([*common, "--samples_per_shard", "100"]) == 0
     old = sorted(p.name for p in out.glob("*.tar"))
     assert len(old) == 5 and all(n.startswith("shard-") for n in old)
     (out / "mine.tar").write_bytes(b"not ours")
-    assert build_main([*common, "--samples-per-shard", "200", "--prefix", "other", "--overwrite"]) == 0
+    assert build_main([*common, "--samples_per_shard", "200", "--prefix", "other", "--overwrite"]) == 0
     new = json.loads((out / "manifest.json").read_text())
     assert sorted(p.name for p in out.glob("*.tar")) == sorted([s["name"] for s in new["shards"]] + ["mine.tar"])
     assert all(s["name"].startswith("other-") for s in new["shards"]) and new["totals"]["written"] == 490
+
+
+def test_old_kebab_case_flags_still_work_with_a_warning(tmp_path, capsys):
+    recs = [{"id": f"t{i}", "conversations": _conv("What is two plus two?", "four")} for i in range(3)]
+    (tmp_path / "r.json").write_text(json.dumps(recs))
+    assert build_main(["--input", str(tmp_path / "r.json"), "--output", str(tmp_path / "s"), "--workers", "1",
+                       "--samples-per-shard", "2", "--max-length", "512", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --samples-per-shard is deprecated; use --samples_per_shard" in err
+    assert "warning: --max-length is deprecated; use --model_max_length" in err
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert len(man["shards"]) == 2 and man["args"]["model_max_length"] == 512

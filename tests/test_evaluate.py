@@ -248,7 +248,7 @@ def test_own_heldout_sets_by_path_json_and_shards(tmp_path):
     for i in range(3):
         _png(tmp_path / "img" / f"{i}.png")
     (tmp_path / "held.json").write_text(json.dumps(recs))
-    assert build_main(["--input", str(tmp_path / "held.json"), "--image-root", str(tmp_path), "--output",
+    assert build_main(["--input", str(tmp_path / "held.json"), "--image_root", str(tmp_path), "--output",
                        str(tmp_path / "held_shards"), "--workers", "1", "--quiet"]) == 0
     out = tmp_path / "out"
     assert main(["--tasks", f"{tmp_path / 'held.json'},mine={tmp_path / 'held_shards'}", "--output_dir", str(out),
@@ -291,7 +291,37 @@ def test_batched_and_shuffled_generation_equal_sequential(eval_root):
     assert len(set(seq.values())) > 1  # outputs actually depend on the input
 
 
-def test_judge_runs_a_local_causal_lm(tmp_path):
+def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
+    """A stub judge that answers "Yes, it is." / "No." / "yes": the prompt it sees is the reference's, filled in
+    with each record; its replies are parsed to verdicts and scored."""
+    import torch
+
+    from pipeline.evaluate import JUDGE_PROMPT, Judge, score
+    from pipeline.models import tiny_tokenizer
+
+    replies = iter(["Yes, it is.", "No.", "yes"])
+    seen = []
+
+    class StubLM:
+        def generate(self, input_ids, attention_mask=None, **kw):
+            seen.append(tok.decode(input_ids[0]))
+            reply = tok(next(replies), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            return torch.cat([input_ids, reply], dim=1)
+
+    tok = tiny_tokenizer()
+    judge = Judge.__new__(Judge)
+    judge.tok, judge.model, judge.system, judge.device = tok, StubLM(), "SYS", "cpu"
+    recs = [{"task": "mnist", "category": "mnist", "image_id": str(i), "question": f"digit {i}?", "target": "3",
+             "prediction": p} for i, p in enumerate(["3", "7", "three"])]
+    verdicts = judge(recs)
+    assert verdicts == [True, False, True]
+    assert seen[1].endswith("SYS USER: " + JUDGE_PROMPT.format(**recs[1]) + " ASSISTANT:")
+    for r, v in zip(recs, verdicts):
+        r["judge_correct"] = v
+    assert score(recs)["mnist"]["judge_accuracy"] == pytest.approx(200 / 3)
+
+
+def test_judge_loads_a_local_causal_lm(tmp_path):
     from transformers import LlamaForCausalLM
 
     from pipeline.evaluate import Judge, score

@@ -1,6 +1,5 @@
 """The method on the stock transformers classes: counts, token counts, gradients, semantics, adapters, generation."""
 
-import copy
 
 import pytest
 import torch
@@ -231,25 +230,40 @@ def test_adapter_on_other_base_names_key_and_shapes(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------------------- LLaVA-v1 parts
-def test_llava_v1_parts_load_and_run(tmp_path, tiny):
+def test_llava_v1_parts_give_the_logits_of_the_same_weights_in_the_hf_layout(tmp_path, tiny):
+    """The LLM, the CLIP tower and the stage-1 projector saved as separate parts and assembled by the loader give
+    the same logits as the same weights inside one HF LLaVA model (whose projector is swapped for the v1 Linear)."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from pipeline.models import load_base
+    from pipeline.models import build_tiny, load_base
 
     cfg = tiny.model.config
-    LlamaForCausalLM(cfg.text_config).save_pretrained(tmp_path / "llm")
+    llm = LlamaForCausalLM(cfg.text_config)
+    llm.model.load_state_dict(tiny.model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(tiny.model.lm_head.state_dict())
+    llm.save_pretrained(tmp_path / "llm")
     tiny.tokenizer.save_pretrained(tmp_path / "llm")
-    CLIPVisionModel(cfg.vision_config).save_pretrained(tmp_path / "clip")
+    clip = CLIPVisionModel(cfg.vision_config)
+    clip.load_state_dict(tiny.model.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
     proj = {"model.mm_projector.weight": torch.randn(128, 64), "model.mm_projector.bias": torch.randn(128)}
     torch.save(proj, tmp_path / "mm_projector.bin")
+
     base = load_base(llm=tmp_path / "llm", vision=tmp_path / "clip", mm_projector=tmp_path / "mm_projector.bin")
     assert isinstance(base.model.model.multi_modal_projector, nn.Linear)
-    assert torch.equal(base.model.model.multi_modal_projector.weight, proj["model.mm_projector.weight"])
-    m = attach_m2pt(base.model, M2PTConfig()).eval()
+    ref = build_tiny().model
+    ref.model.multi_modal_projector = nn.Linear(64, 128)
+    with torch.no_grad():
+        ref.model.multi_modal_projector.weight.copy_(proj["model.mm_projector.weight"])
+        ref.model.multi_modal_projector.bias.copy_(proj["model.mm_projector.bias"])
+    m, r = attach_m2pt(base.model, M2PTConfig()).eval(), attach_m2pt(ref, M2PTConfig()).eval()
     ids, mask, px = _batch(base, m, [CONV])
     with torch.no_grad():
-        out = m(input_ids=ids, attention_mask=mask, pixel_values=px)
-    assert out.logits.shape == (1, ids.shape[1], 640) and torch.isfinite(out.logits).all()
+        got, want = m(input_ids=ids, attention_mask=mask, pixel_values=px).logits, r(
+            input_ids=ids, attention_mask=mask, pixel_values=px).logits
+    assert got.shape == (1, ids.shape[1], 640)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - got.mean()).abs().max() > 0.1  # not a degenerate constant
     torch.save({"model.mm_projector.weight": torch.randn(128, 32)}, tmp_path / "bad.bin")
     with pytest.raises(ValueError, match="model.mm_projector.weight has shape"):
         load_base(llm=tmp_path / "llm", vision=tmp_path / "clip", mm_projector=tmp_path / "bad.bin")
@@ -290,3 +304,11 @@ def test_generation_cached_equals_uncached_and_batched_equals_single():
             one = m.generate(input_ids=ids[r:r + 1, -n:], attention_mask=mask[r:r + 1, -n:],
                              pixel_values=px[r:r + 1], **kw)
             assert one[0, n:].tolist() == cached[r, ids.shape[1]:].tolist()
+
+
+def test_config_from_dict_warns_on_unknown_keys():
+    from pipeline.m2pt import M2PTConfig
+
+    with pytest.warns(UserWarning, match=r"ignoring unknown key\(s\) \['text_prompt_lenght'\]"):
+        cfg = M2PTConfig.from_dict({"visual_prompt_length": 4, "text_prompt_lenght": 3})
+    assert cfg.visual_prompt_length == 4 and cfg.text_prompt_length == 10

@@ -75,6 +75,7 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
     assert checkpoint.verify(old) is None  # the intact copy took its step's name back
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_named_with_resume_is_one_line_before_the_model_loads(shards, tmp_path):
     from pipeline import checkpoint
 
@@ -92,6 +93,7 @@ def test_damaged_checkpoint_named_with_resume_is_one_line_before_the_model_loads
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a small tmpfs")
+@pytest.mark.slow
 def test_disk_full_names_enospc_removes_the_partial_copy_and_keeps_the_previous(shards, tmp_path):
     """Before: 'basic_ios::clear: iostream error' and a partial .tmp-step-* left behind."""
     out = tmp_path / "small"
@@ -119,6 +121,7 @@ def test_disk_full_names_enospc_removes_the_partial_copy_and_keeps_the_previous(
 
 
 # ------------------------------------------------------------------------------------------------------ shards
+@pytest.mark.slow
 def test_truncated_shard_is_an_error_naming_it_before_the_model_loads(shards, tmp_path):
     """Before: a shard cut to half its size trained to the end with exit 0 and 16 of 60 samples never seen."""
     d = _copy_shards(shards, tmp_path)
@@ -170,6 +173,7 @@ def test_samples_lost_in_a_broken_shard_are_counted_as_samples(shards, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- the output folder
+@pytest.mark.slow
 def test_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(shards, tmp_path):
     """Before: both runs exited 0 with interleaved metrics and overwritten checkpoints."""
     import socket
@@ -211,6 +215,7 @@ def _llama_folder(d: Path) -> Path:
     (_llama_folder, "model_type 'llama' is not a LLaVA model (llava); for LLaVA-v1 parts"),
     (_llava_config_only, "config.json but no weights"),
 ])
+@pytest.mark.slow
 def test_wrong_model_folder_fails_before_loading_with_bounded_memory(shards, tmp_path, folder, message):
     """Before: a Llama folder was loaded into LLaVA defaults (18.5 GB RSS, OOM-killed after 262 s); a folder
     without weights gave a raw OSError traceback."""
@@ -267,6 +272,7 @@ def test_init_adapter_with_conflicting_method_flags_is_an_error(shards, tmp_path
 
 # ------------------------------------------------------------------------------------------------------ signals
 @pytest.mark.parametrize("how", ["sigterm_to_deepspeed", "ctrl_c_to_the_group", "sigterm_to_torchrun"])
+@pytest.mark.slow
 def test_stopping_the_deepspeed_launcher_checkpoints_on_every_rank(shards, tmp_path, how):
     """Before: SIGTERM to `deepspeed` left the ranks training as orphans; SIGTERM from the per-node launcher also
     hit the DataLoader workers, and the ranks died with a traceback and no checkpoint. Two ranks, one loader

@@ -17,14 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.build_shards import main as build_main
-from data_prep.make_sample import build as make_sample
+from pipeline.sample_data import build as make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_SLURM = shutil.which("slurmctld") is not None and os.geteuid() == 0
 if not HAVE_SLURM and os.environ.get("CI") == "true":
     raise RuntimeError("CI must run the Slurm tests: .ci/run failed to install slurm-wlm + munge")
-pytestmark = pytest.mark.skipif(not HAVE_SLURM, reason="needs root and Debian's slurm-wlm + munge "
-                                                        "(.ci/run installs them)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not HAVE_SLURM, reason="needs root and Debian's slurm-wlm + munge "
+                                                        "(.ci/run installs them)")]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,8 @@ def cluster(tmp_path_factory):
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm-data")
     make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)
-    assert build_main(["--input", str(d / "sample" / "train.json"), "--image-root", str(d / "sample"),
-                       "--output", str(d / "shards"), "--samples-per-shard", "16", "--workers", "1", "--quiet"]) == 0
+    assert build_main(["--input", str(d / "sample" / "train.json"), "--image_root", str(d / "sample"),
+                       "--output", str(d / "shards"), "--samples_per_shard", "16", "--workers", "1", "--quiet"]) == 0
     return d / "shards"
 
 

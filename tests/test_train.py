@@ -46,11 +46,12 @@ def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
     assert cfg["num_visual_tokens"] == 26 and cfg["trainable"] == TINY_TRAINABLE and cfg["samples"] == 170
 
 
+@pytest.mark.slow
 def test_loss_falls_by_half_on_a_small_fixed_set(shards, tmp_path):
     recs = json.loads((shards / "sample" / "train.json").read_text())
     small = [r for r in recs if r["task_name"] in ("colour_recognition", "counting")][:8]
     (tmp_path / "small.json").write_text(json.dumps(small))
-    assert build_main(["--input", str(tmp_path / "small.json"), "--image-root", str(shards / "sample"),
+    assert build_main(["--input", str(tmp_path / "small.json"), "--image_root", str(shards / "sample"),
                        "--output", str(tmp_path / "s"), "--workers", "1", "--quiet"]) == 0
     argv = ["--train_shards", str(tmp_path / "s"), "--output_dir", str(tmp_path / "o"), "--report_to", "none",
             "--logging_steps", "1", "--save_steps", "0", "--max_steps", "150", "--learning_rate", "3e-3",
@@ -117,6 +118,7 @@ def test_zero3_matches_zero2_and_handles_text_only_batches(shards, tmp_path):
     assert res["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
     common = ["--max_steps", "120", "--dist_timeout", "120", "--save_total_limit", "0"]
     straight = tmp_path / "straight"
@@ -162,6 +164,7 @@ def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
 
 
 @pytest.mark.parametrize("nprocs", [1, 2])
+@pytest.mark.slow
 def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
     """`deepspeed --num_gpus N` (gloo); with 2 ranks the 11 unequal shards split 6/5 with different sample counts,
     and both ranks must still take exactly the same number of steps (no hang: bounded by timeouts)."""
@@ -225,3 +228,58 @@ def test_ds_config_autofill_and_conflicts(tmp_path):
     bad.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
     with pytest.raises(ValueError, match="remove the 'optimizer' section"):
         ds_config(str(bad), args, world=1)
+
+
+def test_loss_step_is_the_token_sum_scaled_for_deepspeed_without_an_engine():
+    """Pure function: summed next-token cross-entropy over supervised labels, times world x accumulation / N."""
+    from pipeline.train import loss_step
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 1, -100, -100], [-100, -100, 6, 2, 0]])
+    tok_loss, loss = loss_step(logits, labels, n_tok_step=10.0, scale=4.0)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    want = -sum(logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100)
+    assert tok_loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(want.item() * 4.0 / 10.0, rel=1e-6)
+    loss.backward()
+    assert logits.grad[:, -1].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0  # the last position predicts nothing
+
+
+def test_training_progress_round_trips_through_json_with_int_slots():
+    from pipeline.train import TrainingProgress
+
+    p = TrainingProgress()
+    p.consumed({"cursor": (3, 1, 17), "skipped": {"too_long": 2, "tar_read_errors": 1}})
+    p.step = 5
+    q = TrainingProgress()
+    q.load_state_dict(json.loads(json.dumps(p.state_dict())), step=5)
+    assert q == p and q.cursors == {3: [1, 17]}
+    assert q.totals == {"skipped_too_long": 2, "tar_read_errors": 1}
+
+
+def test_shards_built_for_other_visual_tokens_are_refused(shards, tmp_path, capsys):
+    from pipeline.train import main
+
+    assert build_main(["--input", str(shards / "sample" / "train.json"), "--image_root", str(shards / "sample"),
+                       "--output", str(tmp_path / "s5"), "--visual_prompt_length", "5", "--workers", "1",
+                       "--quiet"]) == 0
+    assert main(["--train_shards", str(tmp_path / "s5"), "--output_dir", str(tmp_path / "o"), "--report_to", "none",
+                 "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 's5' / 'manifest.json'} was built for 21 visual tokens per image, but this model " \
+           "and M2PT config give 26" in err
+
+
+@pytest.mark.slow
+def test_the_default_run_ends_with_the_zero_shot_table(tmp_path):
+    """The README's main command, shortened: embedded sample set and shards built on first use, a few steps, then
+    the held-out table of base vs the new adapter."""
+    env = dict(ENV, M2PT_DATA=str(tmp_path / "data"))
+    r = subprocess.run(train_cmd("--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--report_to", "none"),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "zero-shot on the held-out task types of the sample set:" in r.stdout
+    assert "| run | sample digits | sample existence (acc) |" in r.stdout and "| base |" in r.stdout
+    res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert set(res) == {"base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 100

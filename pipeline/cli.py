@@ -1,0 +1,68 @@
+"""Command-line flags generated from config dataclasses, so each option is defined once (name, type, default,
+help) - PEFT's config-dataclass style, with argparse.
+
+    add_config_flags(group, M2PTConfig, exclude=("seed",), aliases={"text_prompt_length": ["--PT_len_llm"]})
+
+Field metadata: "help" (required), "choices", "nargs", "type" (for fields whose default is None). A bool field
+becomes `--name` when it defaults to False and `--no_name` when it defaults to True. Spelling is Hugging Face's:
+underscores. The old kebab-case spellings still parse, with a warning (`normalize_kebab_flags`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends "(default: X)" to every flag that has a meaningful default."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("%(default)" in h or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return h
+        return h + " (default: %(default)s)"
+
+
+def add_config_flags(parser, cls, include=None, exclude=(), aliases=None) -> None:
+    aliases = aliases or {}
+    for f in fields(cls):
+        if (include is not None and f.name not in include) or f.name in exclude:
+            continue
+        meta = dict(f.metadata)
+        kw = {"help": meta.pop("help"), "dest": f.name}
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        names = [f"--{f.name}", *aliases.get(f.name, [])]
+        if isinstance(default, bool):
+            if default:
+                names = [f"--no_{f.name}", *aliases.get(f.name, [])]
+                kw.update(action="store_false", default=True)
+            else:
+                kw.update(action="store_true", default=False)
+        else:
+            if default is MISSING:
+                kw["required"] = True
+            else:
+                kw["default"] = default
+            kw["type"] = meta.pop("type", type(default) if default not in (MISSING, None) else str)
+            kw.update(meta)
+        parser.add_argument(*names, **kw)
+
+
+def normalize_kebab_flags(argv: list[str], parser: argparse.ArgumentParser, renamed: dict | None = None) -> list[str]:
+    """Rewrite deprecated spellings (`--image-root`, or a renamed flag) to the current one, with a warning on
+    stderr; anything else is left for argparse to judge."""
+    known = {s for a in parser._actions for s in a.option_strings}
+    renamed = renamed or {}
+    out = []
+    for tok in argv:
+        name, eq, value = tok.partition("=")
+        new = renamed.get(name) or ("--" + name[2:].replace("-", "_") if name.startswith("--") else name)
+        if name.startswith("--") and new != name and new in known and name not in known:
+            print(f"warning: {name} is deprecated; use {new}", file=sys.stderr)
+            tok = new + eq + value
+        out.append(tok)
+    return out
