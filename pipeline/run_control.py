@@ -166,3 +166,20 @@ def quiet_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave stop signals to the rank (see the module docstring)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def close_loader(loader_iter) -> None:
+    """Stop a DataLoader iterator's workers now, on every exit path of the rank.
+
+    Why: the workers ignore SIGTERM (above), and multiprocessing's exit handler stops leftover workers with
+    SIGTERM and then waits for them - forever. A normal run's iterator is collected (and its workers told to stop)
+    before that, but after an exception the traceback keeps it alive until interpreter exit. So: PyTorch's own
+    graceful shutdown (private API, hence the getattr), then SIGKILL for a straggler."""
+    shutdown = getattr(loader_iter, "_shutdown_workers", None)
+    if shutdown is None:  # num_workers=0: nothing to stop
+        return
+    shutdown()
+    for w in getattr(loader_iter, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)

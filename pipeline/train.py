@@ -740,6 +740,8 @@ def finish(r: Run) -> None:
 def train(args, plan: dict, rank: int, world: int, stop) -> dict:
     import deepspeed.comm as dist
 
+    from pipeline.run_control import close_loader
+
     r = setup(args, plan, rank, world)
     try:
         stopped = train_loop(r, stop)
@@ -748,6 +750,7 @@ def train(args, plan: dict, rank: int, world: int, stop) -> dict:
     finally:
         r.bar.close()
         r.metrics.close()  # also when a signal, an error or the bad-sample limit ends the run
+        close_loader(r.loader)
     if not stopped:
         dist.barrier()
     return {"engine": r.engine, "step": r.progress.step, "stopped": stopped, "output_dir": r.out}

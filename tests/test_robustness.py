@@ -102,8 +102,9 @@ def test_disk_full_names_enospc_removes_the_partial_copy_and_keeps_the_previous(
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(out)]).returncode != 0:
         pytest.skip("mount -t tmpfs is not permitted here")
     try:
+        # (one loader worker: a rank that ends on an error must still exit, not wait on its worker forever)
         r = subprocess.run(train_cmd(*train_args(shards, out, "--max_steps", "4", "--save_steps", "2",
-                                                 "--dataloader_num_workers", "0")),
+                                                 "--dataloader_num_workers", "1")),
                            env=ENV, capture_output=True, text=True, timeout=300)
         err = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1, r.stderr[-3000:]
@@ -308,3 +309,21 @@ def test_stopping_the_deepspeed_launcher_checkpoints_on_every_rank(shards, tmp_p
     assert int(ck.name.split("-")[1]) == state["step"] >= 5
     if how == "sigterm_to_deepspeed":  # the node launcher outlived `deepspeed` and saw both ranks exit 0
         assert log.count("exits successfully") == 2, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_rank_ending_on_an_uncaught_error_does_not_wait_on_its_loader_worker(shards, tmp_path):
+    """Loader workers ignore SIGTERM; multiprocessing's exit handler stops leftover workers with SIGTERM and waits.
+    A rank ending on an uncaught exception (a bug: here one injected into the final step) waited there forever,
+    because the traceback kept the loader alive until interpreter exit."""
+    out = tmp_path / "o"
+    code = ("import sys, pipeline.train as t\n"
+            "def boom(r): raise TypeError('injected')\n"
+            "t.finish = boom\n"
+            f"sys.exit(t.main({train_args(shards, out, '--max_steps', '3', '--dataloader_num_workers', '1')!r}))\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the rank did not exit within 120 s") from None
+    assert r.returncode == 1 and "TypeError: injected" in r.stderr
+    assert json.loads((out / "run_state.json").read_text()) == {"state": "failed", "error": "TypeError: injected"}
