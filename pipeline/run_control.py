@@ -141,8 +141,7 @@ class StopFlag:
     def install(self, under_launcher: bool) -> "StopFlag":
         """under_launcher: a launcher (deepspeed, torchrun, srun) started this process. Only then is the parent's
         death a stop request: a plain `python train.py` under nohup must outlive its shell."""
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         if under_launcher:
             _set_parent_death_signal(signal.SIGTERM)
         self._runner = _deepspeed_runner()
@@ -150,6 +149,12 @@ class StopFlag:
             log.info("watching the deepspeed launcher (pid %d): the run stops with a checkpoint if it exits",
                      self._runner[0])
         return self
+
+    def restore(self) -> None:
+        """Once the run is over (finished, stopped or failed), signals act as before again: a process stuck at exit
+        must still die of SIGTERM."""
+        for s, h in getattr(self, "_previous", {}).items():
+            signal.signal(s, h)
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.reason == "SIGINT":

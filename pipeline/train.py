@@ -796,6 +796,7 @@ def run(args) -> dict:
         raise
     finally:
         lock.release()
+        stop.restore()
 
 
 if __name__ == "__main__":
