@@ -164,8 +164,16 @@ def _read_hf(p: Path):
 _W: dict = {}  # worker state, set by _init_worker
 
 
-def _init_worker(image_root: str, max_pixels: int, model: str | None, image_tokens: int, max_length: int):
+def _init_worker(image_root: str, max_pixels: int, model: str | None, image_tokens: int, max_length: int,
+                 in_pool: bool = False):
+    import signal
+
     from PIL import Image
+
+    if in_pool:
+        # A forked worker inherits its parent's Python signal handlers. The trainer's turn SIGTERM into a "stop at
+        # the next step" flag, so Pool.terminate() (SIGTERM) would wait forever for workers that never die.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     from pipeline.chat import VicunaTemplate
     from pipeline.models import load_text_side
@@ -421,7 +429,7 @@ def _results(cfg: ShardBuildConfig, todo):
     if cfg.workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=init)
+        pool = mp.get_context("fork").Pool(cfg.workers, initializer=_init_worker, initargs=(*init, True))
         return pool.imap(process, todo, chunksize=8), pool
     _init_worker(*init)
     return map(process, todo), None

@@ -265,3 +265,36 @@ def test_old_kebab_case_flags_still_work_with_a_warning(tmp_path, capsys):
     assert "warning: --max-length is deprecated; use --model_max_length" in err
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert len(man["shards"]) == 2 and man["args"]["model_max_length"] == 512
+
+
+def _init_then_wait(ready):
+    from pipeline.shards import _init_worker
+
+    _init_worker(None, 1000, None, 16, 512, True)
+    ready.set()
+    time.sleep(60)
+
+
+def test_pool_workers_die_of_sigterm_whatever_handler_the_caller_installed():
+    """The trainer builds the sample shards after installing its stop handlers (SIGTERM -> a flag). Forked pool
+    workers inherited them, so Pool.terminate() (SIGTERM) could wait forever for workers that never died - it
+    hung a CI run. A worker must die of SIGTERM whatever its parent does with it."""
+    import multiprocessing as mp
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        ctx = mp.get_context("fork")
+        ready = ctx.Event()
+        p = ctx.Process(target=_init_then_wait, args=(ready,))
+        p.start()
+        assert ready.wait(60)
+        p.terminate()
+        p.join(10)
+        alive = p.is_alive()
+        if alive:
+            p.kill()
+            p.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not alive and p.exitcode == -signal.SIGTERM
