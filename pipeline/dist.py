@@ -65,3 +65,33 @@ def device():
 
     acc = get_accelerator()
     return acc.device(int(os.environ.get("LOCAL_RANK", 0))) if acc.device_name() != "cpu" else "cpu"
+
+
+def intra_op_threads(requested: int | None, local_world: int) -> tuple[int, str]:
+    """How many intra-op threads this rank should use, and why (logged at start-up).
+
+    An explicit --num_threads or OMP_NUM_THREADS wins. Otherwise: this rank's share of the cores it may run on,
+    lowered to what the machine's recent load leaves free, at least 1. Why the load matters: with every core busy,
+    two torch threads per process ran 4-10x slower than one on a 2-core machine (each OpenMP thread spins waiting
+    for the other, which is descheduled)."""
+    if requested:
+        return requested, "--num_threads"
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, local_world))
+    free = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    n = max(1, min(share, round(free / max(1, local_world))))
+    why = f"{cores} core(s) / {local_world} rank(s) on this node"
+    return n, why + (f", {free:.1f} free by the 1-min load average" if n < share else "")
+
+
+def local_world_size() -> int:
+    """Ranks on this node, from whichever launcher started us (deepspeed: LOCAL_SIZE; torchrun: LOCAL_WORLD_SIZE;
+    srun: SLURM_NTASKS_PER_NODE), else 1."""
+    for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        v = os.environ.get(k, "").split("(")[0]
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 1

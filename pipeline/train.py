@@ -4,9 +4,10 @@
         --model /models/llava-1.5-7b-hf --output_dir runs/m2pt --bf16
 
 With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
-process, and prints where the adapter went. Read top to bottom, in execution order: arguments -> process group ->
-start-up checks (flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) ->
-model -> engine -> (resume) -> data -> loop -> final adapter.
+process, and prints where the adapter went. The file reads in the order a run uses it: flags -> start-up checks
+(flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) -> model and engine
+-> progress and checkpoints -> one step (train_step, loss_step) -> metrics -> setup -> train_loop -> finish; `run`
+at the bottom starts the process group and ties them together.
 
 Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
 mistake (one line starting "error:", before any work); 1 anything else (run_state.json then says "failed").
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="float16 training (GPU only)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     g.add_argument("--seed", type=int, default=42, help="seed of prompts, data order and dropout")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="intra-op threads per rank (default: OMP_NUM_THREADS if set, else this rank's share of the "
+                        "node's cores, lowered when the machine is already busy; logged at start-up)")
 
     g = ap.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10, help="log every N optimizer steps")
@@ -135,6 +139,7 @@ def _flag_problems(a) -> list[str]:
         (0 <= a.adam_beta1 < 1 and 0 <= a.adam_beta2 < 1, "--adam_beta1 / --adam_beta2 must be within [0, 1)"),
         (a.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
         (a.dist_timeout >= 1, "--dist_timeout must be >= 1"),
+        (a.num_threads is None or a.num_threads >= 1, "--num_threads must be >= 1"),
         (not (a.bf16 and a.fp16), "choose one of --bf16 / --fp16"),
     ]
     return [msg for ok, msg in rules if not ok]
@@ -325,8 +330,9 @@ def build_engine(args, cfg: dict, model, total_steps: int):
 
         optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=betas, adamw_mode=True)
     else:
-        # torch AdamW: no JIT compile (DeepSpeed's FusedAdam would build C++ for minutes); fused kernel on CUDA.
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, fused=torch.cuda.is_available())
+        # torch AdamW: no JIT compile (DeepSpeed's FusedAdam would build C++ for minutes); its fused kernel exists
+        # for CUDA and CPU parameters alike.
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, fused=True)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -757,6 +763,16 @@ def train(args, plan: dict, rank: int, world: int, stop) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the app
+def set_threads(args) -> None:
+    import torch
+
+    from pipeline.dist import intra_op_threads, local_world_size
+
+    n, why = intra_op_threads(args.num_threads, local_world_size())
+    torch.set_num_threads(n)
+    log.info("intra-op threads per rank: %d (%s)", n, why)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -784,6 +800,7 @@ def run(args) -> dict:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = StopFlag().install(under_launcher)
+    set_threads(args)
     out = Path(args.output_dir)
     lock = OutputLock(out)
     try:

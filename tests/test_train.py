@@ -283,3 +283,20 @@ def test_the_default_run_ends_with_the_zero_shot_table(tmp_path):
     assert "| run | sample digits | sample existence (acc) |" in r.stdout and "| base |" in r.stdout
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     assert set(res) == {"base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 100
+
+
+def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
+    from pipeline import dist
+
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dist.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert dist.intra_op_threads(None, 1)[0] == 4 and dist.intra_op_threads(None, 2)[0] == 2
+    monkeypatch.setattr(dist.os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # two busy processes beside us
+    n, why = dist.intra_op_threads(None, 1)
+    assert n == 2 and "2.0 free by the 1-min load average" in why
+    monkeypatch.setattr(dist.os, "getloadavg", lambda: (7.5, 0.0, 0.0))
+    assert dist.intra_op_threads(None, 2)[0] == 1
+    assert dist.intra_op_threads(3, 2) == (3, "--num_threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert dist.intra_op_threads(None, 1) == (5, "OMP_NUM_THREADS")
