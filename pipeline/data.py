@@ -70,9 +70,15 @@ def _check_listed(path: Path, entry: dict, manifest: Path, verify_sha256: bool) 
         raise ValueError(f"shard {path}: sha256 differs from {manifest} (corrupted or replaced since the build)")
 
 
-def _manifest_entries(folder: Path, seen: dict) -> tuple[Path, dict[str, dict]] | None:
-    """(manifest path, shard name -> entry) of a shard folder, or None without a manifest; `seen` collects each
-    manifest's num_visual_tokens."""
+@dataclass
+class _Manifest:
+    path: Path
+    entries: dict[str, dict]  # shard name -> {"name", "samples", "bytes", "sha256"}
+    num_visual_tokens: int | None
+
+
+def _read_manifest(folder: Path) -> _Manifest | None:
+    """The manifest.json of a shard folder, or None without one."""
     m = folder / "manifest.json"
     if not m.is_file():
         return None
@@ -81,20 +87,19 @@ def _manifest_entries(folder: Path, seen: dict) -> tuple[Path, dict[str, dict]] 
         entries = {s["name"]: s for s in man["shards"]}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{m}: unreadable shard manifest ({e})") from None
-    seen[str(m)] = man.get("num_visual_tokens")
-    return m, entries
+    return _Manifest(m, entries, man.get("num_visual_tokens"))
 
 
-def _expand(part: str, tokens: dict) -> list[Path]:
+def _expand(part: str, manifest) -> list[Path]:
     """One comma-separated part of a shard spec -> shard paths (a folder: what its manifest lists)."""
     import braceexpand
 
     p = Path(part)
     if p.is_dir():
-        found = _manifest_entries(p, tokens)
+        found = manifest(p)
         if found is None:
             raise FileNotFoundError(f"{p}: a shard folder needs the manifest.json written by data_prep.build_shards")
-        return [p / name for name in found[1]]
+        return [p / name for name in found.entries]
     listed = [Path(f) for pat in braceexpand.braceexpand(part) for f in (sorted(glob.glob(pat)) or [pat])]
     missing = [f for f in listed if not f.is_file()]
     if missing:
@@ -107,19 +112,22 @@ def resolve_shards(spec: str, verify_sha256: bool = False) -> ShardSet:
     or a comma-separated list of those. Every shard a manifest lists (also one found by a pattern, when its folder
     has a manifest) is checked against it before any work: present, same size, and same sha256 with
     `verify_sha256`. A mismatch is an error naming the shard."""
+    import functools
+
+    manifest = functools.lru_cache(maxsize=None)(_read_manifest)  # each folder's manifest is parsed once
     paths: list[str] = []
     counts: dict[str, int] = {}
-    tokens: dict[str, int | None] = {}
-    for f in [f for part in spec.split(",") if part for f in _expand(part, tokens)]:
-        found = _manifest_entries(f.parent, tokens)
-        entry = found[1].get(f.name) if found else None
+    for f in [f for part in spec.split(",") if part for f in _expand(part, manifest)]:
+        found = manifest(f.parent)
+        entry = found.entries.get(f.name) if found else None
         if entry is not None:
-            _check_listed(f, entry, found[0], verify_sha256)
+            _check_listed(f, entry, found.path, verify_sha256)
             counts[str(f)] = int(entry["samples"])
         paths.append(str(f))
     if not paths:
         raise FileNotFoundError(f"--train_shards {spec!r}: no shards")
     total = sum(counts.values()) if len(counts) == len(paths) else None  # unknown without every manifest
+    tokens = {str(m.path): m.num_visual_tokens for m in map(manifest, {Path(p).parent for p in paths}) if m}
     return ShardSet(paths, total, counts, tokens)
 
 
@@ -206,7 +214,7 @@ class ShardStream(IterableDataset):
         import webdataset as wds
 
         def on_error(exn):
-            stats["tar_read_errors"] += 1
+            stats[READ_ERRORS] += 1
             log.warning("unreadable shard data in %s: %s", url, exn)
             return True
 

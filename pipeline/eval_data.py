@@ -264,18 +264,16 @@ def load_heldout(task: str, path: Path) -> list[dict]:
 
 
 def _load_heldout_shards(task: str, folder: Path) -> list[dict]:
-    import tarfile
+    """Samples read the way training reads them (webdataset's tar reader, the trainer's image extensions)."""
+    import webdataset as wds
+
+    from pipeline.data import IMAGE_EXTS
 
     man = _need(folder / "manifest.json", "a held-out shard folder needs the manifest.json of data_prep.build_shards")
     items = []
     for s in json.loads(man.read_text())["shards"]:
         tar = _need(folder / s["name"], f"listed in {man}")
-        members: dict[str, dict] = {}
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                key, _, ext = m.name.partition(".")
-                members.setdefault(key, {})[ext] = t.extractfile(m).read()
-        for key, parts in members.items():
-            image = next((parts[e] for e in ("jpg", "jpeg", "png") if e in parts), None)
-            items.append(_heldout_item(task, f"{tar}:{key}", json.loads(parts["json"]), image))
+        for sample in wds.tariterators.tarfile_samples([{"url": str(tar)}]):
+            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            items.append(_heldout_item(task, f"{tar}:{sample['__key__']}", json.loads(sample["json"]), image))
     return items

@@ -260,8 +260,8 @@ def rescore(cfg: EvalConfig) -> dict:
 
 
 def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
-    """Rows to evaluate [(name, adapter | None)], the items per task, and the data root - everything checked
-    before any model loads (adapter configs, task files, MME pairs)."""
+    """Rows to evaluate [(name, adapter | None, its adapter config | None)], the items per task, and the data
+    root - everything checked before any model loads (adapter configs, task files, MME pairs)."""
     from pipeline.m2pt import read_adapter_config
 
     default = cfg.tasks is None and cfg.data_root is None
@@ -275,21 +275,22 @@ def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
     if default and not adapters and (REPO / "out" / "default" / "adapter").is_dir():
         adapters = [str(REPO / "out" / "default" / "adapter")]
         cfg.with_base = True
-    for a in adapters:
-        read_adapter_config(a)  # fail before any model loads
-    runs = ([("base", None)] if (cfg.with_base or not adapters) else []) + [(_run_name(a), a) for a in adapters]
+    # Each adapter's config is read once, here: a broken one fails before any model loads.
+    runs = ([("base", None, None)] if (cfg.with_base or not adapters) else []) + [
+        (_run_name(a), a, read_adapter_config(a)) for a in adapters]
     items = {t: limit_items(t, load_task(t, data_root, cfg.coco_root, p), cfg.limit) for t, p in task_paths.items()}
     if "mme" in items:
         metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
     return runs, items, data_root
 
 
-def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, items: dict, data_root: Path, judge) -> dict:
+def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, items: dict,
+                 data_root: Path, judge) -> dict:
     """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
     import torch
 
     from pipeline.chat import VicunaTemplate
-    from pipeline.m2pt import load_adapter, num_visual_tokens, read_adapter_config
+    from pipeline.m2pt import load_adapter, num_visual_tokens
     from pipeline.models import load_base
 
     t0 = time.time()
@@ -316,7 +317,7 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, items: dict, d
             f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
     return {"tasks": score(recs), "provenance": {
         "base_model": base.name, "adapter": adapter,
-        "adapter_config": read_adapter_config(adapter)["m2pt_config"] if adapter else None,
+        "adapter_config": adapter_config["m2pt_config"] if adapter_config else None,
         "data_root": str(data_root), "tasks": list(items), "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
         "seconds": round(time.time() - t0, 1)}}
@@ -334,8 +335,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model else None
     results = {}
-    for name, adapter in runs:
-        results[name] = evaluate_one(cfg, name, adapter, items, data_root, judge)
+    for name, adapter, adapter_config in runs:
+        results[name] = evaluate_one(cfg, name, adapter, adapter_config, items, data_root, judge)
         log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in results[name]["tasks"].items()})
     write_outputs(cfg.output_dir, results)
     return results

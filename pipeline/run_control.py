@@ -85,14 +85,20 @@ class OutputLock:
 
 
 # ------------------------------------------------------------------------------------------------ stop requests
-def _proc_start_time(pid: int) -> str | None:
-    """Start time of a live process (field 22 of /proc/PID/stat), to tell a live launcher from a reused pid; None
-    when it is gone or a zombie (a dead launcher whose parent has not reaped it yet is still dead)."""
+def _stat(pid: int) -> list[str]:
+    """Fields 3.. of /proc/PID/stat (after the command name, which may hold spaces): [state, ppid, ...]; [] when
+    the process is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+        return []
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Start time of a live process (field 22), to tell a live launcher from a reused pid; None when it is gone or
+    a zombie (a dead launcher whose parent has not reaped it yet is still dead)."""
+    fields = _stat(pid)
+    return None if not fields or fields[0] in ("Z", "X") else fields[19]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -108,10 +114,8 @@ def _deepspeed_runner() -> tuple[int, str] | None:
     parent = os.getppid()
     if "deepspeed.launcher.launch" not in _cmdline(parent):
         return None
-    try:
-        grand = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = _stat(parent)
+    grand = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
     if grand <= 1 or not any(Path(a).name == "deepspeed" for a in _cmdline(grand)[:2]):
         return None
     start = _proc_start_time(grand)

@@ -219,7 +219,7 @@ def build_sample_shards(args, m2pt) -> Path:
 def method_config(args):
     """The M2PT config of this run: from the flags, or from --init_adapter (then an explicit method flag that
     disagrees with the adapter is an error, and args are rewritten so config.json records what really trains)."""
-    from pipeline.m2pt import M2PTConfig, read_adapter_config
+    from pipeline.m2pt import read_adapter_config
 
     if not args.init_adapter:
         cfg = M2PTConfig(**{k: getattr(args, k) for k in METHOD_FLAGS}, seed=args.seed)
@@ -341,7 +341,6 @@ def build_engine(args, cfg: dict, model, total_steps: int):
     return engine, scheduler
 
 
-# ------------------------------------------------------------------------------------------- bookkeeping
 # ---------------------------------------------------------------------------------- progress and checkpoints
 @dataclass
 class TrainingProgress:
@@ -441,14 +440,14 @@ def train_step(r: "Run", micro: list[dict]) -> float:
 
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
     dist.all_reduce(n_tok)
-    r.window["sup_tok_global"] += max(n_tok.item(), 1.0)
+    n_tok_step = max(n_tok.item(), 1.0)
+    r.window["sup_tok_global"] += n_tok_step
     loss_sum = 0.0
     for b in micro:
         px = b["pixel_values"]
         logits = r.engine(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
                           pixel_values=px.to(r.device, r.dtype) if px is not None else None).logits
-        tok_loss, loss = loss_step(logits, b["labels"].to(r.device), max(n_tok.item(), 1.0),
-                                   scale=r.world * len(micro))
+        tok_loss, loss = loss_step(logits, b["labels"].to(r.device), n_tok_step, scale=r.world * len(micro))
         if px is None:
             # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts and the
             # projector stay in the graph (ZeRO cannot handle a trainable set that changes between steps). Through
