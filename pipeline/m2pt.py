@@ -241,7 +241,8 @@ def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
         if state.prefixed:
             output.last_hidden_state = output.last_hidden_state[:, pt:]
             if getattr(output, "hidden_states", None) is not None:
-                output.hidden_states = tuple(h[:, pt:] for h in output.hidden_states)
+                # (None: a layer not selected by an `output_hidden_states=[...]` selection)
+                output.hidden_states = tuple(h[:, pt:] if h is not None else None for h in output.hidden_states)
         return output
 
     handles.append(lm.register_forward_pre_hook(before_lm, with_kwargs=True))

@@ -281,12 +281,38 @@ def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None
     if llm or vision or mm_projector:
         if not (llm and vision and mm_projector) or model not in (None, TINY):
             raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
-        return load_llava_v1_parts(llm, vision, mm_projector, dtype=dtype, attn=attn)
-    if model in (None, "", TINY):
+        base = load_llava_v1_parts(llm, vision, mm_projector, dtype=dtype, attn=attn)
+    elif model in (None, "", TINY):
         base = build_tiny(seed=seed, attn=attn)
         base.model.to(dtype)
-        return base
-    return load_hf_llava(model, dtype=dtype, attn=attn)
+    else:
+        base = load_hf_llava(model, dtype=dtype, attn=attn)
+    n = skip_unused_vision_layers(base.model)
+    if n:
+        log.info("vision tower: the last %d layer(s) feed no feature layer (vision_feature_layer %s) and are skipped",
+                 n, base.model.config.vision_feature_layer)
+    return base
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def skip_unused_vision_layers(model) -> int:
+    """Make the vision-encoder layers after the deepest `vision_feature_layer` return their input unchanged.
+
+    LLaVA takes layer -2's hidden state, yet the stock tower runs every layer (1/24 of CLIP-L's work, thrown away).
+    Each skipped layer keeps its weights and its place in the list, only its instance `forward` is replaced: the
+    tower still records num_layers + 1 hidden states, so every index (-2, a list of layers, official-mode prompt
+    reads) selects the same tensor as before, and no modeling file is forked. Only the tower's `last_hidden_state`
+    (and pooled output) change, which LLaVA never reads. Returns the number of layers skipped."""
+    from pipeline.m2pt import _feature_layers, vision_core
+
+    layers = vision_core(model).encoder.layers
+    deepest = max(_feature_layers(model))  # hidden state d = output of layer d-1 = what layer d would read
+    for layer in layers[deepest:]:
+        layer.forward = _passthrough
+    return max(len(layers) - deepest, 0)
 
 
 def load_text_side(model: str | None = None):

@@ -6,7 +6,7 @@
 With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
 process, and prints where the adapter went. The file reads in the order a run uses it: flags -> start-up checks
 (flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) -> model and engine
--> progress and checkpoints -> one step (train_step, loss_step) -> metrics -> setup -> train_loop -> finish; `run`
+-> progress and checkpoints -> one step (train_step, backprop_scale; the forward is pipeline/step.py) -> metrics -> setup -> train_loop -> finish; `run`
 at the bottom starts the process group and ties them together.
 
 Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
@@ -407,18 +407,13 @@ class Checkpointer:
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def loss_step(logits, labels, n_tok_step: float, scale: float):
-    """(summed next-token cross-entropy of this micro-batch's supervised tokens, the loss to backpropagate).
+def backprop_scale(n_tok_step: float, world: int, accumulation: int) -> float:
+    """Factor from a micro-batch's summed token loss to the loss handed to `engine.backward`.
 
     The step's loss is sum over its supervised tokens / their count across all micro-batches and ranks
     (`n_tok_step`), not a mean of per-batch means. DeepSpeed divides gradients by the accumulation steps and
-    averages them over ranks, so each micro-batch's sum is multiplied by `scale` = world x accumulation."""
-    import torch
-
-    tok_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-        reduction="sum")
-    return tok_loss, tok_loss * (scale / n_tok_step)
+    averages them over ranks, so each micro-batch's sum is multiplied by world x accumulation / n_tok_step."""
+    return world * accumulation / n_tok_step
 
 
 def vision_keepalive(model, dtype, device):
@@ -438,17 +433,18 @@ def train_step(r: "Run", micro: list[dict]) -> float:
     import deepspeed.comm as dist
     import torch
 
+    from pipeline.step import token_loss
+
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
     dist.all_reduce(n_tok)
     n_tok_step = max(n_tok.item(), 1.0)
     r.window["sup_tok_global"] += n_tok_step
     loss_sum = 0.0
+    scale = backprop_scale(n_tok_step, r.world, len(micro))
     for b in micro:
-        px = b["pixel_values"]
-        logits = r.engine(input_ids=b["input_ids"].to(r.device), attention_mask=b["attention_mask"].to(r.device),
-                          pixel_values=px.to(r.device, r.dtype) if px is not None else None).logits
-        tok_loss, loss = loss_step(logits, b["labels"].to(r.device), n_tok_step, scale=r.world * len(micro))
-        if px is None:
+        tok_loss = token_loss(r.engine, r.engine.module, b, r.device, r.dtype)
+        loss = tok_loss * scale
+        if b["pixel_values"] is None:
             # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts and the
             # projector stay in the graph (ZeRO cannot handle a trainable set that changes between steps). Through
             # the modules' own forward, so ZeRO-3 gathers their partitioned weights.

@@ -230,22 +230,6 @@ def test_ds_config_autofill_and_conflicts(tmp_path):
         ds_config(str(bad), args, world=1)
 
 
-def test_loss_step_is_the_token_sum_scaled_for_deepspeed_without_an_engine():
-    """Pure function: summed next-token cross-entropy over supervised labels, times world x accumulation / N."""
-    from pipeline.train import loss_step
-
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7, requires_grad=True)
-    labels = torch.tensor([[-100, 3, 1, -100, -100], [-100, -100, 6, 2, 0]])
-    tok_loss, loss = loss_step(logits, labels, n_tok_step=10.0, scale=4.0)
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    want = -sum(logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 5) if labels[b, t] != -100)
-    assert tok_loss.item() == pytest.approx(want.item(), rel=1e-6)
-    assert loss.item() == pytest.approx(want.item() * 4.0 / 10.0, rel=1e-6)
-    loss.backward()
-    assert logits.grad[:, -1].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0  # the last position predicts nothing
-
-
 def test_training_progress_round_trips_through_json_with_int_slots():
     from pipeline.train import TrainingProgress
 

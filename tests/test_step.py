@@ -1,0 +1,122 @@
+"""The training forward (pipeline/step.py) does less work than the stock model and computes the same thing:
+supervised-only logits, the index splice, the vision tower cut after its deepest feature layer."""
+
+import pytest
+import torch
+
+from pipeline.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens, vision_core
+from pipeline.models import build_tiny, skip_unused_vision_layers
+from pipeline.step import image_features, linear_cross_entropy, splice, supervised_rows, token_loss
+
+
+def full_logits_loss(model, b):
+    """The reference: the stock forward's logits at every position, shifted cross-entropy over supervised labels."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             b["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def _batch(model, layout: str, images: bool = True, seed: int = 0):
+    """Three rows of different lengths; `layout`: right / left padding; row 2 has no supervised token."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, nv = model.config, num_visual_tokens(model)
+    lengths, n = [nv + 14, nv + 9, nv + 6], nv + 14
+    ids = torch.zeros(3, n, dtype=torch.long)
+    labels = torch.full((3, n), -100)
+    mask = torch.zeros(3, n, dtype=torch.long)
+    for r, k in enumerate(lengths):
+        row = torch.randint(5, cfg.text_config.vocab_size, (k,), generator=g)
+        row[0] = 1
+        if images:
+            row[2:2 + nv] = cfg.image_token_id
+        lab = torch.full((k,), -100)
+        if r < 2:
+            lab[-(3 + r):] = row[-(3 + r):]  # the answer at the end of the row
+        cols = slice(0, k) if layout == "right" else slice(n - k, n)
+        ids[r, cols], labels[r, cols], mask[r, cols] = row, lab, 1
+    px = torch.randn(3, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g) if images else None
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px}
+
+
+def _grads(model):
+    """Gradients of the trainables (None: no graph edge, e.g. the vision side of a batch without images)."""
+    return {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tune_lm_head", [False, True])
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("images", [True, False])
+def test_supervised_only_loss_and_gradients_equal_the_full_logits_path(monkeypatch, tune_lm_head, layout, images):
+    monkeypatch.setattr("pipeline.step.CHUNK_ROWS", 2)  # several chunks, the last one short
+    model = attach_m2pt(build_tiny().model, M2PTConfig(tune_lm_head=tune_lm_head)).train()
+    skip_unused_vision_layers(model)
+    b = _batch(model, layout, images)
+    assert supervised_rows(b["labels"])[1].numel() == 7  # 3 + 4 answer tokens; row 2 none
+
+    want = full_logits_loss(model, b)
+    want.backward()
+    want_g = _grads(model)
+    model.zero_grad()
+    got = token_loss(model, model, b, "cpu", torch.float32)
+    got.backward()
+    got_g = _grads(model)
+
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert set(got_g) == set(want_g) and ("lm_head.weight" in got_g) == tune_lm_head
+    for name, g in want_g.items():
+        if not images and name.startswith(("m2pt.vision", "model.multi_modal_projector")):
+            assert g is None and got_g[name] is None  # neither path has a graph edge (the trainer adds a x0 one)
+            continue
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(got_g[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item()), name
+
+
+def test_linear_cross_entropy_without_supervised_rows_is_zero_and_keeps_the_graph():
+    head = torch.nn.Linear(4, 7, bias=False)
+    h = torch.randn(0, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, head, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and head.weight.grad is not None and head.weight.grad.abs().sum() == 0
+
+
+def test_splice_equals_masked_scatter_in_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 9, 5, generator=g, requires_grad=True)
+    ids = torch.tensor([[1, 4, 4, 4, 7, 8, 0, 0, 0], [1, 2, 4, 4, 4, 3, 9, 9, 2]])
+    feats = torch.randn(6, 5, generator=g, requires_grad=True)
+    up = torch.randn(2, 9, 5, generator=g)
+
+    mask = (ids == 4).unsqueeze(-1).expand_as(embeds)
+    want = embeds.masked_scatter(mask, feats)
+    want_e, want_f = torch.autograd.grad((want * up).sum(), (embeds, feats))
+    got = splice(embeds, feats, (ids.reshape(-1) == 4).nonzero().squeeze(1))
+    got_e, got_f = torch.autograd.grad((got * up).sum(), (embeds, feats))
+
+    assert torch.equal(got, want) and torch.equal(got_e, want_e) and torch.equal(got_f, want_f)
+    with pytest.raises(ValueError, match="6 image tokens, 5 feature rows"):
+        splice(embeds, feats[:5], (ids.reshape(-1) == 4).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("mode", ["official", "clean"])
+@pytest.mark.parametrize("feature_layer,skipped", [(-2, 1), (-1, 0), ([0, 1], 2)])
+def test_vision_tower_stops_after_its_deepest_feature_layer_with_the_same_features(mode, feature_layer, skipped):
+    def model():
+        base = build_tiny().model
+        base.config.vision_feature_layer = feature_layer
+        if isinstance(feature_layer, list):  # concatenated layers: a projector twice as wide, seeded alike
+            from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+            torch.manual_seed(0)
+            base.model.multi_modal_projector = LlavaMultiModalProjector(base.config)
+        return attach_m2pt(base, M2PTConfig(visual_token_mode=mode)).eval()
+
+    full, cut = model(), model()
+    assert skip_unused_vision_layers(cut) == skipped
+    ran = []
+    for layer in vision_core(cut).encoder.layers:
+        layer.mlp.register_forward_hook(lambda *a: ran.append(1))
+    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = image_features(full, px), image_features(cut, px)
+    assert len(ran) == 3 - skipped  # one MLP call per layer that still runs (3 layers)
+    assert got.shape[0] == 2 * num_visual_tokens(cut) and torch.equal(got, want)
