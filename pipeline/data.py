@@ -199,14 +199,17 @@ def collate(items: list[dict], pad_id: int) -> dict:
 class ShardStream(IterableDataset):
     """Endless, deterministic stream of batches for one rank (see the module docstring).
 
-    `start`: {slot: [epoch, raw_consumed]} from a checkpoint; each slot resumes right after that sample."""
+    `start`: {slot: [epoch, raw_consumed(, batches of a length group emitted)]} from a checkpoint; each slot resumes
+    right after that sample (or inside that length group)."""
 
     def __init__(self, shards: list[str], *, rank: int, world: int, seed: int, batch_size: int, preprocess,
-                 pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None, counts: dict | None = None):
+                 pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None, counts: dict | None = None,
+                 group_batches: int = 0):
         self.shards, self.rank, self.world, self.seed = list(shards), rank, world, seed
         self.counts = dict(counts or {})  # shard -> samples its manifest lists
         self.batch_size, self.preprocess, self.pad_id = batch_size, preprocess, pad_id
         self.shuffle_buffer, self.start = shuffle_buffer, {int(k): v for k, v in (start or {}).items()}
+        self.group_batches = group_batches  # 0: batches in stream order; k: length-grouped within k batches
 
     def _read_shard(self, url: str, stats: Counter, count_lost: bool):
         """Raw samples of one tar. A truncated or corrupt tar ends early: the samples its manifest promised but
@@ -244,13 +247,9 @@ class ShardStream(IterableDataset):
             raw = _shuffle(raw, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
         return raw
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        slot, nslots = self.rank * nworkers + wid, self.world * nworkers
-        epoch, skip = self.start.get(slot, (0, 0))
-        stats: Counter = Counter()
-        buf: list[dict] = []
+    def _samples(self, slot: int, nslots: int, epoch: int, skip: int, stats: Counter):
+        """Endless preprocessed samples of one slot, starting after raw sample `skip` of `epoch`:
+        yields (sample, epoch, raw samples of that epoch consumed so far)."""
         while True:
             n = 0
             for raw in self._raw(slot, nslots, epoch, stats):
@@ -258,19 +257,57 @@ class ShardStream(IterableDataset):
                 if n <= skip:
                     continue
                 try:
-                    buf.append(self.preprocess(raw))
+                    item = self.preprocess(raw)
                 except SkipSample as e:
                     stats[e.reason] += 1
                     log.debug("skipped sample: %s", e)
                     continue
-                if len(buf) == self.batch_size:
-                    batch = collate(buf, self.pad_id)
-                    batch["cursor"] = (slot, epoch, n)
-                    batch["skipped"] = dict(stats)
-                    stats.clear()
-                    buf = []
-                    yield batch
+                yield item, epoch, n
             if n == 0:
-                raise RuntimeError(f"data slot {slot} (rank {self.rank}, worker {wid}) got no samples from "
-                                   f"{len(self.shards)} shard(s): fewer samples than ranks x workers?")
+                raise RuntimeError(f"data slot {slot} (rank {self.rank}) got no samples from {len(self.shards)} "
+                                   "shard(s): fewer samples than ranks x workers?")
             epoch, skip = epoch + 1, 0
+
+    def _emit(self, items: list[dict], cursor: tuple, stats: Counter) -> dict:
+        batch = collate(items, self.pad_id)
+        batch["cursor"] = cursor
+        batch["skipped"] = dict(stats)
+        stats.clear()
+        return batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        slot, nslots = self.rank * nworkers + wid, self.world * nworkers
+        epoch, skip, *rest = self.start.get(slot, (0, 0))
+        emitted = rest[0] if rest else 0
+        stats: Counter = Counter()
+        samples = self._samples(slot, nslots, epoch, skip, stats)
+        bs = self.batch_size
+        if not self.group_batches:
+            while True:
+                items = [next(samples) for _ in range(bs)]
+                yield self._emit([x for x, _, _ in items], (slot, *items[-1][1:]), stats)
+        # Length-grouped: read `group_batches` batches' worth of samples, cut them into batches of similar length,
+        # emit those in a seeded random order. A batch's cursor is (slot, epoch, n before the group, batches of the
+        # group already emitted); a resumed run rebuilds the group from there (same samples, same order) and skips
+        # what was emitted. The group's last batch carries the plain cursor after the group.
+        pos = (epoch, skip)
+        while True:
+            group = [next(samples) for _ in range(bs * self.group_batches)]
+            batches = group_by_length([x for x, _, _ in group], bs, random.Random(f"{self.seed}/{slot}/{pos}"))
+            if emitted:
+                stats.clear()  # the skips met while building this group were reported before the interruption
+            for j in range(emitted, len(batches)):
+                last = j + 1 == len(batches)
+                yield self._emit(batches[j], (slot, *group[-1][1:]) if last else (slot, *pos, j + 1), stats)
+            pos, emitted = group[-1][1:], 0
+
+
+def group_by_length(items: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """Batches of similar token length (LLaVA's `group_by_modality_length` idea, inside one slot's stream): sort
+    by length, cut into batches, shuffle the batch order so that step lengths still vary."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    batches = [[items[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_max_length", type=int, default=2048,
                    help="max tokens per sample after <image> expansion (text prompts not counted); longer samples "
                         "are skipped and counted, never truncated")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="batch samples of similar token length: each loader worker sorts --length_group_batches "
+                        "batches' worth of samples by length and emits them as batches in a seeded random order "
+                        "(less padding; resume stays exact)")
+    g.add_argument("--length_group_batches", type=int, default=16,
+                   help="with --group_by_length: batches per length group (larger: less padding, less mixing)")
     g.add_argument("--dataloader_num_workers", type=int, default=1, help="loader processes per rank")
     g.add_argument("--shuffle_buffer", type=int, default=1000, help="samples in each worker's shuffle buffer")
     g.add_argument("--max_bad_sample_fraction", type=float, default=0.05,
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true", help="float16 training (GPU only)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     g.add_argument("--seed", type=int, default=42, help="seed of prompts, data order and dropout")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device for the 'mfu' metric (default: the GPU's dense bf16 datasheet "
+                        "value, or on CPU a short fp32 GEMM probe at start-up; formula in pipeline/flops.py)")
     g.add_argument("--num_threads", type=int, default=None,
                    help="intra-op threads per rank (default: OMP_NUM_THREADS if set, else this rank's share of the "
                         "node's cores, lowered when the machine is already busy; logged at start-up)")
@@ -140,6 +149,8 @@ def _flag_problems(a) -> list[str]:
         (a.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
         (a.dist_timeout >= 1, "--dist_timeout must be >= 1"),
         (a.num_threads is None or a.num_threads >= 1, "--num_threads must be >= 1"),
+        (a.peak_tflops is None or a.peak_tflops > 0, "--peak_tflops must be > 0"),
+        (a.length_group_batches >= 1, "--length_group_batches must be >= 1"),
         (not (a.bf16 and a.fp16), "choose one of --bf16 / --fp16"),
     ]
     return [msg for ok, msg in rules if not ok]
@@ -350,7 +361,7 @@ class TrainingProgress:
 
     step: int = 0
     totals: Counter = field(default_factory=Counter)
-    cursors: dict = field(default_factory=dict)  # loader slot -> [epoch, raw samples consumed in that epoch]
+    cursors: dict = field(default_factory=dict)  # loader slot -> [epoch, raw samples consumed in it(, group pos)]
 
     def state_dict(self) -> dict:
         return {"totals": dict(self.totals), "cursors": {str(k): list(v) for k, v in self.cursors.items()}}
@@ -364,8 +375,8 @@ class TrainingProgress:
         """Record a batch taken from the loader: its slot's new position and the samples skipped before it."""
         from pipeline.data import READ_ERRORS
 
-        slot, epoch, n = batch["cursor"]
-        self.cursors[slot] = [epoch, n]
+        slot, *position = batch["cursor"]
+        self.cursors[slot] = position
         for k, v in batch["skipped"].items():
             self.totals[k if k == READ_ERRORS else "skipped_" + k] += v
 
@@ -433,6 +444,7 @@ def train_step(r: "Run", micro: list[dict]) -> float:
     import deepspeed.comm as dist
     import torch
 
+    from pipeline.flops import batch_flops
     from pipeline.step import token_loss
 
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
@@ -454,7 +466,7 @@ def train_step(r: "Run", micro: list[dict]) -> float:
         loss_sum += tok_loss.item()
         counts = {"samples": b["input_ids"].shape[0], "tokens": int(b["attention_mask"].sum())}
         r.progress.totals.update(counts)
-        r.window.update(counts)
+        r.window.update(counts, flops=batch_flops(r.flop_model, b))
     return loss_sum
 
 
@@ -537,15 +549,17 @@ def log_window(r: "Run") -> None:
     import torch
 
     w = r.window
-    red = torch.tensor([w["loss_sum"], w["samples"], w["tokens"]], device=r.device, dtype=torch.float64)
+    red = torch.tensor([w["loss_sum"], w["samples"], w["tokens"], w["flops"]], device=r.device, dtype=torch.float64)
     dist.all_reduce(red)
     counts = global_counts(r.progress.totals, r.device)
     elapsed = time.time() - r.t_window
+    tflops = red[3].item() / r.world / elapsed / 1e12  # model TFLOP/s per device (pipeline/flops.py)
     rec = {"step": r.progress.step, "epoch": round(r.progress.step / r.steps_per_epoch, 4),
            "loss": red[0].item() / w["sup_tok_global"], "lr": r.scheduler.get_last_lr()[0],
            "grad_norm": float(r.engine.get_global_grad_norm() or 0.0),
            "samples_per_s": red[1].item() / elapsed, "tokens_per_s": red[2].item() / elapsed,
            "data_wait_share": w["t_data"] / max(w["t_step"], 1e-9), "sec_per_step": w["t_step"] / w["steps"],
+           "tflops": tflops, "mfu": tflops / r.peak_tflops if r.peak_tflops else None,
            "peak_mem_mb": round(peak_memory_mb(), 1),
            **{k: v for k, v in counts.items() if k not in ("samples", "tokens")}}
     r.metrics.write(rec)
@@ -578,6 +592,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     run_id: str
+    flop_model: object
+    peak_tflops: float
     window: Counter = field(default_factory=Counter)
     t_window: float = field(default_factory=time.time)
 
@@ -618,13 +634,14 @@ def write_config(r: Run, cfg: dict, ckpt, shards, model, n_train: int, n_total: 
 
 
 def setup(args, plan: dict, rank: int, world: int) -> Run:
-    """Model -> engine -> resume -> config.json / metrics start line -> data loader."""
+    """Model -> engine -> resume -> config.json / metrics start line -> data loader (last)."""
     import torch
     from tqdm import tqdm
 
     from pipeline import dist as pdist
     from pipeline.chat import VicunaTemplate
     from pipeline.data import Preprocess, ShardStream, count_samples
+    from pipeline.flops import FlopModel, peak_tflops
     from pipeline.m2pt import num_visual_tokens
     from pipeline.run_control import quiet_worker
 
@@ -646,14 +663,14 @@ def setup(args, plan: dict, rank: int, world: int) -> Run:
                          batch_size=args.per_device_train_batch_size,
                          preprocess=Preprocess(template, base.image_processor, args.model_max_length),
                          pad_id=base.tokenizer.pad_token_id, shuffle_buffer=args.shuffle_buffer,
-                         start=progress.cursors, counts=shards.counts)
-    loader = iter(torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=args.dataloader_num_workers,
-        worker_init_fn=quiet_worker if args.dataloader_num_workers > 0 else None))
+                         start=progress.cursors, counts=shards.counts,
+                         group_batches=args.length_group_batches if args.group_by_length else 0)
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    r = Run(args, rank, world, pdist.device(), dtype, out, base, engine, scheduler, checkpointer, progress, metrics,
-            loader, bar, n_samples, steps_per_epoch, total_steps, run_id)
+    device = pdist.device()
+    peak, peak_from = (args.peak_tflops, "--peak_tflops") if args.peak_tflops else peak_tflops(device, dtype)
+    r = Run(args, rank, world, device, dtype, out, base, engine, scheduler, checkpointer, progress, metrics,
+            None, bar, n_samples, steps_per_epoch, total_steps, run_id, FlopModel.from_model(model), peak)
     if rank == 0:
         write_config(r, plan["deepspeed_config"], ckpt, shards, model, n_train, n_total)
         write_run_state(out, state="running", step=progress.step, total_steps=total_steps, run_id=run_id)
@@ -662,6 +679,11 @@ def setup(args, plan: dict, rank: int, world: int) -> Run:
         log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps", n_samples,
                  len(shards.paths), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                  steps_per_epoch, total_steps)
+        log.info("peak for MFU: %.3g TFLOP/s per device (%s)", peak, peak_from)
+    # Last: once its worker processes exist, every exit path must stop them (train()'s finally; see close_loader).
+    r.loader = iter(torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.dataloader_num_workers,
+        worker_init_fn=quiet_worker if args.dataloader_num_workers > 0 else None))
     return r
 
 

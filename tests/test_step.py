@@ -120,3 +120,39 @@ def test_vision_tower_stops_after_its_deepest_feature_layer_with_the_same_featur
         want, got = image_features(full, px), image_features(cut, px)
     assert len(ran) == 3 - skipped  # one MLP call per layer that still runs (3 layers)
     assert got.shape[0] == 2 * num_visual_tokens(cut) and torch.equal(got, want)
+
+
+def test_flop_formula_matches_a_hand_count_on_the_tiny_config():
+    from pipeline.flops import FlopModel, batch_flops
+
+    model = attach_m2pt(build_tiny().model, M2PTConfig())  # pv = pt = 10, official mode, projector trains
+    fm = FlopModel.from_model(model)
+    vocab = model.config.text_config.vocab_size
+    # One row: 40 real tokens + 5 pads, one image, labels on its last 3 tokens.
+    ids = torch.zeros(1, 45, dtype=torch.long)
+    mask = torch.zeros(1, 45, dtype=torch.long)
+    mask[0, :40] = 1
+    labels = torch.full((1, 45), -100)
+    labels[0, 37:40] = 7
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.zeros(1, 3, 32, 32)}
+
+    # vision: width 64, MLP 128, 2 of 3 layers run (feature layer -2), 16 patches + CLS + 10 prompts = 27 positions
+    v_layer = 8 * 27 * 64 * 64 + 4 * 27 * 64 * 128  # q, k, v, o + MLP
+    v_att = 2 * 4 * 27 * 27 * 64
+    patch = 2 * 16 * (3 * 8 * 8) * 64
+    v_mm = 2 * v_layer + patch
+    # projector: gelu MLP 64 -> 128 -> 128 on 26 visual tokens (official: 16 patches + CLS + 9 prompts)
+    proj = 2 * 26 * (64 * 128 + 128 * 128)
+    # LLM: width 128, 2 kv heads of 32 (k/v width 64), MLP 256, 4 layers; 40 tokens + 10 prompt slots = 50
+    t_layer = 2 * 50 * 128 * 128 * 2 + 2 * 50 * 128 * 64 * 2 + 3 * 2 * 50 * 128 * 256
+    t_mm = 4 * t_layer
+    t_att = 4 * 2 * 50 * 51 * 128  # causal: 50 * 51 / 2 query-key pairs, two products
+    head = 2 * 3 * 128 * vocab  # the 3 supervised rows only
+    forward = v_mm + v_att + proj + t_mm + t_att + head
+    backward = (v_mm - patch) + 2 * v_att + proj + t_mm + 2 * t_att + head + proj  # + the projector's weight grads
+    assert (v_layer, t_layer) == (1_769_472, 14_745_600)
+    assert batch_flops(fm, batch) == forward + backward
+
+    # --tune_lm_head adds exactly the head's weight gradient
+    head_model = attach_m2pt(build_tiny().model, M2PTConfig(tune_lm_head=True))
+    assert batch_flops(FlopModel.from_model(head_model), batch) == forward + backward + head
