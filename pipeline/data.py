@@ -199,8 +199,8 @@ def collate(items: list[dict], pad_id: int) -> dict:
 class ShardStream(IterableDataset):
     """Endless, deterministic stream of batches for one rank (see the module docstring).
 
-    `start`: {slot: [epoch, raw_consumed(, batches of a length group emitted)]} from a checkpoint; each slot resumes
-    right after that sample (or inside that length group)."""
+    `start`: {slot: [epoch, raw_consumed(, batches of a length group emitted, group size)]} from a checkpoint; each
+    slot resumes right after that sample (or inside that length group)."""
 
     def __init__(self, shards: list[str], *, rank: int, world: int, seed: int, batch_size: int, preprocess,
                  pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None, counts: dict | None = None,
@@ -275,33 +275,38 @@ class ShardStream(IterableDataset):
         stats.clear()
         return batch
 
+    def _group(self, samples, slot: int, pos: tuple, size: int, emitted: int, stats: Counter):
+        """One length group: `size` batches' worth of samples, cut into batches of similar length, emitted in a
+        seeded order. Cursor of each batch but the last: (slot, epoch, n before the group, batches emitted, size);
+        a resumed run rebuilds the group from there (same samples, same order, same size) and skips what was
+        emitted. The last batch carries the plain cursor after the group. Returns that position."""
+        group = [next(samples) for _ in range(self.batch_size * size)]
+        rng = random.Random(f"{self.seed}/{slot}/{pos}")
+        batches = group_by_length([x for x, _, _ in group], self.batch_size, rng)
+        if emitted:
+            stats.clear()  # the skips met while building this group were reported before the interruption
+        for j in range(emitted, len(batches)):
+            last = j + 1 == len(batches)
+            yield self._emit(batches[j], (slot, *group[-1][1:]) if last else (slot, *pos, j + 1, size), stats)
+        return group[-1][1:]
+
     def __iter__(self):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         slot, nslots = self.rank * nworkers + wid, self.world * nworkers
-        epoch, skip, *rest = self.start.get(slot, (0, 0))
-        emitted = rest[0] if rest else 0
+        epoch, skip, *inside = self.start.get(slot, (0, 0))
         stats: Counter = Counter()
         samples = self._samples(slot, nslots, epoch, skip, stats)
-        bs = self.batch_size
-        if not self.group_batches:
-            while True:
-                items = [next(samples) for _ in range(bs)]
-                yield self._emit([x for x, _, _ in items], (slot, *items[-1][1:]), stats)
-        # Length-grouped: read `group_batches` batches' worth of samples, cut them into batches of similar length,
-        # emit those in a seeded random order. A batch's cursor is (slot, epoch, n before the group, batches of the
-        # group already emitted); a resumed run rebuilds the group from there (same samples, same order) and skips
-        # what was emitted. The group's last batch carries the plain cursor after the group.
         pos = (epoch, skip)
+        if inside:  # stopped inside a length group: finish it as it was built, whatever the flags are now
+            emitted, size = inside
+            pos = yield from self._group(samples, slot, pos, size, emitted, stats)
         while True:
-            group = [next(samples) for _ in range(bs * self.group_batches)]
-            batches = group_by_length([x for x, _, _ in group], bs, random.Random(f"{self.seed}/{slot}/{pos}"))
-            if emitted:
-                stats.clear()  # the skips met while building this group were reported before the interruption
-            for j in range(emitted, len(batches)):
-                last = j + 1 == len(batches)
-                yield self._emit(batches[j], (slot, *group[-1][1:]) if last else (slot, *pos, j + 1), stats)
-            pos, emitted = group[-1][1:], 0
+            if self.group_batches:
+                pos = yield from self._group(samples, slot, pos, self.group_batches, 0, stats)
+            else:
+                items = [next(samples) for _ in range(self.batch_size)]
+                yield self._emit([x for x, _, _ in items], (slot, *items[-1][1:]), stats)
 
 
 def group_by_length(items: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:

@@ -6,8 +6,8 @@
 With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
 process, and prints where the adapter went. The file reads in the order a run uses it: flags -> start-up checks
 (flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) -> model and engine
--> progress and checkpoints -> one step (train_step, backprop_scale; the forward is pipeline/step.py) -> metrics -> setup -> train_loop -> finish; `run`
-at the bottom starts the process group and ties them together.
+-> progress and checkpoints -> one step (train_step, backprop_scale; the forward is pipeline/step.py) -> metrics
+-> setup -> train_loop -> finish; `run` at the bottom starts the process group and ties them together.
 
 Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
 mistake (one line starting "error:", before any work); 1 anything else (run_state.json then says "failed").
@@ -361,7 +361,7 @@ class TrainingProgress:
 
     step: int = 0
     totals: Counter = field(default_factory=Counter)
-    cursors: dict = field(default_factory=dict)  # loader slot -> [epoch, raw samples consumed in it(, group pos)]
+    cursors: dict = field(default_factory=dict)  # slot -> [epoch, raw consumed in it(, group batches done, size)]
 
     def state_dict(self) -> dict:
         return {"totals": dict(self.totals), "cursors": {str(k): list(v) for k, v in self.cursors.items()}}

@@ -50,9 +50,13 @@ def test_grouped_stream_resumes_exactly_where_it_stopped(shards, stop_after):
     for _ in range(stop_after):
         cursor = next(it)["cursor"]
     slot, *position = cursor
-    assert len(position) == (3 if stop_after % GROUP else 2)
+    assert len(position) == (4 if stop_after % GROUP else 2)
     resumed = _stream(shards, start={slot: position})
     assert [next(resumed)["ids"] for _ in range(20 - stop_after)] == straight[stop_after:]
+    # Resumed without grouping: the interrupted group is finished as it was built, then stream order.
+    plain = _stream(shards, start={slot: position}, group=0)
+    rest = (GROUP - stop_after % GROUP) % GROUP
+    assert [next(plain)["ids"] for _ in range(rest)] == straight[stop_after:stop_after + rest]
 
 
 @pytest.mark.slow
