@@ -195,12 +195,10 @@ def _write_rank_part(engine, tmp: Path, rank: int, rank_state: dict, adapter_ten
         return None, _save_error(e, tmp.parent)
 
 
-def _write_rank0_part(model, tmp: Path, tensors, state: dict) -> str | None:
+def _write_rank0_part(write_adapter, tmp: Path, tensors, state: dict) -> str | None:
     """Rank 0: the adapter, the trainer state, then the marker that vouches for every file."""
-    from pipeline.m2pt import save_adapter
-
     try:
-        save_adapter(model, tmp / "adapter", state_dict=tensors)
+        write_adapter(tmp / "adapter", tensors)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         _write_marker(tmp)
         return None
@@ -218,10 +216,12 @@ def _publish(root: Path, tmp: Path, final: Path, limit: int | None) -> None:
     _prune(root, limit, keep=final)
 
 
-def save(engine, model, output_dir, step: int, rank: int, world: int, state: dict, rank_state: dict,
+def save(engine, write_adapter, output_dir, step: int, rank: int, world: int, state: dict, rank_state: dict,
          adapter_tensors_fn, save_total_limit: int | None) -> Path:
     """Collective: every rank must call it. Returns the checkpoint path; raises CheckpointError on every rank when
-    any rank failed to write (the partial copy is removed, the previous checkpoint is untouched)."""
+    any rank failed to write (the partial copy is removed, the previous checkpoint is untouched).
+    `adapter_tensors_fn()` (every rank) gathers the artifact's tensors; `write_adapter(folder, tensors)` (rank 0)
+    writes them."""
     import deepspeed.comm as dist
 
     root = ckpt_root(output_dir)
@@ -235,7 +235,7 @@ def save(engine, model, output_dir, step: int, rank: int, world: int, state: dic
     dist.barrier()
     tensors, error = _write_rank_part(engine, tmp, rank, rank_state, adapter_tensors_fn)
     if not _any_failed(error) and rank == 0:
-        error = _write_rank0_part(model, tmp, tensors, dict(state, step=step, world_size=world))
+        error = _write_rank0_part(write_adapter, tmp, tensors, dict(state, step=step, world_size=world))
     if _any_failed(error):
         if rank == 0:
             _remove(tmp)

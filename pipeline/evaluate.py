@@ -23,7 +23,7 @@ import logging
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +105,22 @@ def score(records: list[dict]) -> dict:
     return res
 
 
+MAJORITY = "majority answer"
+
+
+def majority_baseline(items: dict) -> dict:
+    """The row of a model that answers every question of a task with the task's most frequent target (its first
+    reference answer for open VQA), scored exactly as generated answers are."""
+    recs, answers = [], {}
+    for task, its in items.items():
+        targets = Counter(it.get("target") or (it.get("answers") or [""])[0] for it in its)
+        answers[task] = max(sorted(targets), key=targets.get)  # ties: alphabetical, so the row is reproducible
+        recs += [{k: it.get(k) for k in ("task", "category", "image_id", "qid", "question", "target", "answers")}
+                 | {"prediction": answers[task]} for it in its]
+    mark_correct(recs)
+    return {"tasks": score(recs), "provenance": {"method": "majority answer", "answers": answers}}
+
+
 def mark_correct(records: list[dict]) -> None:
     """Per-question rule-based correctness, written into the predictions file for inspection."""
     for r in records:
@@ -184,7 +200,8 @@ class EvalConfig:
     model_vision: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: CLIP vision folder"})
     mm_projector: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: stage-1 mm_projector.bin"})
     adapter: list | None = field(default=None, metadata={"nargs": "*", "help": (
-        "one or more adapter folders (adapter_config.json + adapter_model.safetensors); one row each")})
+        "one or more training artifacts, one row each: M2PT adapters (--method m2pt / visual / text / projector), "
+        "PEFT LoRA adapters (--method lora) or model folders (--method full)")})
     with_base: bool = field(default=False, metadata={"help": (
         "also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")})
     tasks: str | None = field(default=None, metadata={"help": (
@@ -205,6 +222,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     limit: int | None = field(default=None, metadata={"type": int, "help": (
         "evaluate only the first N questions per task (MME: rounded up to whole image pairs)")})
+    majority_baseline: bool = field(default=True, metadata={"help": (
+        "also score the majority answer: every question of a task answered with that task's most frequent target, "
+        "scored by the same rules (no model; the floor a tuned model must beat)")})
     judge_model: str | None = field(default=None, metadata={"help": (
         "local HF causal LM used as the reference's yes/no judge for the non-MME tasks (e.g. vicuna-13b-v1.5); "
         "reported as judge_accuracy beside the rule-based score")})
@@ -260,9 +280,9 @@ def rescore(cfg: EvalConfig) -> dict:
 
 
 def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
-    """Rows to evaluate [(name, adapter | None, its adapter config | None)], the items per task, and the data
-    root - everything checked before any model loads (adapter configs, task files, MME pairs)."""
-    from pipeline.m2pt import read_adapter_config
+    """Rows to evaluate [(name, adapter | None, what methods.read_artifact says of it | None)], the items per task,
+    and the data root - everything checked before any model loads (adapter configs, task files, MME pairs)."""
+    from pipeline.methods import read_artifact
 
     default = cfg.tasks is None and cfg.data_root is None
     task_paths = parse_tasks(cfg.tasks or "sample_mnist,sample_pope")
@@ -277,7 +297,7 @@ def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
         cfg.with_base = True
     # Each adapter's config is read once, here: a broken one fails before any model loads.
     runs = ([("base", None, None)] if (cfg.with_base or not adapters) else []) + [
-        (_run_name(a), a, read_adapter_config(a)) for a in adapters]
+        (_run_name(a), a, read_artifact(a)) for a in adapters]
     items = {t: limit_items(t, load_task(t, data_root, cfg.coco_root, p), cfg.limit) for t, p in task_paths.items()}
     if "mme" in items:
         metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
@@ -290,13 +310,20 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
     import torch
 
     from pipeline.chat import VicunaTemplate
-    from pipeline.m2pt import load_adapter, num_visual_tokens
+    from pipeline.m2pt import num_visual_tokens
+    from pipeline.methods import load_artifact
     from pipeline.models import load_base
 
     t0 = time.time()
     dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32
-    base = load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector, dtype=dtype)
-    model = load_adapter(base.model, adapter) if adapter else base.model
+    kind = adapter_config["kind"] if adapter_config else None
+    if kind == "full":  # a fully fine-tuned model folder is the model
+        base = load_base(adapter, dtype=dtype)
+        model = base.model
+    else:
+        base = load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
+                         dtype=dtype)
+        model = load_artifact(base.model, adapter, kind) if adapter else base.model
     model.to(cfg.device).eval()
     template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
     recs = []
@@ -317,7 +344,9 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
             f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
     return {"tasks": score(recs), "provenance": {
         "base_model": base.name, "adapter": adapter,
-        "adapter_config": adapter_config["m2pt_config"] if adapter_config else None,
+        "method": adapter_config["training_method"] if adapter_config else "base",
+        "adapter_config": (adapter_config["config"].get("m2pt_config") if kind == "m2pt"
+                           else adapter_config["config"] if kind == "lora" else None),
         "data_root": str(data_root), "tasks": list(items), "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
         "seconds": round(time.time() - t0, 1)}}
@@ -334,7 +363,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     runs, items, data_root = plan_runs(cfg)
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model else None
-    results = {}
+    results = {MAJORITY: majority_baseline(items)} if cfg.majority_baseline else {}
     for name, adapter, adapter_config in runs:
         results[name] = evaluate_one(cfg, name, adapter, adapter_config, items, data_root, judge)
         log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in results[name]["tasks"].items()})

@@ -14,7 +14,8 @@ forward
 backward
   activation gradients: once more every forward matmul above the lowest trainable input (prompts enter at the first
   vision layer, so the whole tower and LLM), and twice the attention products (dQ, dK, dV, dP);
-  weight gradients: only for trainable matrices (projector, lm_head with --tune_lm_head): once their forward.
+  weight gradients: only for trainable matrices (projector, lm_head with --tune_lm_head; every matmul with
+  --method full): once their forward. LoRA's own small matmuls are not counted.
 
 Peak: the GPU's dense bf16/fp16 datasheet value (`PEAK_TFLOPS`), `--peak_tflops`, or on a CPU a short fp32 GEMM probe
 (`gemm_probe`) with the run's thread count, so MFU on a CPU reads "share of what this CPU's matmul reaches".
@@ -57,12 +58,13 @@ class FlopModel:
     pt: int
     train_projector: bool = True
     train_lm_head: bool = False
+    train_all: bool = False  # --method full: weight gradients of every matmul
 
     @classmethod
     def from_model(cls, model) -> "FlopModel":
         from torch import nn
 
-        from pipeline.m2pt import _feature_layers, num_patches, num_visual_tokens, projector
+        from pipeline.m2pt import _feature_layers, language_model, num_patches, num_visual_tokens, projector
 
         vc, tc = model.config.vision_config, model.config.text_config
         m2 = getattr(model, "m2pt_config", None)
@@ -79,7 +81,8 @@ class FlopModel:
             i_t=tc.intermediate_size, text_layers=tc.num_hidden_layers, vocab=tc.vocab_size,
             pt=m2.text_prompt_length if m2 else 0,
             train_projector=any(p.requires_grad for p in proj.parameters()),
-            train_lm_head=model.get_output_embeddings().weight.requires_grad)
+            train_lm_head=model.get_output_embeddings().weight.requires_grad,
+            train_all=any(p.requires_grad for n, p in language_model(model).named_parameters() if "lora_" not in n))
 
     # ------------------------------------------------------------------------------------------- pieces
     def vision_forward(self) -> tuple[int, int]:
@@ -106,6 +109,8 @@ class FlopModel:
         fwd = images * (v_mm + v_att) + proj + t_mm + t_att + head
         bwd_act = images * (v_mm - patch + 2 * v_att) + proj + t_mm + 2 * t_att + head
         bwd_w = (proj if self.train_projector else 0) + (head if self.train_lm_head else 0)
+        if self.train_all:
+            bwd_w += images * v_mm + t_mm
         return fwd + bwd_act + bwd_w
 
 

@@ -318,6 +318,7 @@ def trainable_parameters(model) -> dict[str, nn.Parameter]:
 def parameter_table(model) -> list[tuple[str, int, int]]:
     """(module, trainable, total) per top-level module group, for the start-up table."""
     groups = {
+        "LoRA": None,  # any name with a lora_ part (peft), wherever it sits
         "vision prompts": "m2pt.vision_prompts",
         "text prompts": "m2pt.text_prompts",
         "projector": "model.multi_modal_projector",
@@ -332,7 +333,9 @@ def parameter_table(model) -> list[tuple[str, int, int]]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        key = next((k for k, pre in groups.items() if n.startswith(pre)), "other")
+        n = n.removeprefix("base_model.model.")  # under a peft PeftModel
+        key = "LoRA" if ".lora_" in n else next(
+            (k for k, pre in groups.items() if pre and n.startswith(pre)), "other")
         rows[key][1] += p.numel()
         if p.requires_grad:
             rows[key][0] += p.numel()

@@ -31,6 +31,7 @@ from pathlib import Path
 from pipeline.cli import add_config_flags
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.m2pt import M2PTConfig
+from pipeline.methods import METHODS, LoraSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: flash_attention_2 when CUDA + flash-attn are present, else sdpa")
     g.add_argument("--init_adapter", default=None, help="start from this adapter's prompts/projector (and its config)")
 
+    g = ap.add_argument_group("method (pipeline/methods.py)")
+    g.add_argument("--method", default="m2pt", choices=METHODS,
+                   help="m2pt: visual + textual prompts + projector; visual: visual prompts + projector; text: "
+                        "textual prompts + projector; projector: projector only; lora: peft LoRA on the LLM + "
+                        "projector; full: every weight")
+    add_config_flags(g, LoraSettings)
     g = ap.add_argument_group("M2PT (pipeline.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
     add_config_flags(g, M2PTConfig, exclude=("seed",), aliases=M2PT_ALIASES)
 
@@ -216,7 +223,13 @@ def build_sample_shards(args, m2pt) -> Path:
     from pipeline.sample_data import ensure_sample
     from pipeline.shards import ShardBuildConfig, build
 
-    shards = DATA_HOME / "sample_shards"
+    from pipeline.m2pt import count_visual_tokens
+    from pipeline.models import load_text_side
+
+    # One folder per visual-token count the lengths were measured with (26 for the tiny model with 10 prompts in
+    # official mode; 16 without visual prompts, e.g. --method text / lora / full).
+    n = count_visual_tokens(load_text_side(args.model)[1], m2pt)
+    shards = DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
     if not (shards / "manifest.json").is_file():
         sample = ensure_sample(DATA_HOME / "sample")
         log.info("building shards of the embedded sample set at %s", shards)
@@ -227,13 +240,46 @@ def build_sample_shards(args, m2pt) -> Path:
     return shards
 
 
+def _fix_method_lengths(args) -> None:
+    """--method visual / text / projector / lora / full fix prompt lengths (and lora / full the LM head): an explicit
+    flag that disagrees is an error; otherwise args are rewritten so config.json records what really trains."""
+    from pipeline.methods import FIXED_LENGTHS, PROMPT_METHODS
+
+    fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(args.method, (0, 0))))
+    if args.method not in PROMPT_METHODS:
+        fixed.update(tune_lm_head=False, tune_projector=True)
+        if args.init_adapter:
+            raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {args.method} cannot use one")
+    clash = [f"--{k}" for k, v in fixed.items() if v is not None and k in args.explicit and getattr(args, k) != v]
+    if args.method != "lora":
+        clash += [f"--{f.name}" for f in fields(LoraSettings) if f.name in args.explicit]
+    if clash:
+        raise UsageError(f"--method {args.method} fixes or ignores {', '.join(clash)}: drop the flag(s) or choose "
+                         "another method")
+    if args.init_adapter:
+        from pipeline.m2pt import read_adapter_config
+
+        have = read_adapter_config(args.init_adapter)["m2pt_config"]
+        wrong = [f"{k} {have.get(k)}" for k, v in fixed.items() if v is not None and have.get(k) != v]
+        if wrong:
+            raise UsageError(f"--init_adapter {args.init_adapter} has {', '.join(wrong)}, which --method "
+                             f"{args.method} does not train")
+    for k, v in fixed.items():
+        if v is not None:
+            setattr(args, k, v)
+
+
 def method_config(args):
     """The M2PT config of this run: from the flags, or from --init_adapter (then an explicit method flag that
-    disagrees with the adapter is an error, and args are rewritten so config.json records what really trains)."""
+    disagrees with the adapter is an error, and args are rewritten so config.json records what really trains).
+    For lora / full: prompt lengths 0 (no prompts are attached; the visual-token count is the stock one)."""
     from pipeline.m2pt import read_adapter_config
 
+    _fix_method_lengths(args)
     if not args.init_adapter:
         cfg = M2PTConfig(**{k: getattr(args, k) for k in METHOD_FLAGS}, seed=args.seed)
+        if args.method in ("lora", "full"):
+            return cfg
         if not (cfg.visual_prompt_length or cfg.text_prompt_length or cfg.tune_projector or cfg.tune_lm_head):
             raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
                              "is not tuned")
@@ -304,12 +350,15 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
 
 # ------------------------------------------------------------------------------------------- model and engine
 def build_model(args, m2pt, rank: int):
-    from pipeline.m2pt import attach_m2pt, load_adapter, parameter_table
+    from pipeline import methods
+    from pipeline.m2pt import load_adapter, parameter_table
     from pipeline.models import load_base
 
     base = load_base(args.model, llm=args.model_llm, vision=args.model_vision, mm_projector=args.mm_projector,
                      attn=args.attn_implementation)
-    model = load_adapter(base.model, args.init_adapter) if args.init_adapter else attach_m2pt(base.model, m2pt)
+    lora = LoraSettings(**{f.name: getattr(args, f.name) for f in fields(LoraSettings)})
+    model = (load_adapter(base.model, args.init_adapter) if args.init_adapter
+             else methods.apply(base.model, args.method, m2pt, lora))
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -322,7 +371,7 @@ def build_model(args, m2pt, rank: int):
         for name, t, tot in parameter_table(model):
             lines.append(f"{name:<16}{t:>14,}{tot:>16,}{100 * t / tot:>8.3f}%")
         lines.append(f"{'all':<16}{n_train:>14,}{n_total:>16,}{100 * n_train / n_total:>8.3f}%")
-        log.info("trainable parameters:\n%s", "\n".join(lines))
+        log.info("method %s, trainable parameters:\n%s", args.method, "\n".join(lines))
     return base, model, n_train, n_total
 
 
@@ -385,18 +434,24 @@ class Checkpointer:
     """Save / restore everything a resume needs for this run's engine (the layout and its guarantees are in
     pipeline/checkpoint.py)."""
 
-    def __init__(self, engine, out: Path, rank: int, world: int, keep: int):
+    def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str):
         self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
+        self.method, self.base_name = method, base_name
         self._trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
     def adapter_tensors(self) -> dict:
-        """fp32 master copies (ZeRO 1-3 safe; a gather under ZeRO-3) under the adapter's key names."""
+        """fp32 master copies of the trainables (ZeRO 1-3 safe; a gather under ZeRO-3) under the artifact's names."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        from pipeline.m2pt import adapter_state_dict
+        from pipeline.methods import artifact_tensors
 
         by_id = {id(p): safe_get_full_fp32_param(p) for p in self._trainable}
-        return {k: by_id.get(id(v), v) for k, v in adapter_state_dict(self.engine.module).items()}
+        return {k: by_id.get(id(v), v) for k, v in artifact_tensors(self.engine.module, self.method).items()}
+
+    def write_adapter(self, path: Path, tensors: dict, base=None) -> Path:
+        from pipeline.methods import save_artifact
+
+        return save_artifact(self.engine.module, path, self.method, tensors, self.base_name, base)
 
     def resume(self, resume: str | None, progress: TrainingProgress) -> Path | None:
         from pipeline import checkpoint
@@ -411,7 +466,7 @@ class Checkpointer:
     def save(self, progress: TrainingProgress, reason: str) -> None:
         from pipeline import checkpoint
 
-        d = checkpoint.save(self.engine, self.engine.module, self.out, progress.step, self.rank, self.world,
+        d = checkpoint.save(self.engine, self.write_adapter, self.out, progress.step, self.rank, self.world,
                             {"reason": reason, **dict(progress.totals)}, progress.state_dict(), self.adapter_tensors,
                             self.keep)
         log.info("checkpoint (%s) -> %s", reason, d)
@@ -445,6 +500,7 @@ def train_step(r: "Run", micro: list[dict]) -> float:
     import torch
 
     from pipeline.flops import batch_flops
+    from pipeline.methods import unwrap
     from pipeline.step import token_loss
 
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
@@ -454,13 +510,13 @@ def train_step(r: "Run", micro: list[dict]) -> float:
     loss_sum = 0.0
     scale = backprop_scale(n_tok_step, r.world, len(micro))
     for b in micro:
-        tok_loss = token_loss(r.engine, r.engine.module, b, r.device, r.dtype)
+        tok_loss = token_loss(r.engine, unwrap(r.engine.module), b, r.device, r.dtype)
         loss = tok_loss * scale
         if b["pixel_values"] is None:
             # A text-only batch never runs the vision path: run it on a blank image x0 so the visual prompts and the
             # projector stay in the graph (ZeRO cannot handle a trainable set that changes between steps). Through
             # the modules' own forward, so ZeRO-3 gathers their partitioned weights.
-            loss = loss + vision_keepalive(r.engine.module, r.dtype, r.device)
+            loss = loss + vision_keepalive(unwrap(r.engine.module), r.dtype, r.device)
         r.engine.backward(loss)
         r.engine.step()
         loss_sum += tok_loss.item()
@@ -609,11 +665,12 @@ def plan_steps(args, n_samples: int, world: int) -> tuple[int, int]:
 
 def check_visual_tokens(shards, model) -> None:
     """Shards record the visual tokens per <image> their lengths were measured with; a model that expands an
-    image differently would train on sequences the --model_max_length check never saw."""
+    image into more would train on sequences the --model_max_length check never saw. Fewer is fine (the check was
+    stricter than needed): e.g. --method text on shards built for M2PT's visual prompts."""
     from pipeline.m2pt import num_visual_tokens
 
     n = num_visual_tokens(model)
-    bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v != n}
+    bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v < n}
     if bad:
         manifest, v = next(iter(bad.items()))
         raise UsageError(f"{manifest} was built for {v} visual tokens per image, but this model and M2PT config give "
@@ -626,7 +683,8 @@ def write_config(r: Run, cfg: dict, ckpt, shards, model, n_train: int, n_total: 
 
     resolved = {"args": vars(r.args), "deepspeed_config": cfg, "world_size": r.world, "samples": r.n_samples,
                 "shards": len(shards.paths), "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps,
-                "num_visual_tokens": num_visual_tokens(model), "m2pt": vars(model.m2pt_config),
+                "method": r.args.method, "num_visual_tokens": num_visual_tokens(model),
+                "m2pt": vars(model.m2pt_config) if hasattr(model, "m2pt_config") else None,
                 "base_model": r.base.name, "trainable": n_train, "total_parameters": n_total,
                 "attn_implementation": model.config._attn_implementation,
                 "resumed_from": str(ckpt) if ckpt else None, "run_id": r.run_id}
@@ -643,16 +701,18 @@ def setup(args, plan: dict, rank: int, world: int) -> Run:
     from pipeline.data import Preprocess, ShardStream, count_samples
     from pipeline.flops import FlopModel, peak_tflops
     from pipeline.m2pt import num_visual_tokens
+    from pipeline.methods import unwrap
     from pipeline.run_control import quiet_worker
 
     torch.manual_seed(args.seed)
     out, shards = Path(args.output_dir), plan["shards"]
-    base, model, n_train, n_total = build_model(args, plan["m2pt"], rank)
+    base, trained, n_train, n_total = build_model(args, plan["m2pt"], rank)
+    model = unwrap(trained)  # the LlavaForConditionalGeneration (under a PeftModel for --method lora)
     check_visual_tokens(shards, model)
     n_samples = shards.total if shards.total is not None else count_samples(shards.paths)
     steps_per_epoch, total_steps = plan_steps(args, n_samples, world)
-    engine, scheduler = build_engine(args, plan["deepspeed_config"], model, total_steps)
-    checkpointer = Checkpointer(engine, out, rank, world, args.save_total_limit)
+    engine, scheduler = build_engine(args, plan["deepspeed_config"], trained, total_steps)
+    checkpointer = Checkpointer(engine, out, rank, world, args.save_total_limit, args.method, base.name)
     progress = TrainingProgress()
     ckpt = checkpointer.resume(args.resume, progress)
 
@@ -738,9 +798,7 @@ def finish(r: Run) -> None:
     tensors = r.checkpointer.adapter_tensors()
     if r.rank != 0:
         return
-    from pipeline.m2pt import save_adapter
-
-    adapter_dir = save_adapter(r.engine.module, r.out / "adapter", state_dict=tensors, base_name=r.base.name)
+    adapter_dir = r.checkpointer.write_adapter(r.out / "adapter", tensors, base=r.base)
     r.metrics.write({"event": "end", "step": r.progress.step, "steps_per_rank": [int(s.item()) for s in all_steps],
                      **counts})
     r.metrics.close()

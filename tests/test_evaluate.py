@@ -337,3 +337,18 @@ def test_judge_loads_a_local_causal_lm(tmp_path):
     for r, v in zip(recs, verdicts):
         r["judge_correct"] = v
     assert score(recs)["mnist"]["judge_accuracy"] == 50.0 * sum(verdicts)
+
+
+def test_majority_baseline_answers_each_task_with_its_most_frequent_target():
+    from pipeline.evaluate import majority_baseline
+
+    items = {
+        "sample_pope": [{"task": "sample_pope", "category": "random", "question": "q", "target": t, "qid": i}
+                        for i, t in enumerate(["yes", "no", "no", "no"])],
+        "sample_mnist": [{"task": "sample_mnist", "category": "sample_mnist", "question": "q", "target": t, "qid": i}
+                         for i, t in enumerate(["1", "7", "7"])],
+    }
+    row = majority_baseline(items)
+    assert row["provenance"]["answers"] == {"sample_pope": "no", "sample_mnist": "7"}
+    assert row["tasks"]["sample_pope"]["score"] == pytest.approx(75.0)
+    assert row["tasks"]["sample_mnist"]["score"] == pytest.approx(200 / 3)

@@ -41,7 +41,7 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
     still named it, and a kill in that window left COMPLETE beside a half-deleted folder - every later resume died
     in DeepSpeed. Reproduced deterministically: the deletion 'dies' halfway."""
     from pipeline import checkpoint
-    from pipeline.m2pt import adapter_state_dict
+    from pipeline.m2pt import adapter_state_dict, save_adapter
 
     res = run_inprocess(train_args(shards, tmp_path, "--max_steps", "2", "--dataloader_num_workers", "0"))
     engine, root = res["engine"], tmp_path / "checkpoints"
@@ -60,8 +60,9 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_halfway)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(engine, engine.module, tmp_path, 2, 0, 1, {"reason": "re-save"}, {"cursors": {}, "totals": {}},
-                        lambda: adapter_state_dict(engine.module), 2)
+        checkpoint.save(engine, lambda d, t: save_adapter(engine.module, d, state_dict=t), tmp_path, 2, 0, 1,
+                        {"reason": "re-save"}, {"cursors": {}, "totals": {}}, lambda: adapter_state_dict(engine.module),
+                        2)
     monkeypatch.undo()
     assert checkpoint.verify(old) is not None  # the half-deleted copy is recognised as such
     found = checkpoint.find_resume(tmp_path, "auto")

@@ -266,7 +266,8 @@ def test_the_default_run_ends_with_the_zero_shot_table(tmp_path):
     assert "zero-shot on the held-out task types of the sample set:" in r.stdout
     assert "| run | sample digits | sample existence (acc) |" in r.stdout and "| base |" in r.stdout
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
-    assert set(res) == {"base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 100
+    assert set(res) == {"majority answer", "base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 100
+    assert "| majority answer |" in r.stdout
 
 
 def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
