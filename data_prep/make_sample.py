@@ -25,11 +25,14 @@ def main(argv=None) -> int:
     ap.add_argument("--text_only", type=int, default=40, help="text-only records in train.json (default: %(default)s)")
     ap.add_argument("--heldout_per_task", type=int, default=100,
                     help="records per held-out task type in eval.json (default: %(default)s)")
+    ap.add_argument("--val_per_task", type=int, default=20,
+                    help="records per training task type in val.json (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
     args = ap.parse_args(normalize_kebab_flags(sys.argv[1:] if argv is None else argv, ap))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    info = build(args.output, args.per_task, args.text_only, args.heldout_per_task, args.seed)
-    print(f"wrote {info['records']['train']} training and {info['records']['eval']} held-out records to {args.output}")
+    info = build(args.output, args.per_task, args.text_only, args.heldout_per_task, args.seed, args.val_per_task)
+    print(f"wrote {info['records']['train']} training, {info['records']['val']} validation and "
+          f"{info['records']['eval']} held-out records to {args.output}")
     return 0
 
 

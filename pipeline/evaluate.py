@@ -72,11 +72,13 @@ def generate(model, tokenizer, image_processor, template, items: list[dict], bat
         mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=dev)
         px = [_load_image(it["image"], image_processor) for it in chunk]
         px = [p for p in px if p is not None]
-        pixel_values = torch.stack(px).to(dev, dtype) if px else None
+        # A batch without any image must not pass pixel_values=None: transformers 5.23's generate runs the vision
+        # tower for any pixel_values key it is given.
+        images = {"pixel_values": torch.stack(px).to(dev, dtype)} if px else {}
         if temperature > 0:
             torch.manual_seed(seed + s)
         with torch.no_grad():
-            seqs = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **gen)
+            seqs = model.generate(input_ids=ids, attention_mask=mask, **images, **gen)
         out += [tokenizer.decode(q[n:], skip_special_tokens=True).strip() for q in seqs]
     return out
 
@@ -177,7 +179,7 @@ def markdown_table(results: dict) -> str:
     cols = [c for c in TABLE_COLUMNS if c in present]
     cols += [c for c in dict.fromkeys(present) if c not in cols]  # held-out sets given by path, in order
     names = {"mme": "MME (P / C)", "pope": "POPE acc", "mmavg": "MMAvg", "sample_mnist": "sample digits",
-             "sample_pope": "sample existence (acc)"}
+             "sample_pope": "sample existence (acc)", "sample_train_val": "training tasks (val)"}
     lines = ["| run | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for run, r in results.items():
         lines.append(f"| {run} | " + " | ".join(_cell(r["tasks"], c) for c in cols) + " |")

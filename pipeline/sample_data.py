@@ -7,6 +7,8 @@ disjoint:
   train.json   colour, shape, shape yes/no, counting, position, reading text, size comparison, background
                colour, text-only arithmetic (a few records without an image)
   eval.json    held-out: digit recognition (MNIST-style), object existence yes/no (POPE-style)
+  val.json     fresh records of the training task types (for training-task accuracy and picking a learning rate;
+               never the held-out types)
 
 Library code: the CLI is data_prep/make_sample.py (`python -m data_prep.make_sample --output data/sample`); the
 trainer and the evaluator call `ensure_sample` for the embedded default.
@@ -150,7 +152,8 @@ def digit_factory():
     return digit_recognition
 
 
-def build(output: Path, per_task: int, text_only: int, heldout_per_task: int, seed: int) -> dict:
+def build(output: Path, per_task: int, text_only: int, heldout_per_task: int, seed: int,
+          val_per_task: int = 20) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     (output / "images").mkdir(exist_ok=True)
     makers = {name: globals()[name] for name in TRAIN_TASKS if name != "text_arithmetic"}
@@ -158,8 +161,9 @@ def build(output: Path, per_task: int, text_only: int, heldout_per_task: int, se
     makers["object_existence"] = object_existence
     plan = [(t, per_task) for t in TRAIN_TASKS if t != "text_arithmetic"] + [("text_arithmetic", text_only)]
     heldout = [(t, heldout_per_task) for t in HELDOUT_TASKS]
+    val = [(t, val_per_task) for t in TRAIN_TASKS]
     counts = {}
-    for split, tasks in (("train", plan), ("eval", heldout)):
+    for split, tasks in (("train", plan), ("eval", heldout), ("val", val)):
         records = []
         for task, n in tasks:
             rng = random.Random(f"{seed}/{split}/{task}")  # one stream per task: adding a task changes no other
@@ -183,8 +187,9 @@ def build(output: Path, per_task: int, text_only: int, heldout_per_task: int, se
 
 
 def ensure_sample(output: Path, seed: int = 0) -> Path:
-    """Build the default sample set at `output` unless it is already complete (README.json written last)."""
-    if not (output / "README.json").is_file():
+    """Build the default sample set at `output` unless it is already complete (README.json written last; a set
+    from before val.json existed is rebuilt: train.json and eval.json come out the same)."""
+    if not (output / "README.json").is_file() or not (output / "val.json").is_file():
         log.info("building the embedded sample set at %s", output)
         build(output, per_task=300, text_only=40, heldout_per_task=100, seed=seed)
     return output

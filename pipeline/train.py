@@ -812,10 +812,12 @@ def finish(r: Run) -> None:
     if not r.args.train_shards and r.args.model in (None, "", "tiny") and not r.args.no_final_eval:
         from pipeline import evaluate
 
+        sample = DATA_HOME / "sample"
         res = evaluate.evaluate(evaluate.EvalConfig(
-            adapter=[str(adapter_dir)], with_base=True, tasks="sample_mnist,sample_pope",
-            data_root=DATA_HOME / "sample", output_dir=r.out / "eval"))
-        print("zero-shot on the held-out task types of the sample set:\n" + evaluate.markdown_table(res), end="")
+            adapter=[str(adapter_dir)], with_base=True, data_root=sample, output_dir=r.out / "eval",
+            tasks=f"sample_mnist,sample_pope,sample_train_val={sample / 'val.json'}"))
+        print("zero-shot on the held-out task types of the sample set (and the training task types' validation "
+              "records, for comparison):\n" + evaluate.markdown_table(res), end="")
 
 
 def train(args, plan: dict, rank: int, world: int, stop) -> dict:

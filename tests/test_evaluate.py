@@ -352,3 +352,15 @@ def test_majority_baseline_answers_each_task_with_its_most_frequent_target():
     assert row["provenance"]["answers"] == {"sample_pope": "no", "sample_mnist": "7"}
     assert row["tasks"]["sample_pope"]["score"] == pytest.approx(75.0)
     assert row["tasks"]["sample_mnist"]["score"] == pytest.approx(200 / 3)
+
+
+def test_a_held_out_set_of_text_only_records_evaluates(tmp_path):
+    """Before: a batch without any image passed pixel_values=None, and transformers' generate ran the vision
+    tower on it (AttributeError)."""
+    from pipeline.evaluate import EvalConfig, evaluate
+
+    recs = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"What is {i} plus one?"},
+                                              {"from": "gpt", "value": str(i + 1)}]} for i in range(3)]
+    (tmp_path / "t.json").write_text(json.dumps(recs))
+    res = evaluate(EvalConfig(tasks=f"arith={tmp_path / 't.json'}", output_dir=tmp_path / "o", max_new_tokens=3))
+    assert res["base"]["tasks"]["arith"]["questions"] == 3

@@ -1,0 +1,271 @@
+"""Compare training methods on the embedded sample set: one command, every method x learning rate x seed.
+
+    python -m pipeline.compare [--methods m2pt,visual,text,projector,lora,full] [--seeds 3] [--max_steps 600]
+                               [--output out/compare] [--report docs/results.md]
+
+For every cell (method, learning rate, seed) it trains with `pipeline/train.py` (one process, one thread), then
+evaluates the artifact on the validation records of the *training* task types (val.json) and zero-shot on the
+held-out task types. Per method the learning rate with the best mean validation accuracy over seeds is chosen -
+never on held-out tasks - and the held-out scores of that rate are reported as mean ± std over seeds, beside the
+majority answer and the un-tuned base. The prompt-length ablation (pv x pt over --ablation_lengths) trains M²PT at
+its chosen rate, first seed. Outputs: OUTPUT/results.json, the markdown report (--report) with a bar chart of the
+methods and a heat map of the ablation (PNG, beside the report).
+
+Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
+folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from pipeline.files import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("m2pt.compare")
+
+LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e-3, 3e-3, 7e-3),
+           "projector": (1e-3, 3e-3, 7e-3), "lora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
+HELDOUT = ("sample_mnist", "sample_pope")
+VAL = "sample_train_val"
+
+
+def _tasks(data: Path) -> str:
+    return ",".join(HELDOUT) + f",{VAL}={data / 'val.json'}"
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
+    """Train (`train_flags` None: nothing, the un-tuned base) and evaluate one cell; record it in cell.json."""
+    t0 = time.time()
+    if train_flags is not None:
+        cmd = [sys.executable, str(REPO / "pipeline" / "train.py"), *train_flags, "--output_dir", str(folder / "run"),
+               "--no_final_eval", "--report_to", "none", "--num_threads", "1", "--save_steps", "0",
+               "--resume", "auto"]
+        r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{folder}: training failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    adapter = ["--adapter", str(folder / "run" / "adapter")] if train_flags is not None else ["--with_base"]
+    cmd = [sys.executable, "-m", "pipeline.evaluate", *adapter, "--tasks", _tasks(data), "--data_root", str(data),
+           "--output_dir", str(folder / "eval")]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{folder}: evaluation failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    res = json.loads((folder / "eval" / "results.json").read_text())
+    row = next(v for k, v in res.items() if k != "majority answer")
+    rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
+           "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
+           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(folder / "cell.json", rec)
+    return rec
+
+
+def _trainable(folder: Path):
+    cfg = folder / "run" / "config.json"
+    if not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    return {"parameters": c["trainable"], "share": c["trainable"] / c["total_parameters"]}
+
+
+def _lrs(args, method: str) -> tuple:
+    return args.lrs or LR_GRID[method]
+
+
+def plan(args) -> dict:
+    """{cell name: train flags (None: the un-tuned base)} for the method grid."""
+    cells = {"base": None}
+    common = ["--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size)]
+    for m in args.methods:
+        for lr in _lrs(args, m):
+            for s in range(args.seeds):
+                cells[f"{m}/lr{lr:g}/seed{s}"] = ["--method", m, "--learning_rate", f"{lr:g}", "--seed", str(s),
+                                                 *common]
+    return cells
+
+
+def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
+    from tqdm import tqdm
+
+    results, todo = {}, {}
+    for name, flags in cells.items():
+        f = out / "cells" / name
+        if (f / "cell.json").is_file():
+            results[name] = json.loads((f / "cell.json").read_text())
+        else:
+            todo[name] = flags
+    log.info("%d cell(s) already finished, %d to run with %d job(s)", len(results), len(todo), jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futs = {pool.submit(run_cell, out / "cells" / n, fl, data): n for n, fl in todo.items()}
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="cells", unit="cell"):
+            results[futs[fut]] = fut.result()
+    return results
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(args, res: dict) -> dict:
+    """Per method: the chosen learning rate (best mean validation accuracy) and its scores over seeds."""
+    methods = {}
+    for m in args.methods:
+        by_lr = {lr: [res[f"{m}/lr{lr:g}/seed{s}"] for s in range(args.seeds)] for lr in _lrs(args, m)}
+        val = {lr: statistics.fmean(c["scores"][VAL] for c in cs) for lr, cs in by_lr.items()}
+        best = max(val, key=val.get)
+        cs = by_lr[best]
+        methods[m] = {"lr": best, "val_by_lr": val, "trainable": cs[0]["trainable"],
+                      "seconds": sum(c["seconds"] for c in cs),
+                      "scores": {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in cs])))
+                                 for t in (*HELDOUT, VAL)}}
+    base = res["base"]
+    return {"methods": methods, "base": base["scores"], "majority": base["majority"], "seeds": args.seeds,
+            "max_steps": args.max_steps}
+
+
+def ablation(args, summary: dict, out: Path, data: Path, jobs: int) -> dict:
+    lr = summary["methods"].get("m2pt", {}).get("lr", LR_GRID["m2pt"][1])
+    cells = {}
+    for pv in args.ablation_lengths:
+        for pt in args.ablation_lengths:
+            if pv == pt == 0:
+                flags = ["--method", "projector"]
+            else:
+                flags = ["--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
+            cells[f"ablation/pv{pv}-pt{pt}"] = [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", "--max_steps",
+                                                 str(args.max_steps), "--per_device_train_batch_size",
+                                                 str(args.batch_size)]
+    res = run_cells(cells, out, data, jobs)
+    return {"lr": lr, "heldout_mean": {name.split("/")[1]: statistics.fmean(res[name]["scores"][t] for t in HELDOUT)
+                                       for name in cells}}
+
+
+def plots(summary: dict, abl: dict | None, lengths, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(summary["methods"])
+    fig, axes = plt.subplots(1, len(HELDOUT), figsize=(4.5 * len(HELDOUT), 3.6))
+    for ax, t in zip(axes, HELDOUT):
+        ms = [summary["methods"][m]["scores"][t] for m in names]
+        ax.bar(names, [x["mean"] for x in ms], yerr=[x["std"] for x in ms], capsize=3, color="#4c72b0")
+        ax.axhline(summary["majority"][t], color="#c44e52", ls="--", label="majority answer")
+        ax.axhline(summary["base"][t], color="#55a868", ls=":", label="un-tuned base")
+        ax.set_title(f"{t} (held out)")
+        ax.set_ylabel("accuracy (%)")
+        ax.tick_params(axis="x", rotation=30)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    files = [folder / "methods.png"]
+    fig.savefig(files[0], dpi=110)
+    plt.close(fig)
+    if abl:
+        grid = [[abl["heldout_mean"][f"pv{pv}-pt{pt}"] for pt in lengths] for pv in lengths]
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+        im = ax.imshow(grid, cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_xlabel("textual prompt length pt")
+        ax.set_ylabel("visual prompt length pv")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, label="mean held-out accuracy (%)")
+        fig.tight_layout()
+        files.append(folder / "ablation.png")
+        fig.savefig(files[1], dpi=110)
+        plt.close(fig)
+    return [str(f) for f in files]
+
+
+def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, command: str) -> str:
+    cols = (*HELDOUT, VAL)
+    names = {"sample_mnist": "digits (held out)", "sample_pope": "existence (held out)",
+             VAL: "training tasks (val)"}
+    lines = ["# Method comparison on the embedded sample set", "",
+             f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run; the learning "
+             "rate of each method was chosen on the validation records of the training task types. Scores are "
+             "accuracy (%), mean ± std over seeds.", "",
+             "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
+             "|---" * (len(cols) + 4) + "|",
+             "| majority answer | – | – | " + " | ".join(f"{summary['majority'][c]:.1f}" for c in cols)
+             + " | – |",
+             "| un-tuned base | – | 0 | " + " | ".join(f"{summary['base'][c]:.1f}" for c in cols) + " | – |"]
+    for m, r in summary["methods"].items():
+        tr = r["trainable"] or {"parameters": 0, "share": 0}
+        cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
+        lines.append(f"| {m} | {r['lr']:g} | {tr['parameters']:,} ({100 * tr['share']:.2f} %) | {cells} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", f"![methods]({os.path.relpath(images[0], report.parent)})", ""]
+    if abl:
+        lines += ["## Prompt-length ablation (M²PT, mean held-out accuracy, seed 0, lr "
+                  f"{abl['lr']:g})", "", f"![ablation]({os.path.relpath(images[1], report.parent)})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="m2pt,visual,text,projector,lora,full",
+                    help="comma-separated --method values to compare")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per (method, learning rate)")
+    ap.add_argument("--lrs", default="", help="comma-separated learning rates for every method (default: each "
+                                              "method's grid: prompts and projector 1e-3,3e-3,7e-3; lora "
+                                              "1e-4,3e-4,1e-3; full 1e-5,3e-5,1e-4)")
+    ap.add_argument("--max_steps", type=int, default=600, help="optimizer steps per run")
+    ap.add_argument("--batch_size", type=int, default=4, help="per-device batch size of every run")
+    ap.add_argument("--ablation_lengths", default="0,5,10,20",
+                    help="prompt lengths of the pv x pt ablation (comma-separated; empty: no ablation)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
+    ap.add_argument("--data", type=Path, default=REPO / "data" / "sample", help="the embedded sample set")
+    ap.add_argument("--output", type=Path, default=REPO / "out" / "compare", help="cells, logs and results.json")
+    ap.add_argument("--report", type=Path, default=REPO / "docs" / "results.md", help="the markdown report")
+    return ap
+
+
+def main(argv=None) -> int:
+    from pipeline.methods import METHODS
+    from pipeline.sample_data import ensure_sample
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.lrs = tuple(float(x) for x in args.lrs.split(",") if x)
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or args.seeds < 1 or args.max_steps < 1 or args.jobs < 1:
+        print(f"error: unknown method(s) {bad} (one of {METHODS})" if bad else
+              "error: --seeds, --max_steps and --jobs must be >= 1", file=sys.stderr)
+        return 2
+    args.ablation_lengths = lengths = [int(x) for x in args.ablation_lengths.split(",") if x]
+    ensure_sample(args.data)
+    t0 = time.time()
+    res = run_cells(plan(args), args.output, args.data, args.jobs)
+    summary = summarise(args, res)
+    abl = ablation(args, summary, args.output, args.data, args.jobs) if lengths else None
+    images = plots(summary, abl, lengths, args.report.parent / "results")
+    command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    atomic_write_json(args.output / "results.json", {"summary": summary, "ablation": abl, "images": images,
+                                                     "command": command, "wall_seconds": round(time.time() - t0)})
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(markdown(summary, abl, images, args.report, command.strip()))
+    print(f"wrote {args.report} and {args.output / 'results.json'} ({round(time.time() - t0)} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

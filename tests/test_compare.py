@@ -1,0 +1,34 @@
+"""pipeline.compare: the whole grid in one command, resumable, with its report and plots."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path):
+    from pipeline.compare import main
+
+    argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "1e-2", "--max_steps", "2",
+            "--ablation_lengths", "0,5", "--jobs", "2", "--data", str(shards / "sample"),
+            "--output", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "results.md")]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    methods = res["summary"]["methods"]
+    assert set(methods) == {"projector", "text"} and methods["text"]["lr"] == 0.01
+    for m in methods.values():
+        assert set(m["scores"]) == {"sample_mnist", "sample_pope", "sample_train_val"}
+        assert all(0 <= s["mean"] <= 100 and s["std"] == 0.0 for s in m["scores"].values())
+        assert m["trainable"]["parameters"] > 0
+    assert set(res["ablation"]["heldout_mean"]) == {"pv0-pt0", "pv0-pt5", "pv5-pt0", "pv5-pt5"}
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "| majority answer |" in md and "| un-tuned base |" in md and "| text | 0.01 |" in md
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "results").glob("*.png"))
+    assert pngs == ["ablation.png", "methods.png"]
+    assert all((tmp_path / "docs" / "results" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+    cells = sorted((tmp_path / "out" / "cells").rglob("cell.json"))
+    assert len(cells) == 1 + 2 + 4  # base, two methods x one lr x one seed, the 2 x 2 ablation
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
+    assert [c.stat().st_mtime_ns for c in cells] == stamps
