@@ -8,8 +8,8 @@ evaluates the artifact on the validation records of the *training* task types (v
 held-out task types. Per method the learning rate with the best mean validation accuracy over seeds is chosen -
 never on held-out tasks - and the held-out scores of that rate are reported as mean ± std over seeds, beside the
 majority answer and the un-tuned base. The prompt-length ablation (pv x pt over --ablation_lengths) trains M²PT at
-its chosen rate, first seed. Outputs: OUTPUT/results.json, the markdown report (--report) with a bar chart of the
-methods and a heat map of the ablation (PNG, beside the report).
+its chosen rate, first seed. Outputs: the markdown report (--report) with a bar chart of the methods and a heat map
+of the ablation (PNG, in results/ beside it), the same numbers as JSON beside it, and OUTPUT/results.json.
 
 Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
 folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
@@ -194,14 +194,41 @@ def plots(summary: dict, abl: dict | None, lengths, folder: Path) -> list[str]:
     return [str(f) for f in files]
 
 
+def verdict(summary: dict) -> list[str]:
+    """What the table supports, computed (a method "beats" a reference when its mean is more than two standard
+    errors of the mean over seeds above it)."""
+    n, ms = summary["seeds"], summary["methods"]
+    se = {m: {t: r["scores"][t]["std"] / n ** 0.5 for t in HELDOUT} for m, r in ms.items()}
+    lines = []
+    for t in HELDOUT:
+        above = [m for m, r in ms.items() if r["scores"][t]["mean"] - 2 * se[m][t] > summary["majority"][t]]
+        lines.append(f"- {t}: " + (f"above the majority answer by more than 2 SE: {', '.join(above)}." if above else
+                                   "no method is above the majority answer by more than 2 SE."))
+    if "m2pt" in ms:
+        for other in [m for m in ("visual", "text", "lora") if m in ms]:
+            diffs = []
+            for t in HELDOUT:
+                d = ms["m2pt"]["scores"][t]["mean"] - ms[other]["scores"][t]["mean"]
+                err = 2 * (se["m2pt"][t] ** 2 + se[other][t] ** 2) ** 0.5
+                beyond = abs(d) > err if err > 0 else d != 0  # no spread over seeds: any difference is beyond
+                diffs.append(f"{t} {d:+.1f} ({'beyond' if beyond else 'within'} 2 SE)")
+            lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(diffs) + ".")
+    return lines
+
+
 def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, command: str) -> str:
     cols = (*HELDOUT, VAL)
     names = {"sample_mnist": "digits (held out)", "sample_pope": "existence (held out)",
              VAL: "training tasks (val)"}
     lines = ["# Method comparison on the embedded sample set", "",
-             f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run; the learning "
-             "rate of each method was chosen on the validation records of the training task types. Scores are "
-             "accuracy (%), mean ± std over seeds.", "",
+             f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run "
+             f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells); the learning rate of "
+             "each method was chosen on the validation records of the training task types. Scores are accuracy (%), "
+             "mean ± std over seeds.", "",
+             "Base: the embedded tiny model (`pipeline.models.build_tiny`), whose weights are random, not pretrained. "
+             "Prompts, LoRA and the projector can only expose what a base knows, so on this base no method is "
+             "expected to transfer to the held-out task types; the training tasks' validation column shows what "
+             "each method learned.", "",
              "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
              "|---" * (len(cols) + 4) + "|",
              "| majority answer | – | – | " + " | ".join(f"{summary['majority'][c]:.1f}" for c in cols)
@@ -212,7 +239,7 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
         cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
         lines.append(f"| {m} | {r['lr']:g} | {tr['parameters']:,} ({100 * tr['share']:.2f} %) | {cells} | "
                      f"{r['seconds']:.0f} |")
-    lines += ["", f"![methods]({os.path.relpath(images[0], report.parent)})", ""]
+    lines += ["", *verdict(summary), "", f"![methods]({os.path.relpath(images[0], report.parent)})", ""]
     if abl:
         lines += ["## Prompt-length ablation (M²PT, mean held-out accuracy, seed 0, lr "
                   f"{abl['lr']:g})", "", f"![ablation]({os.path.relpath(images[1], report.parent)})", ""]
@@ -256,14 +283,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     res = run_cells(plan(args), args.output, args.data, args.jobs)
     summary = summarise(args, res)
+    summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
     abl = ablation(args, summary, args.output, args.data, args.jobs) if lengths else None
     images = plots(summary, abl, lengths, args.report.parent / "results")
     command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    atomic_write_json(args.output / "results.json", {"summary": summary, "ablation": abl, "images": images,
-                                                     "command": command, "wall_seconds": round(time.time() - t0)})
+    record = {"summary": summary, "ablation": abl, "images": [os.path.relpath(i, args.report.parent) for i in images],
+              "command": command.strip()}
     args.report.parent.mkdir(parents=True, exist_ok=True)
+    for f in (args.output / "results.json", args.report.with_suffix(".json")):  # the report's is committed beside it
+        atomic_write_json(f, record)
     args.report.write_text(markdown(summary, abl, images, args.report, command.strip()))
-    print(f"wrote {args.report} and {args.output / 'results.json'} ({round(time.time() - t0)} s)")
+    print(f"wrote {args.report}, {args.report.with_suffix('.json')} and {args.output / 'results.json'} "
+          f"({round(time.time() - t0)} s)")
     return 0
 
 

@@ -218,18 +218,22 @@ def ds_config(path: str, args, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- start-up checks
+def sample_shards_dir(args, m2pt) -> Path:
+    """Where the embedded sample set's shards for this run live: one folder per visual-token count their lengths
+    were measured with (26 for the tiny model with 10 visual prompts in official mode: `sample_shards`)."""
+    from pipeline.m2pt import count_visual_tokens
+    from pipeline.models import load_text_side
+
+    n = count_visual_tokens(load_text_side(args.model)[1], m2pt)
+    return DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
+
+
 def build_sample_shards(args, m2pt) -> Path:
     """The embedded sample set's shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
     from pipeline.sample_data import ensure_sample
     from pipeline.shards import ShardBuildConfig, build
 
-    from pipeline.m2pt import count_visual_tokens
-    from pipeline.models import load_text_side
-
-    # One folder per visual-token count the lengths were measured with (26 for the tiny model with 10 prompts in
-    # official mode; 16 without visual prompts, e.g. --method text / lora / full).
-    n = count_visual_tokens(load_text_side(args.model)[1], m2pt)
-    shards = DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
+    shards = sample_shards_dir(args, m2pt)
     if not (shards / "manifest.json").is_file():
         sample = ensure_sample(DATA_HOME / "sample")
         log.info("building shards of the embedded sample set at %s", shards)
@@ -343,7 +347,7 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
     spec = args.train_shards
     if not spec:
         _agree(lambda: build_sample_shards(args, m2pt) if rank == 0 else None, dist)
-        spec = str(DATA_HOME / "sample_shards")
+        spec = str(sample_shards_dir(args, m2pt))
     shards = _agree(lambda: resolve_shards(spec, verify_sha256=args.verify_shards and rank == 0), dist)
     return {"deepspeed_config": cfg, "m2pt": m2pt, "shards": shards}
 

@@ -14,6 +14,7 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
             "--output", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "results.md")]
     assert main(argv) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert json.loads((tmp_path / "docs" / "results.json").read_text()) == res
     methods = res["summary"]["methods"]
     assert set(methods) == {"projector", "text"} and methods["text"]["lr"] == 0.01
     for m in methods.values():

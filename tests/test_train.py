@@ -286,3 +286,17 @@ def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
     assert dist.intra_op_threads(3, 2) == (3, "--num_threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert dist.intra_op_threads(None, 1) == (5, "OMP_NUM_THREADS")
+
+
+def test_embedded_shards_are_kept_per_visual_token_count():
+    """Before: every run on the embedded default read data/sample_shards, so --visual_prompt_length 20 (36 tokens per
+    image) was refused against shards measured for 26."""
+    from pipeline.train import DATA_HOME, method_config, parse_args, sample_shards_dir
+
+    def folder(*flags):
+        args = parse_args(["--output_dir", "/tmp/unused", *flags])
+        return sample_shards_dir(args, method_config(args))
+
+    assert folder() == DATA_HOME / "sample_shards"
+    assert folder("--visual_prompt_length", "20") == DATA_HOME / "sample_shards-vt36"
+    assert folder("--method", "lora") == DATA_HOME / "sample_shards-vt16"
