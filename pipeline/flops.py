@@ -69,7 +69,8 @@ class FlopModel:
         vc, tc = model.config.vision_config, model.config.text_config
         m2 = getattr(model, "m2pt_config", None)
         proj = projector(model)
-        lin = [m for m in proj.modules() if isinstance(m, nn.Linear)]
+        # (under peft's modules_to_save the projector holds a frozen original and the trained copy: count one)
+        lin = [m for n, m in proj.named_modules() if isinstance(m, nn.Linear) and "original_module" not in n]
         heads = tc.num_attention_heads
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
         return cls(

@@ -67,6 +67,9 @@ def test_lora_artifact_loads_with_plain_peft_and_gives_the_training_logits(shard
     adapter = tmp_path / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     trained = res["engine"].module.eval()
+    from pipeline.flops import FlopModel
+
+    assert FlopModel.from_model(trained.get_base_model()).proj_flops_per_token == 64 * 128 + 128 * 128  # one copy
     loaded = PeftModel.from_pretrained(build_tiny().model, str(adapter)).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 300, (2, 30), generator=g)
