@@ -39,6 +39,10 @@ HELDOUT = ("sample_mnist", "sample_pope")
 VAL = "sample_train_val"
 
 
+class CellError(RuntimeError):
+    """A cell that could not run (its log tail included), or a finished cell of other settings."""
+
+
 def _tasks(data: Path) -> str:
     return ",".join(HELDOUT) + f",{VAL}={data / 'val.json'}"
 
@@ -57,18 +61,18 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
                "--resume", "auto"]
         r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{folder}: training failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+            raise CellError(f"{folder}: training failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     adapter = ["--adapter", str(folder / "run" / "adapter")] if train_flags is not None else ["--with_base"]
     cmd = [sys.executable, "-m", "pipeline.evaluate", *adapter, "--tasks", _tasks(data), "--data_root", str(data),
            "--output_dir", str(folder / "eval")]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{folder}: evaluation failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        raise CellError(f"{folder}: evaluation failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     res = json.loads((folder / "eval" / "results.json").read_text())
     row = next(v for k, v in res.items() if k != "majority answer")
     rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
            "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
-           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1)}
+           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags}
     atomic_write_json(folder / "cell.json", rec)
     return rec
 
@@ -105,6 +109,9 @@ def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
         f = out / "cells" / name
         if (f / "cell.json").is_file():
             results[name] = json.loads((f / "cell.json").read_text())
+            if results[name].get("flags") != flags:  # never reuse a result of other settings (--max_steps, ...)
+                raise CellError(f"{f}: finished with {results[name].get('flags')}, but this comparison asks for "
+                                f"{flags}; use another --output (or delete that folder)")
         else:
             todo[name] = flags
     log.info("%d cell(s) already finished, %d to run with %d job(s)", len(results), len(todo), jobs)
@@ -281,10 +288,14 @@ def main(argv=None) -> int:
     args.ablation_lengths = lengths = [int(x) for x in args.ablation_lengths.split(",") if x]
     ensure_sample(args.data)
     t0 = time.time()
-    res = run_cells(plan(args), args.output, args.data, args.jobs)
-    summary = summarise(args, res)
-    summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
-    abl = ablation(args, summary, args.output, args.data, args.jobs) if lengths else None
+    try:
+        res = run_cells(plan(args), args.output, args.data, args.jobs)
+        summary = summarise(args, res)
+        summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
+        abl = ablation(args, summary, args.output, args.data, args.jobs) if lengths else None
+    except CellError as e:
+        print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
+        return 1
     images = plots(summary, abl, lengths, args.report.parent / "results")
     command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"summary": summary, "ablation": abl, "images": [os.path.relpath(i, args.report.parent) for i in images],

@@ -33,3 +33,5 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     stamps = [c.stat().st_mtime_ns for c in cells]
     assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
     assert [c.stat().st_mtime_ns for c in cells] == stamps
+    # A finished cell of other settings is never reused.
+    assert main([*argv, "--max_steps", "3"]) == 1
