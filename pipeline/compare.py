@@ -52,6 +52,20 @@ def _env() -> dict:
                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def build_shards(data: Path, out: Path, lengths) -> Path:
+    """One shard set of `data`/train.json for every cell, built here before any cell starts (parallel cells must
+    not race to build the same folder). Lengths are measured with the largest visual-prompt length any cell uses:
+    the trainer accepts shards measured for more visual tokens than a run needs, never fewer."""
+    from pipeline.shards import ShardBuildConfig, build
+
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        build(ShardBuildConfig(input=[str(data / "train.json")], image_root=str(data), output=str(shards),
+                               samples_per_shard=256, shuffle=True, workers=1, quiet=True,
+                               visual_prompt_length=max([10, *lengths])))
+    return shards
+
+
 def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
     """Train (`train_flags` None: nothing, the un-tuned base) and evaluate one cell; record it in cell.json."""
     t0 = time.time()
@@ -85,6 +99,11 @@ def _trainable(folder: Path):
     return {"parameters": c["trainable"], "share": c["trainable"] / c["total_parameters"]}
 
 
+def _common(args) -> list[str]:
+    return ["--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
+            "--train_shards", str(args.output / "shards")]
+
+
 def _lrs(args, method: str) -> tuple:
     return args.lrs or LR_GRID[method]
 
@@ -92,7 +111,7 @@ def _lrs(args, method: str) -> tuple:
 def plan(args) -> dict:
     """{cell name: train flags (None: the un-tuned base)} for the method grid."""
     cells = {"base": None}
-    common = ["--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size)]
+    common = _common(args)
     for m in args.methods:
         for lr in _lrs(args, m):
             for s in range(args.seeds):
@@ -152,9 +171,7 @@ def ablation(args, summary: dict, out: Path, data: Path, jobs: int) -> dict:
                 flags = ["--method", "projector"]
             else:
                 flags = ["--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
-            cells[f"ablation/pv{pv}-pt{pt}"] = [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", "--max_steps",
-                                                 str(args.max_steps), "--per_device_train_batch_size",
-                                                 str(args.batch_size)]
+            cells[f"ablation/pv{pv}-pt{pt}"] = [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args)]
     res = run_cells(cells, out, data, jobs)
     return {"lr": lr, "heldout_mean": {name.split("/")[1]: statistics.fmean(res[name]["scores"][t] for t in HELDOUT)
                                        for name in cells}}
@@ -288,6 +305,8 @@ def main(argv=None) -> int:
     args.ablation_lengths = lengths = [int(x) for x in args.ablation_lengths.split(",") if x]
     ensure_sample(args.data)
     t0 = time.time()
+    args.output = args.output.resolve()
+    build_shards(args.data, args.output, lengths)
     try:
         res = run_cells(plan(args), args.output, args.data, args.jobs)
         summary = summarise(args, res)

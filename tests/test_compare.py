@@ -13,6 +13,7 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
             "--ablation_lengths", "0,5", "--jobs", "2", "--data", str(shards / "sample"),
             "--output", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "results.md")]
     assert main(argv) == 0
+    assert (tmp_path / "out" / "shards" / "manifest.json").is_file()  # built once, before the cells, from --data
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert json.loads((tmp_path / "docs" / "results.json").read_text()) == res
     methods = res["summary"]["methods"]
