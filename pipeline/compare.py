@@ -56,14 +56,9 @@ def build_shards(data: Path, out: Path, lengths) -> Path:
     """One shard set of `data`/train.json for every cell, built here before any cell starts (parallel cells must
     not race to build the same folder). Lengths are measured with the largest visual-prompt length any cell uses:
     the trainer accepts shards measured for more visual tokens than a run needs, never fewer."""
-    from pipeline.shards import ShardBuildConfig, build
+    from pipeline.shards import build_sample_shards
 
-    shards = out / "shards"
-    if not (shards / "manifest.json").is_file():
-        build(ShardBuildConfig(input=[str(data / "train.json")], image_root=str(data), output=str(shards),
-                               samples_per_shard=256, shuffle=True, workers=1, quiet=True,
-                               visual_prompt_length=max([10, *lengths])))
-    return shards
+    return build_sample_shards(data, out / "shards", visual_prompt_length=max([10, *lengths]))
 
 
 def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:

@@ -110,6 +110,12 @@ def score(records: list[dict]) -> dict:
 MAJORITY = "majority answer"
 
 
+def prediction_record(item: dict, prediction: str) -> dict:
+    """One line of predictions.jsonl: what scoring needs of the item, and the answer."""
+    keys = ("task", "category", "image_id", "qid", "question", "target", "answers")
+    return {k: item.get(k) for k in keys} | {"prediction": prediction}
+
+
 def majority_baseline(items: dict) -> dict:
     """The row of a model that answers every question of a task with the task's most frequent target (its first
     reference answer for open VQA), scored exactly as generated answers are."""
@@ -117,8 +123,7 @@ def majority_baseline(items: dict) -> dict:
     for task, its in items.items():
         targets = Counter(it.get("target") or (it.get("answers") or [""])[0] for it in its)
         answers[task] = max(sorted(targets), key=targets.get)  # ties: alphabetical, so the row is reproducible
-        recs += [{k: it.get(k) for k in ("task", "category", "image_id", "qid", "question", "target", "answers")}
-                 | {"prediction": answers[task]} for it in its]
+        recs += [prediction_record(it, answers[task]) for it in its]
     mark_correct(recs)
     return {"tasks": score(recs), "provenance": {"method": "majority answer", "answers": answers}}
 
@@ -332,8 +337,7 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
     for its in items.values():
         preds = generate(model, base.tokenizer, base.image_processor, template, its, cfg.batch_size,
                          cfg.max_new_tokens, cfg.temperature, cfg.seed)
-        recs += [{k: it.get(k) for k in ("task", "category", "image_id", "qid", "question", "target", "answers")}
-                 | {"prediction": p} for it, p in zip(its, preds)]
+        recs += [prediction_record(it, p) for it, p in zip(its, preds)]
     mark_correct(recs)
     if judge:
         judged = [r for r in recs if r["task"] != "mme"]

@@ -383,10 +383,12 @@ def _adapter_meta(model, cfg: M2PTConfig, base_name: str | None) -> dict:
     }
 
 
-def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None, base_name: str | None = None):
+def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None, base_name: str | None = None,
+                 extra: dict | None = None):
     """Write `adapter_config.json` + `adapter_model.safetensors` to `path` (created). Returns the path.
 
-    `state_dict` overrides the tensors (e.g. the fp32 master copies gathered from a DeepSpeed engine)."""
+    `state_dict` overrides the tensors (e.g. the fp32 master copies gathered from a DeepSpeed engine); `extra` adds
+    keys to the config (e.g. the training method that produced it)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -394,7 +396,7 @@ def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None,
     tensors = state_dict if state_dict is not None else adapter_state_dict(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "method": METHOD})
-    meta = _adapter_meta(model, model.m2pt_config, base_name)
+    meta = _adapter_meta(model, model.m2pt_config, base_name) | (extra or {})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 

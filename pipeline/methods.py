@@ -97,11 +97,8 @@ def save_artifact(module, path, method: str, tensors: dict, base_name: str = "",
 
     path = Path(path)
     if method in PROMPT_METHODS:
-        save_adapter(module, path, state_dict=tensors, base_name=base_name)
-        meta = json.loads((path / "adapter_config.json").read_text())
-        meta["training_method"] = method
-        (path / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+        return save_adapter(module, path, state_dict=tensors, base_name=base_name,
+                            extra={"training_method": method})
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     module.save_pretrained(str(path), state_dict=cpu)
     if base is not None and method == "full":

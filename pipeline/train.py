@@ -228,25 +228,19 @@ def sample_shards_dir(args, m2pt) -> Path:
     return DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
 
 
-def build_sample_shards(args, m2pt) -> Path:
-    """The embedded sample set's shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
+def build_sample_shards(args, m2pt, shards: Path) -> None:
+    """The embedded sample set and its shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
     from pipeline.sample_data import ensure_sample
-    from pipeline.shards import ShardBuildConfig, build
+    from pipeline.shards import build_sample_shards as build
 
-    shards = sample_shards_dir(args, m2pt)
-    if not (shards / "manifest.json").is_file():
-        sample = ensure_sample(DATA_HOME / "sample")
-        log.info("building shards of the embedded sample set at %s", shards)
-        build(ShardBuildConfig(input=[str(sample / "train.json")], image_root=str(sample), output=str(shards),
-                               samples_per_shard=256, shuffle=True, workers=2, model_max_length=args.model_max_length,
-                               quiet=True, visual_prompt_length=m2pt.visual_prompt_length,
-                               visual_token_mode=m2pt.visual_token_mode))
-    return shards
+    build(ensure_sample(DATA_HOME / "sample"), shards, m2pt.visual_prompt_length, m2pt.visual_token_mode,
+          args.model_max_length)
 
 
-def _fix_method_lengths(args) -> None:
+def _fix_method_lengths(args) -> dict:
     """--method visual / text / projector / lora / full fix prompt lengths (and lora / full the LM head): an explicit
-    flag that disagrees is an error; otherwise args are rewritten so config.json records what really trains."""
+    flag that disagrees is an error; otherwise args are rewritten so config.json records what really trains.
+    Returns what the method fixes."""
     from pipeline.methods import FIXED_LENGTHS, PROMPT_METHODS
 
     fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(args.method, (0, 0))))
@@ -260,17 +254,10 @@ def _fix_method_lengths(args) -> None:
     if clash:
         raise UsageError(f"--method {args.method} fixes or ignores {', '.join(clash)}: drop the flag(s) or choose "
                          "another method")
-    if args.init_adapter:
-        from pipeline.m2pt import read_adapter_config
-
-        have = read_adapter_config(args.init_adapter)["m2pt_config"]
-        wrong = [f"{k} {have.get(k)}" for k, v in fixed.items() if v is not None and have.get(k) != v]
-        if wrong:
-            raise UsageError(f"--init_adapter {args.init_adapter} has {', '.join(wrong)}, which --method "
-                             f"{args.method} does not train")
+    fixed = {k: v for k, v in fixed.items() if v is not None}
     for k, v in fixed.items():
-        if v is not None:
-            setattr(args, k, v)
+        setattr(args, k, v)
+    return fixed
 
 
 def method_config(args):
@@ -279,7 +266,7 @@ def method_config(args):
     For lora / full: prompt lengths 0 (no prompts are attached; the visual-token count is the stock one)."""
     from pipeline.m2pt import read_adapter_config
 
-    _fix_method_lengths(args)
+    fixed = _fix_method_lengths(args)
     if not args.init_adapter:
         cfg = M2PTConfig(**{k: getattr(args, k) for k in METHOD_FLAGS}, seed=args.seed)
         if args.method in ("lora", "full"):
@@ -289,6 +276,10 @@ def method_config(args):
                              "is not tuned")
         return cfg
     cfg = M2PTConfig.from_dict(read_adapter_config(args.init_adapter)["m2pt_config"])
+    wrong = [f"{k} {getattr(cfg, k)}" for k, v in fixed.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise UsageError(f"--init_adapter {args.init_adapter} has {', '.join(wrong)}, which --method {args.method} "
+                         "does not train")
     clash = [f"--{k} {getattr(args, k)} (adapter: {getattr(cfg, k)})" for k in METHOD_FLAGS
              if k in args.explicit and getattr(args, k) != getattr(cfg, k)]
     if clash:
@@ -346,8 +337,9 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
     cfg, m2pt = _agree(local, dist)
     spec = args.train_shards
     if not spec:
-        _agree(lambda: build_sample_shards(args, m2pt) if rank == 0 else None, dist)
-        spec = str(sample_shards_dir(args, m2pt))
+        folder = sample_shards_dir(args, m2pt)
+        _agree(lambda: build_sample_shards(args, m2pt, folder) if rank == 0 else None, dist)
+        spec = str(folder)
     shards = _agree(lambda: resolve_shards(spec, verify_sha256=args.verify_shards and rank == 0), dist)
     return {"deepspeed_config": cfg, "m2pt": m2pt, "shards": shards}
 
