@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per_task", type=int, default=300,
                     help="records per image task type in train.json (default: %(default)s; 8 image tasks)")
     ap.add_argument("--text_only", type=int, default=40, help="text-only records in train.json (default: %(default)s)")
-    ap.add_argument("--heldout_per_task", type=int, default=100,
+    ap.add_argument("--heldout_per_task", type=int, default=200,
                     help="records per held-out task type in eval.json (default: %(default)s)")
     ap.add_argument("--val_per_task", type=int, default=20,
                     help="records per training task type in val.json (default: %(default)s)")

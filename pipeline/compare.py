@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from pipeline.eval_data import SAMPLE_TASKS
 from pipeline.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +36,10 @@ log = logging.getLogger("m2pt.compare")
 
 LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e-3, 3e-3, 7e-3),
            "projector": (1e-3, 3e-3, 7e-3), "lora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
-HELDOUT = ("sample_mnist", "sample_pope")
+HELDOUT = tuple(SAMPLE_TASKS)  # the embedded set's held-out task types
 VAL = "sample_train_val"
+COLUMN_NAMES = {"sample_mnist": "digits", "sample_pope": "existence", "sample_bigger": "bigger's colour",
+                "sample_shape": "shape of colour", VAL: "training tasks (val)"}
 
 
 class CellError(RuntimeError):
@@ -73,7 +76,7 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
             raise CellError(f"{folder}: training failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     adapter = ["--adapter", str(folder / "run" / "adapter")] if train_flags is not None else ["--with_base"]
     cmd = [sys.executable, "-m", "pipeline.evaluate", *adapter, "--tasks", _tasks(data), "--data_root", str(data),
-           "--output_dir", str(folder / "eval")]
+           "--output_dir", str(folder / "eval"), "--batch_size", "32"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise CellError(f"{folder}: evaluation failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
@@ -186,7 +189,7 @@ def plots(summary: dict, abl: dict | None, lengths, folder: Path) -> list[str]:
         ax.bar(names, [x["mean"] for x in ms], yerr=[x["std"] for x in ms], capsize=3, color="#4c72b0")
         ax.axhline(summary["majority"][t], color="#c44e52", ls="--", label="majority answer")
         ax.axhline(summary["base"][t], color="#55a868", ls=":", label="un-tuned base")
-        ax.set_title(f"{t} (held out)")
+        ax.set_title(f"{COLUMN_NAMES[t]} (held out)")
         ax.set_ylabel("accuracy (%)")
         ax.tick_params(axis="x", rotation=30)
     axes[0].legend(fontsize=8)
@@ -235,19 +238,28 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
+def base_description() -> str:
+    """Which base every cell started from, with the record that produced it."""
+    from pipeline.models import TINY_WEIGHTS
+
+    rec = json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())
+    sc = rec.get("scores", {})
+    return (f"Base: the embedded pretrained tiny model (`pipeline/assets/{rec['file']}`, sha256 `{rec['sha256'][:16]}…`, "
+            f"made by `{rec['command']}`; on fresh samples: caption exact match {sc.get('caption_exact_match')} %, "
+            f"text-only QA {sc.get('text_qa')} %). Every method starts from it; all but `full` keep it frozen. Its "
+            "pretraining captioned every concept the tasks ask about and answered text-only questions of every "
+            "form, the held-out ones included, but never saw a question about an image.")
+
+
 def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, command: str) -> str:
     cols = (*HELDOUT, VAL)
-    names = {"sample_mnist": "digits (held out)", "sample_pope": "existence (held out)",
-             VAL: "training tasks (val)"}
+    names = {t: COLUMN_NAMES[t] + (" (held out)" if t in HELDOUT else "") for t in cols}
     lines = ["# Method comparison on the embedded sample set", "",
              f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run "
              f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells); the learning rate of "
              "each method was chosen on the validation records of the training task types. Scores are accuracy (%), "
              "mean ± std over seeds.", "",
-             "Base: the embedded tiny model (`pipeline.models.build_tiny`), whose weights are random, not pretrained. "
-             "Prompts, LoRA and the projector can only expose what a base knows, so on this base no method is "
-             "expected to transfer to the held-out task types; the training tasks' validation column shows what "
-             "each method learned.", "",
+             base_description(), "",
              "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
              "|---" * (len(cols) + 4) + "|",
              "| majority answer | – | – | " + " | ".join(f"{summary['majority'][c]:.1f}" for c in cols)

@@ -14,8 +14,10 @@ Layouts under --data_root (each task looks in its own sub-folder or file):
               the reference / MixLoRA form: unique_id, image_path (relative to the file's folder), prompt, target
               (+ optional `answers`, a list, for TextVQA); names: text_vqa, visual_spatial_reasoning,
               snli_ve_classification, cifar_10, cifar_100, mnist
-  sample_mnist, sample_pope
-              held-out task types of the embedded sample set (eval.json beside its images), used by default
+  sample_mnist, sample_pope, sample_bigger, sample_shape
+              held-out task types of the embedded sample set (eval.json beside its images), used by default:
+              digit recognition, object existence (yes/no, POPE-scored), colour of the bigger object, shape of
+              the object of a given colour
 
 Your own held-out set, by path (`--tasks path/to/heldout.json` or `--tasks name=path`): a LLaVA / Vision-Flan JSON
 list or JSONL (`id`, `image` relative to the file's folder, `conversations`: the first human turn is the question,
@@ -30,7 +32,9 @@ from pathlib import Path
 
 JSONL_NAMES = {"textvqa": "text_vqa", "vsr": "visual_spatial_reasoning", "snli_ve": "snli_ve_classification",
                "cifar10": "cifar_10", "cifar100": "cifar_100", "mnist": "mnist"}
-TASKS = ("mme", "pope", *JSONL_NAMES, "sample_mnist", "sample_pope")
+SAMPLE_TASKS = {"sample_mnist": "digit_recognition", "sample_pope": "object_existence",
+                "sample_bigger": "bigger_colour", "sample_shape": "shape_of_colour"}  # name -> task_name in eval.json
+TASKS = ("mme", "pope", *JSONL_NAMES, *SAMPLE_TASKS)
 YES_NO = " Please answer yes or no."
 
 
@@ -77,7 +81,7 @@ def load_task(task: str, data_root: Path, coco_root: Path | None = None, path: P
         return load_pope(data_root / "pope", coco_root)
     if task in JSONL_NAMES:
         return load_jsonl_task(task, data_root)
-    if task in ("sample_mnist", "sample_pope"):
+    if task in SAMPLE_TASKS:
         return load_sample(task, data_root)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
@@ -209,7 +213,7 @@ def load_jsonl_task(task: str, data_root: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- embedded sample (held out)
 def load_sample(task: str, data_root: Path) -> list[dict]:
     f = _need(data_root / "eval.json", "the embedded sample set's held-out records (python -m data_prep.make_sample)")
-    want = {"sample_mnist": "digit_recognition", "sample_pope": "object_existence"}[task]
+    want = SAMPLE_TASKS[task]
     items = []
     for r in json.loads(f.read_text()):
         if r["task_name"] != want:
@@ -218,6 +222,9 @@ def load_sample(task: str, data_root: Path) -> list[dict]:
         items.append({"task": task, "category": "random" if task == "sample_pope" else task, "image_id": r["id"],
                       "qid": r["id"], "question": q, "target": r["conversations"][1]["value"],
                       "image": str(data_root / r["image"])})
+    if not items:
+        raise LayoutError(f"{f}: no {want!r} records for {task} (a sample set of an older version? rebuild it: "
+                          "python -m data_prep.make_sample)")
     return items
 
 

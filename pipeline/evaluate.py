@@ -7,7 +7,8 @@ metrics. One invocation evaluates the base model and/or several adapters and wri
     python -m pipeline.evaluate                                                   # the embedded default
 
 With no arguments it evaluates the embedded tiny model on the held-out task types of the embedded sample set
-(digits as an MNIST-style set, existence questions as a POPE-style set): the un-tuned base, plus the adapter of
+(digits as an MNIST-style set, existence questions as a POPE-style set, the bigger object's colour, the shape of
+the object of a given colour): the un-tuned base, plus the adapter of
 the default training run when there is one.
 
 Outputs under --output_dir: `<run>/predictions.jsonl` (one line per question: task, category, image_id, qid,
@@ -36,7 +37,8 @@ JUDGE_PROMPT = ("Please decide if the prediction is correct given the question a
                 "Questions: {question}\nAnswer: {target}\nPrediction: {prediction}\n"
                 "Your response should only be Yes or No.")
 TABLE_COLUMNS = ("mme", "textvqa", "vsr", "snli_ve", "cifar10", "cifar100", "mnist", "pope", "mmavg",
-                 "sample_mnist", "sample_pope")
+                 "sample_mnist", "sample_pope", "sample_bigger", "sample_shape")
+SAMPLE_DEFAULT = "sample_mnist,sample_pope,sample_bigger,sample_shape"  # the embedded set's held-out task types
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -45,7 +47,9 @@ def _load_image(image, image_processor):
 
     if image is None:
         return None
-    return image_processor(images=open_rgb(image), return_tensors="pt")["pixel_values"][0]
+    if not hasattr(image, "convert"):  # bytes or a path, not an in-memory PIL image
+        image = open_rgb(image)
+    return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
 
 def generate(model, tokenizer, image_processor, template, items: list[dict], batch_size: int, max_new_tokens: int,
@@ -184,7 +188,8 @@ def markdown_table(results: dict) -> str:
     cols = [c for c in TABLE_COLUMNS if c in present]
     cols += [c for c in dict.fromkeys(present) if c not in cols]  # held-out sets given by path, in order
     names = {"mme": "MME (P / C)", "pope": "POPE acc", "mmavg": "MMAvg", "sample_mnist": "sample digits",
-             "sample_pope": "sample existence (acc)", "sample_train_val": "training tasks (val)"}
+             "sample_pope": "sample existence (acc)", "sample_bigger": "sample bigger's colour",
+             "sample_shape": "sample shape of colour", "sample_train_val": "training tasks (val)"}
     lines = ["| run | " + " | ".join(names.get(c, c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for run, r in results.items():
         lines.append(f"| {run} | " + " | ".join(_cell(r["tasks"], c) for c in cols) + " |")
@@ -202,7 +207,7 @@ def write_outputs(out: Path, results: dict) -> None:
 class EvalConfig:
     """One evaluation: which models, which tasks, how to decode (every field is a flag of this module's CLI)."""
 
-    model: str = field(default="tiny", metadata={"help": "HF llava folder or 'tiny'"})
+    model: str = field(default="tiny", metadata={"help": "HF llava folder, 'tiny' (the embedded pretrained base) or 'tiny-random'"})
     model_llm: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: Vicuna/Llama folder"})
     model_vision: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: CLIP vision folder"})
     mm_projector: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: stage-1 mm_projector.bin"})
@@ -213,7 +218,7 @@ class EvalConfig:
         "also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")})
     tasks: str | None = field(default=None, metadata={"help": (
         f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA .json / .jsonl, "
-        "or a shard folder) or name=path, scored by label match (default: sample_mnist,sample_pope)")})
+        "or a shard folder) or name=path, scored by label match (default: " + SAMPLE_DEFAULT + ")")})
     data_root: Path | None = field(default=None, metadata={"type": Path, "help": (
         "folder holding the task data (layouts in pipeline/eval_data.py; default: the embedded sample set, "
         "data/sample)")})
@@ -292,7 +297,7 @@ def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
     from pipeline.methods import read_artifact
 
     default = cfg.tasks is None and cfg.data_root is None
-    task_paths = parse_tasks(cfg.tasks or "sample_mnist,sample_pope")
+    task_paths = parse_tasks(cfg.tasks or SAMPLE_DEFAULT)
     data_root = cfg.data_root or REPO / "data" / "sample"
     if default:
         from pipeline.sample_data import ensure_sample

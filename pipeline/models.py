@@ -4,6 +4,9 @@
 (b) LLaVA-v1 parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin`
                                                                         -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
 (c) the embedded tiny default, built offline and deterministically     -> `load_base()` / `load_base(model="tiny")`
+    "tiny" is the shipped pretrained base (pipeline/assets/tiny_base.safetensors, made by `python -m
+    pipeline.pretrain_base`, checked against the sha256 recorded beside it); "tiny-random" is the same
+    architecture at its seeded random init (what pretraining starts from).
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_RANDOM = "tiny-random"
+TINY_NAMES = (None, "", TINY, TINY_RANDOM)  # every name that means the embedded model
 ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_WEIGHTS = ASSETS / "tiny_base.safetensors"  # + tiny_base.json: command, seed, sha256, losses, scores
+
+
+class BaseWeightsError(ValueError):
+    """The shipped base's weight file is missing, altered or does not fit the tiny architecture."""
 
 
 @dataclass
@@ -85,10 +95,10 @@ def tiny_config(tokenizer, attn: str = "sdpa"):
     return cfg
 
 
-def build_tiny(seed: int = 0, attn: str = "sdpa") -> Base:
+def build_tiny(seed: int = 0, attn: str = "sdpa", pretrained: bool = True, weights: Path = TINY_WEIGHTS) -> Base:
     """The embedded default: CLIP-style tower (3 x 64, 32 px / 8 px patches) + Llama-style LM (4 x 128) with
-    a committed 640-token byte-level BPE. Weights are a seeded random init, so every process builds the same
-    model without any file on disk."""
+    a committed 640-token byte-level BPE. `pretrained`: the shipped weights (`weights`, hash-checked); else a seeded
+    random init, the same in every process without any file on disk."""
     from transformers import LlavaForConditionalGeneration
 
     tok = tiny_tokenizer()
@@ -96,11 +106,44 @@ def build_tiny(seed: int = 0, attn: str = "sdpa") -> Base:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(cfg)
+    if pretrained:
+        load_tiny_weights(model, weights)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
-    model.m2pt_base = TINY
-    return Base(model, tok, _image_processor(32), TINY)
+    model.m2pt_base = TINY if pretrained else TINY_RANDOM
+    return Base(model, tok, _image_processor(32), model.m2pt_base)
+
+
+def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
+    """Fill `model` with the shipped base after checking the file against the sha256 recorded beside it."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from pipeline.files import sha256_file
+
+    path, record = Path(path), Path(path).with_suffix(".json")
+    if not path.is_file() or not record.is_file():
+        raise BaseWeightsError(f"the embedded base {path} (or its record {record.name}) is missing: it ships with "
+                               "the repository; rebuild it with `python -m pipeline.pretrain_base` (about an hour)")
+    want = json.loads(record.read_text()).get("sha256")
+    got = sha256_file(path)
+    if got != want:
+        raise BaseWeightsError(f"the embedded base {path} has sha256 {got}, but {record.name} records {want}: the "
+                               "file was altered or replaced (restore it with git, or rebuild it with "
+                               "`python -m pipeline.pretrain_base`)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise BaseWeightsError(f"the embedded base {path}: unreadable safetensors file ({e})") from None
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    if bad:
+        raise BaseWeightsError(f"the embedded base {path} does not fit the tiny architecture: {len(bad)} "
+                               f"missing, unexpected or differently shaped tensor(s), e.g. {bad[0]!r}")
+    model.load_state_dict(state)
 
 
 def _check_dir(path, what: str) -> Path:
@@ -151,7 +194,7 @@ def check_model_source(model: str | None = None, llm=None, vision=None, mm_proje
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if llm or vision or mm_projector:
-        if not (llm and vision and mm_projector) or model not in (None, "", TINY):
+        if not (llm and vision and mm_projector) or model not in TINY_NAMES:
             raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
         p = _check_dir(llm, "--model_llm")
         mt = _read_config(p, "--model_llm").get("model_type")
@@ -168,7 +211,7 @@ def check_model_source(model: str | None = None, llm=None, vision=None, mm_proje
         if not Path(mm_projector).is_file():
             raise FileNotFoundError(f"--mm_projector {mm_projector}: no such file")
         return
-    if model in (None, "", TINY):
+    if model in TINY_NAMES:
         return
     p = _check_dir(model, "--model")
     mt = _read_config(p, "--model").get("model_type")
@@ -279,11 +322,11 @@ def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None
     attn = pick_attn_implementation(attn)
     log.info("attention implementation: %s", attn)
     if llm or vision or mm_projector:
-        if not (llm and vision and mm_projector) or model not in (None, TINY):
+        if not (llm and vision and mm_projector) or model not in TINY_NAMES:
             raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
         base = load_llava_v1_parts(llm, vision, mm_projector, dtype=dtype, attn=attn)
-    elif model in (None, "", TINY):
-        base = build_tiny(seed=seed, attn=attn)
+    elif model in TINY_NAMES:
+        base = build_tiny(seed=seed, attn=attn, pretrained=model != TINY_RANDOM)
         base.model.to(dtype)
     else:
         base = load_hf_llava(model, dtype=dtype, attn=attn)
@@ -317,7 +360,7 @@ def skip_unused_vision_layers(model) -> int:
 
 def load_text_side(model: str | None = None):
     """(tokenizer, LlavaConfig) without loading any weights: what the shard builder needs to measure lengths."""
-    if model in (None, "", TINY):
+    if model in TINY_NAMES:
         tok = tiny_tokenizer()
         return tok, tiny_config(tok)
     from transformers import AutoConfig, AutoTokenizer

@@ -32,6 +32,7 @@ from pipeline.cli import add_config_flags
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.m2pt import M2PTConfig
 from pipeline.methods import METHODS, LoraSettings
+from pipeline.models import TINY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
@@ -50,7 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     g = ap.add_argument_group("model (one of: --model, or the three LLaVA-v1 parts; default: the embedded tiny model)")
-    g.add_argument("--model", default="tiny", help="Hugging Face llava folder (llava-hf layout) or 'tiny'")
+    g.add_argument("--model", default="tiny", help="Hugging Face llava folder (llava-hf layout), 'tiny' (the embedded pretrained "
+                   "base) or 'tiny-random' (the same architecture, random weights)")
     g.add_argument("--model_llm", default=None, help="LLaVA-v1 parts: Vicuna/Llama folder")
     g.add_argument("--model_vision", default=None, help="LLaVA-v1 parts: CLIP vision tower folder")
     g.add_argument("--mm_projector", default=None, help="LLaVA-v1 parts: stage-1 mm_projector.bin (linear projector)")
@@ -805,13 +807,13 @@ def finish(r: Run) -> None:
     print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {r.progress.step} steps; skipped "
           f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
     print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
-    if not r.args.train_shards and r.args.model in (None, "", "tiny") and not r.args.no_final_eval:
+    if not r.args.train_shards and r.args.model in TINY_NAMES and not r.args.no_final_eval:
         from pipeline import evaluate
 
         sample = DATA_HOME / "sample"
         res = evaluate.evaluate(evaluate.EvalConfig(
             adapter=[str(adapter_dir)], with_base=True, data_root=sample, output_dir=r.out / "eval",
-            tasks=f"sample_mnist,sample_pope,sample_train_val={sample / 'val.json'}"))
+            tasks=f"{evaluate.SAMPLE_DEFAULT},sample_train_val={sample / 'val.json'}"))
         print("zero-shot on the held-out task types of the sample set (and the training task types' validation "
               "records, for comparison):\n" + evaluate.markdown_table(res), end="")
 

@@ -19,7 +19,7 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     methods = res["summary"]["methods"]
     assert set(methods) == {"projector", "text"} and methods["text"]["lr"] == 0.01
     for m in methods.values():
-        assert set(m["scores"]) == {"sample_mnist", "sample_pope", "sample_train_val"}
+        assert set(m["scores"]) == {"sample_mnist", "sample_pope", "sample_bigger", "sample_shape", "sample_train_val"}
         assert all(0 <= s["mean"] <= 100 and s["std"] == 0.0 for s in m["scores"].values())
         assert m["trainable"]["parameters"] > 0
     assert set(res["ablation"]["heldout_mean"]) == {"pv0-pt0", "pv0-pt5", "pv5-pt0", "pv5-pt5"}

@@ -68,7 +68,8 @@ def test_supervised_only_loss_and_gradients_equal_the_full_logits_path(monkeypat
             assert g is None and got_g[name] is None  # neither path has a graph edge (the trainer adds a x0 one)
             continue
         assert g.abs().sum() > 0, name
-        assert torch.allclose(got_g[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item()), name
+        # float32 sums in another order (chunks): equal to 1e-4 relative, 1e-5 of the largest entry absolute
+        assert torch.allclose(got_g[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item()), name
 
 
 def test_linear_cross_entropy_without_supervised_rows_is_zero_and_keeps_the_graph():

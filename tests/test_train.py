@@ -264,10 +264,11 @@ def test_the_default_run_ends_with_the_zero_shot_table(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "zero-shot on the held-out task types of the sample set" in r.stdout
-    assert "| run | sample digits | sample existence (acc) | training tasks (val) |" in r.stdout
+    assert ("| run | sample digits | sample existence (acc) | sample bigger's colour | sample shape of colour | "
+            "training tasks (val) |") in r.stdout
     assert "| base |" in r.stdout
     res = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
-    assert set(res) == {"majority answer", "base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 100
+    assert set(res) == {"majority answer", "base", "out"} and res["out"]["tasks"]["sample_mnist"]["questions"] == 200
     assert "| majority answer |" in r.stdout
 
 
