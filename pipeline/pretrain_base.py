@@ -130,17 +130,19 @@ def score_base(base, n: int, seed: int, batch_size: int = 64) -> dict:
     caption accuracy on held-out digit images."""
     from pipeline.chat import VicunaTemplate
     from pipeline.evaluate import generate
+    from pipeline.m2pt import num_visual_tokens
 
     tok, model = base.tokenizer, base.model.eval()
-    template = VicunaTemplate(tok, model.config.image_token_id, visual_tokens(model))
+    template = VicunaTemplate(tok, model.config.image_token_id, num_visual_tokens(model))
     rng = random.Random(f"{seed}/eval")
     caps = [scenes.random_scene(rng, scenes.SCENE_KINDS[k % len(scenes.SCENE_KINDS)]) for k in range(n)]
-    qas = [scenes.ask(list(scenes.QUESTIONS)[k % len(scenes.QUESTIONS)], rng) for k in range(n)]
+    tasks = [list(scenes.QUESTIONS)[k % len(scenes.QUESTIONS)] for k in range(n)]
+    qas = [scenes.ask(t, rng) for t in tasks]
     held = [scenes.digit_scene(rng, "heldout") for _ in range(n // 5)]
     items = ([{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s), "kind": s.kind
                + (str(len(s.objects)) if s.kind == "objects" else "")} for s in caps]
              + [{"image": None, "question": scenes.scene_text(s) + "\n" + q, "target": a, "kind": t}
-                for t, (s, q, a) in zip([list(scenes.QUESTIONS)[k % len(scenes.QUESTIONS)] for k in range(n)], qas)]
+                for t, (s, q, a) in zip(tasks, qas)]
              + [{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s),
                  "kind": "heldout_digit"} for s in held])
     preds = generate(model, tok, base.image_processor, template, items, batch_size, max_new_tokens=32,
@@ -153,16 +155,11 @@ def score_base(base, n: int, seed: int, batch_size: int = 64) -> dict:
             wrong.append(f"{p.strip()!r} for {it['target']!r}")
     log.info("e.g. wrong: %s", "; ".join(wrong))
     pct = {k: round(100 * sum(v) / len(v), 2) for k, v in by.items()}
-    cap = [x for k, v in by.items() if k in ("objects1", "objects2", "count", "digit", "word") for x in v]
+    cap = [x for k, v in by.items() if k in scenes.SCENE_KINDS for x in v]
     qa = [x for k, v in by.items() if k in scenes.QUESTIONS for x in v]
     return {"caption_exact_match": round(100 * sum(cap) / len(cap), 2), "text_qa": round(100 * sum(qa) / len(qa), 2),
             "heldout_digit_caption": pct.get("heldout_digit"), "by_kind": pct, "samples": {"caption": len(cap),
                                                                                            "text_qa": len(qa)}}
-
-
-def visual_tokens(model) -> int:
-    v = model.config.vision_config
-    return (v.image_size // v.patch_size) ** 2  # "default" feature strategy: the CLS token is dropped
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -171,6 +168,7 @@ def pretrain(cfg: PretrainConfig, command: str) -> dict:
     from tqdm import tqdm
 
     from pipeline.chat import VicunaTemplate
+    from pipeline.m2pt import num_visual_tokens
     from pipeline.models import build_tiny
 
     torch.set_num_threads(cfg.threads)
@@ -178,7 +176,7 @@ def pretrain(cfg: PretrainConfig, command: str) -> dict:
     model, tok = base.model.train(), base.tokenizer
     for p in model.parameters():
         p.requires_grad_(True)
-    template = VicunaTemplate(tok, model.config.image_token_id, visual_tokens(model))
+    template = VicunaTemplate(tok, model.config.image_token_id, num_visual_tokens(model))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
