@@ -76,9 +76,9 @@ def objects_scene(rng: random.Random, n: int | None = None, distinct_sizes: bool
                  jitter=(rng.randint(-2, 2), rng.randint(-2, 2)))
 
 
-def count_scene(rng: random.Random, shape: str | None = None) -> Scene:
+def count_scene(rng: random.Random) -> Scene:
     return Scene("count", background=rng.choice(list(BACKGROUNDS)), count=rng.randint(1, 5),
-                 shape=shape or rng.choice(SHAPES), colour=rng.choice(list(COLOURS)),
+                 shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)),
                  jitter=(rng.randrange(1 << 30), 0))
 
 
@@ -95,13 +95,14 @@ def word_scene(rng: random.Random) -> Scene:
 SCENE_KINDS = ("objects1", "objects2", "count", "digit", "word")
 
 
-def random_scene(rng: random.Random, kind: str, digit_pool: str = "pretrain") -> Scene:
+def random_scene(rng: random.Random, kind: str) -> Scene:
+    """A scene of one of SCENE_KINDS (digits from the pretraining pool)."""
     if kind.startswith("objects"):
         return objects_scene(rng, int(kind[-1]))
     if kind == "count":
         return count_scene(rng)
     if kind == "digit":
-        return digit_scene(rng, digit_pool)
+        return digit_scene(rng, "pretrain")
     return word_scene(rng)
 
 
