@@ -22,9 +22,15 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
         assert set(m["scores"]) == {"sample_mnist", "sample_pope", "sample_bigger", "sample_shape", "sample_train_val"}
         assert all(0 <= s["mean"] <= 100 and s["std"] == 0.0 for s in m["scores"].values())
         assert m["trainable"]["parameters"] > 0
-    assert set(res["ablation"]["heldout_mean"]) == {"pv0-pt0", "pv0-pt5", "pv5-pt0", "pv5-pt5"}
+    assert set(res["ablation"]["heldout_mean"]) == set(res["ablation"]["val"]) == {"pv0-pt0", "pv0-pt5", "pv5-pt0",
+                                                                                   "pv5-pt5"}
+    assert res["summary"]["invocation"]["cells_run"] == 7 and res["summary"]["invocation"]["jobs"] == 2
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "| majority answer |" in md and "| un-tuned base |" in md and "| text | 0.01 |" in md
+    assert "- text: 0.01: " in md  # validation accuracy of every lr of the grid
+    abl = res["ablation"]
+    assert (f"| 5 | {abl['heldout_mean']['pv5-pt0']:.1f} / {abl['val']['pv5-pt0']:.1f} | "
+            f"{abl['heldout_mean']['pv5-pt5']:.1f} / {abl['val']['pv5-pt5']:.1f} |") in md
     pngs = sorted(p.name for p in (tmp_path / "docs" / "results").glob("*.png"))
     assert pngs == ["ablation.png", "methods.png"]
     assert all((tmp_path / "docs" / "results" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
@@ -34,5 +40,6 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     stamps = [c.stat().st_mtime_ns for c in cells]
     assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
     assert [c.stat().st_mtime_ns for c in cells] == stamps
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocation"]["cells_run"] == 0
     # A finished cell of other settings is never reused.
     assert main([*argv, "--max_steps", "3"]) == 1
