@@ -25,10 +25,10 @@ def test_the_shipped_base_matches_its_recorded_hash():
 def test_the_shipped_base_records_its_scores_on_fresh_samples():
     sc = RECORD["scores"]
     assert sc["samples"] == {"caption": 500, "text_qa": 500}
-    assert sc["caption_exact_match"] >= 90  # the target, met (97.2)
-    # The text-QA target was 95; the shipped base reached 94.0: every question form at 100 % except existence
-    # (at chance) and the shape of a given colour (see docs/results.md). A replacement base must not be worse.
-    assert sc["text_qa"] >= 94
+    # The two targets, met: 96.8 and 95.4. Text QA is 100 % on ten of its twelve forms; the two look-up
+    # forms stay weakest (existence 65.9 %, shape of a given colour 78.0 %) even drawn 4x as often.
+    assert sc["caption_exact_match"] >= 90
+    assert sc["text_qa"] >= 95
 
 
 def test_the_default_model_is_the_shipped_base_and_tiny_random_is_not():
