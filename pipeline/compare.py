@@ -64,6 +64,13 @@ def build_shards(data: Path, out: Path, lengths) -> Path:
     return build_sample_shards(data, out / "shards", visual_prompt_length=max([10, *lengths]))
 
 
+def base_sha256() -> str:
+    """The shipped base every cell starts from (the trainer and evaluator refuse a file that does not match it)."""
+    from pipeline.models import TINY_WEIGHTS
+
+    return json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())["sha256"]
+
+
 def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
     """Train (`train_flags` None: nothing, the un-tuned base) and evaluate one cell; record it in cell.json."""
     t0 = time.time()
@@ -84,7 +91,8 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
     row = next(v for k, v in res.items() if k != "majority answer")
     rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
            "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
-           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags}
+           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags,
+           "base_sha256": base_sha256()}
     atomic_write_json(folder / "cell.json", rec)
     return rec
 
@@ -121,7 +129,7 @@ def plan(args) -> dict:
 def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
     from tqdm import tqdm
 
-    results, todo = {}, {}
+    results, todo, base = {}, {}, base_sha256()
     for name, flags in cells.items():
         f = out / "cells" / name
         if (f / "cell.json").is_file():
@@ -129,6 +137,9 @@ def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
             if results[name].get("flags") != flags:  # never reuse a result of other settings (--max_steps, ...)
                 raise CellError(f"{f}: finished with {results[name].get('flags')}, but this comparison asks for "
                                 f"{flags}; use another --output (or delete that folder)")
+            if results[name].get("base_sha256") != base:  # nor one trained from another base (a rebuilt one)
+                raise CellError(f"{f}: finished on the base with sha256 {results[name].get('base_sha256')}, but the "
+                                f"shipped base is {base}; use another --output (or delete that folder)")
         else:
             todo[name] = flags
     log.info("%d cell(s) already finished, %d to run with %d job(s)", len(results), len(todo), jobs)

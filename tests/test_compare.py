@@ -41,5 +41,8 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
     assert [c.stat().st_mtime_ns for c in cells] == stamps
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocation"]["cells_run"] == 0
-    # A finished cell of other settings is never reused.
+    # A finished cell of other settings, or of another base, is never reused.
     assert main([*argv, "--max_steps", "3"]) == 1
+    rec = json.loads(cells[0].read_text())
+    cells[0].write_text(json.dumps(dict(rec, base_sha256="0" * 64)))
+    assert main(argv) == 1
