@@ -171,21 +171,34 @@ def summarise(args, res: dict) -> dict:
             "max_steps": args.max_steps}
 
 
-def ablation(args, summary: dict, out: Path, data: Path, jobs: int) -> dict:
+def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) -> dict:
+    """pv x pt at M²PT's chosen lr, seed 0. A cell that is a run of the method grid - pv = pt = the default length is
+    m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init and data order,
+    bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
+    from pipeline.m2pt import M2PTConfig
+
     lr = summary["methods"].get("m2pt", {}).get("lr", LR_GRID["m2pt"][1])
-    cells = {}
+    d = M2PTConfig().visual_prompt_length
+    same = {(d, d): "m2pt", (d, 0): "visual", (0, d): "text", (0, 0): "projector"}
+    if d != M2PTConfig().text_prompt_length:  # only (0, 0) is then a grid run
+        same = {(0, 0): "projector"}
+    cells, reused = {}, {}
     for pv in args.ablation_lengths:
         for pt in args.ablation_lengths:
-            if pv == pt == 0:
-                flags = ["--method", "projector"]
+            key, twin = f"pv{pv}-pt{pt}", f"{same.get((pv, pt))}/lr{lr:g}/seed0"
+            if twin in grid:
+                reused[key] = twin
+            elif pv == pt == 0:
+                cells[key] = ["--method", "projector"]
             else:
-                flags = ["--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
-            cells[f"ablation/pv{pv}-pt{pt}"] = [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args)]
-    res = run_cells(cells, out, data, jobs)
-    return {"lr": lr, "heldout_mean": {name.split("/")[1]: statistics.fmean(res[name]["scores"][t] for t in HELDOUT)
-                                       for name in cells},
-            "val": {name.split("/")[1]: res[name]["scores"][VAL] for name in cells},
-            "heldout": {name.split("/")[1]: {t: res[name]["scores"][t] for t in HELDOUT} for name in cells}}
+                cells[key] = ["--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
+    res = run_cells({f"ablation/{k}": [*f, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args)]
+                     for k, f in cells.items()}, out, data, jobs)
+    scores = {**{k: grid[t]["scores"] for k, t in reused.items()}, **{k: res[f"ablation/{k}"]["scores"] for k in cells}}
+    return {"lr": lr, "reused": reused,
+            "heldout_mean": {k: statistics.fmean(s[t] for t in HELDOUT) for k, s in scores.items()},
+            "val": {k: s[VAL] for k, s in scores.items()},
+            "heldout": {k: {t: s[t] for t in HELDOUT} for k, s in scores.items()}}
 
 
 def plots(summary: dict, abl: dict | None, lengths, folder: Path) -> list[str]:
@@ -297,7 +310,9 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
         lines += ["## Prompt-length ablation", "",
                   f"M²PT at its chosen lr {abl['lr']:g}, seed 0, {summary['max_steps']} steps; pv = pt = 0 is the "
                   "projector alone. Each cell: mean accuracy over the four held-out tasks / training-task validation "
-                  "accuracy.", "",
+                  "accuracy." + (" Cells that are a run of the method grid are that run, not trained twice: "
+                                 + ", ".join(f"{k} = {t}" for k, t in abl["reused"].items()) + "."
+                                 if abl["reused"] else ""), "",
                   f"![ablation]({os.path.relpath(images[1], report.parent)})", "",
                   "| pv \\ pt | " + " | ".join(str(pt) for pt in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
         for pv in lengths:
@@ -351,7 +366,7 @@ def main(argv=None) -> int:
         res = run_cells(plan(args), args.output, args.data, args.jobs)
         summary = summarise(args, res)
         summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
-        abl = ablation(args, summary, args.output, args.data, args.jobs) if lengths else None
+        abl = ablation(args, summary, res, args.output, args.data, args.jobs) if lengths else None
     except CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ import pytest
 def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path):
     from pipeline.compare import main
 
-    argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "1e-2", "--max_steps", "2",
+    argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "3e-3", "--max_steps", "2",
             "--ablation_lengths", "0,5", "--jobs", "2", "--data", str(shards / "sample"),
             "--output", str(tmp_path / "out"), "--report", str(tmp_path / "docs" / "results.md")]
     assert main(argv) == 0
@@ -17,17 +17,21 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert json.loads((tmp_path / "docs" / "results.json").read_text()) == res
     methods = res["summary"]["methods"]
-    assert set(methods) == {"projector", "text"} and methods["text"]["lr"] == 0.01
+    assert set(methods) == {"projector", "text"} and methods["text"]["lr"] == 0.003
     for m in methods.values():
         assert set(m["scores"]) == {"sample_mnist", "sample_pope", "sample_bigger", "sample_shape", "sample_train_val"}
         assert all(0 <= s["mean"] <= 100 and s["std"] == 0.0 for s in m["scores"].values())
         assert m["trainable"]["parameters"] > 0
     assert set(res["ablation"]["heldout_mean"]) == set(res["ablation"]["val"]) == {"pv0-pt0", "pv0-pt5", "pv5-pt0",
                                                                                    "pv5-pt5"}
-    assert res["summary"]["invocation"]["cells_run"] == 7 and res["summary"]["invocation"]["jobs"] == 2
+    # M²PT is not in the grid, so the ablation runs at its default grid's middle lr, 3e-3: its pv = pt = 0 cell is the
+    # projector run of the grid and is not trained again.
+    assert res["ablation"]["reused"] == {"pv0-pt0": "projector/lr0.003/seed0"}
+    assert res["ablation"]["val"]["pv0-pt0"] == methods["projector"]["scores"]["sample_train_val"]["mean"]
+    assert res["summary"]["invocation"]["cells_run"] == 6 and res["summary"]["invocation"]["jobs"] == 2
     md = (tmp_path / "docs" / "results.md").read_text()
-    assert "| majority answer |" in md and "| un-tuned base |" in md and "| text | 0.01 |" in md
-    assert "- text: 0.01: " in md  # validation accuracy of every lr of the grid
+    assert "| majority answer |" in md and "| un-tuned base |" in md and "| text | 0.003 |" in md
+    assert "- text: 0.003: " in md  # validation accuracy of every lr of the grid
     abl = res["ablation"]
     assert (f"| 5 | {abl['heldout_mean']['pv5-pt0']:.1f} / {abl['val']['pv5-pt0']:.1f} | "
             f"{abl['heldout_mean']['pv5-pt5']:.1f} / {abl['val']['pv5-pt5']:.1f} |") in md
@@ -36,7 +40,7 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     assert all((tmp_path / "docs" / "results" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
     cells = sorted((tmp_path / "out" / "cells").rglob("cell.json"))
-    assert len(cells) == 1 + 2 + 4  # base, two methods x one lr x one seed, the 2 x 2 ablation
+    assert len(cells) == 1 + 2 + 3  # base, two methods x one lr x one seed, the 2 x 2 ablation less pv0-pt0
     stamps = [c.stat().st_mtime_ns for c in cells]
     assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
     assert [c.stat().st_mtime_ns for c in cells] == stamps
