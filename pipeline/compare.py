@@ -1,6 +1,6 @@
 """Compare training methods on the embedded sample set: one command, every method x learning rate x seed.
 
-    python -m pipeline.compare [--methods m2pt,visual,text,projector,lora,full] [--seeds 3] [--max_steps 600]
+    python -m pipeline.compare [--methods m2pt,visual,text,projector,lora,full] [--seeds 3] [--max_steps 1200]
                                [--output out/compare] [--report docs/results.md]
 
 For every cell (method, learning rate, seed) it trains with `pipeline/train.py` (one process, one thread), then

@@ -13,8 +13,8 @@ embedded world (`pipeline.scenes`), LLaVA-style with every weight trainable, on 
 Half the samples are each (`--text_share`; among the QA forms the two look-ups, existence and shape of a given
 colour, are drawn `--lookup_weight` times as often as each other form), and every sample weighs the same in the
 loss (the mean of its own tokens' cross-entropy): with a token average a one-word answer would be 2 of ~25
-supervised tokens beside a caption and QA would barely train. One stage, all weights trained jointly: the LLM has no language to keep (it starts
-random), so LLaVA's frozen-LLM alignment stage has nothing to protect here.
+supervised tokens beside a caption and QA would barely train. One stage, all weights trained jointly: the LLM has
+no language to keep (it starts random), so LLaVA's frozen-LLM alignment stage has nothing to protect here.
 
 At the end it scores, greedily, on fresh samples (their own random stream): caption exact match and text-QA
 accuracy (targets: >= 90 % and >= 95 %), and caption accuracy on the held-out digit images the stream never
