@@ -72,8 +72,8 @@ class PretrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in PretrainConfig.__dataclass_fields__.values():
-        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                        help=f"{f.metadata['help']} (default: {f.default})")
+        ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,  # argparse %-formats help
+                        help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
     return ap
 
 

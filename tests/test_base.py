@@ -84,3 +84,14 @@ def test_the_recorded_command_reproduces_the_first_losses():
     assert list(got) == ["0", "1", "2"]
     # float32 to its last digits (the same build of torch on another CPU may round a last bit differently)
     assert [got[k] for k in got] == pytest.approx([RECORD["losses"][k] for k in got], rel=1e-6, abs=0)
+
+
+def test_the_help_explains_every_flag(capsys):
+    from pipeline.pretrain_base import PretrainConfig, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{name}" in out for name in PretrainConfig.__dataclass_fields__)
+    assert "%)" in " ".join(out.split())  # a literal % in a help text (--lr: "cosine to 10 %") once crashed --help
