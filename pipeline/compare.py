@@ -66,9 +66,9 @@ def build_shards(data: Path, out: Path, lengths) -> Path:
 
 def base_sha256() -> str:
     """The shipped base every cell starts from (the trainer and evaluator refuse a file that does not match it)."""
-    from pipeline.models import TINY_WEIGHTS
+    from pipeline.models import tiny_record
 
-    return json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())["sha256"]
+    return tiny_record()["sha256"]
 
 
 def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
@@ -81,6 +81,7 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
         r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
         if r.returncode != 0:
             raise CellError(f"{folder}: training failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        check_finished(folder / "run")
     adapter = ["--adapter", str(folder / "run" / "adapter")] if train_flags is not None else ["--with_base"]
     cmd = [sys.executable, "-m", "pipeline.evaluate", *adapter, "--tasks", _tasks(data), "--data_root", str(data),
            "--output_dir", str(folder / "eval"), "--batch_size", "32"]
@@ -95,6 +96,18 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
            "base_sha256": base_sha256()}
     atomic_write_json(folder / "cell.json", rec)
     return rec
+
+
+def check_finished(run: Path) -> None:
+    """A run stopped by a signal (SIGTERM, SIGUSR1 to the trainer alone) also exits 0, with a checkpoint: its
+    half-trained adapter must not be scored as the cell's result."""
+    try:
+        state = json.loads((run / "run_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CellError(f"{run}: training exited 0 but left no readable run_state.json ({e})") from None
+    if state.get("state") != "finished":
+        raise CellError(f"{run}: training exited 0 but is {state.get('state')!r} at step {state.get('step')} of "
+                        f"{state.get('total_steps')} (stopped by a signal?); run the comparison again to resume it")
 
 
 def _trainable(folder: Path):
@@ -266,9 +279,9 @@ def verdict(summary: dict) -> list[str]:
 
 def base_description() -> str:
     """Which base every cell started from, with the record that produced it."""
-    from pipeline.models import TINY_WEIGHTS
+    from pipeline.models import tiny_record
 
-    rec = json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())
+    rec = tiny_record()
     sc = rec.get("scores", {})
     return (f"Base: the embedded pretrained tiny model (`pipeline/assets/{rec['file']}`, sha256 `{rec['sha256'][:16]}…`, "
             f"made by `{rec['command']}`; on fresh samples: caption exact match {sc.get('caption_exact_match')} %, "

@@ -115,20 +115,26 @@ def build_tiny(seed: int = 0, attn: str = "sdpa", pretrained: bool = True, weigh
     return Base(model, tok, _image_processor(32), model.m2pt_base)
 
 
-def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
-    """Fill `model` with the shipped base after checking the file against the sha256 recorded beside it."""
+def tiny_record(path: Path = TINY_WEIGHTS) -> dict:
+    """The record written beside the shipped base by `pipeline.pretrain_base`: command, sha256, losses, scores."""
     import json
 
+    record = Path(path).with_suffix(".json")
+    if not Path(path).is_file() or not record.is_file():
+        raise BaseWeightsError(f"the embedded base {path} (or its record {record.name}) is missing: it ships with "
+                               "the repository; rebuild it with `python -m pipeline.pretrain_base` (about an hour)")
+    return json.loads(record.read_text())
+
+
+def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
+    """Fill `model` with the shipped base after checking the file against the sha256 recorded beside it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from pipeline.files import sha256_file
 
     path, record = Path(path), Path(path).with_suffix(".json")
-    if not path.is_file() or not record.is_file():
-        raise BaseWeightsError(f"the embedded base {path} (or its record {record.name}) is missing: it ships with "
-                               "the repository; rebuild it with `python -m pipeline.pretrain_base` (about an hour)")
-    want = json.loads(record.read_text()).get("sha256")
+    want = tiny_record(path).get("sha256")
     got = sha256_file(path)
     if got != want:
         raise BaseWeightsError(f"the embedded base {path} has sha256 {got}, but {record.name} records {want}: the "

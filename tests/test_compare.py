@@ -50,3 +50,18 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     rec = json.loads(cells[0].read_text())
     cells[0].write_text(json.dumps(dict(rec, base_sha256="0" * 64)))
     assert main(argv) == 1
+
+
+def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
+    # The trainer exits 0 after a stop signal too (checkpoint saved, resumable); only run_state.json tells them apart.
+    from pipeline.compare import CellError, check_finished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CellError, match="no readable run_state.json"):
+        check_finished(run)
+    (run / "run_state.json").write_text(json.dumps({"state": "stopped", "step": 37, "total_steps": 1200}))
+    with pytest.raises(CellError, match=r"'stopped' at step 37 of 1200 .*run the comparison again to resume"):
+        check_finished(run)
+    (run / "run_state.json").write_text(json.dumps({"state": "finished", "step": 1200, "total_steps": 1200}))
+    check_finished(run)  # no error
