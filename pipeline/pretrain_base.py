@@ -220,8 +220,10 @@ def pretrain(cfg: PretrainConfig, command: str) -> dict:
 
     out = cfg.output.with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # One metadata key only: safetensors writes a metadata map in no fixed order, so with two keys the same weights
+    # got one of two sha256s from run to run. The command is in OUTPUT.json.
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out),
-              metadata={"format": "pt", "produced_by": command})
+              metadata={"format": "pt"})
     record["file"], record["sha256"] = out.name, sha256_file(out)
     cfg.output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -95,3 +95,21 @@ def test_the_help_explains_every_flag(capsys):
     out = capsys.readouterr().out
     assert all(f"--{name}" in out for name in PretrainConfig.__dataclass_fields__)
     assert "%)" in " ".join(out.split())  # a literal % in a help text (--lr: "cosine to 10 %") once crashed --help
+
+
+def test_a_rebuild_writes_the_same_bytes(tmp_path):
+    # The same weights must give the same sha256: the file once carried two metadata keys, which safetensors writes in
+    # no fixed order, so identical weights were saved with one of two hashes from run to run.
+    from safetensors import safe_open
+
+    from pipeline.pretrain_base import main
+
+    shas = []
+    for k in range(2):
+        out = tmp_path / f"b{k}"
+        assert main(["--steps", "2", "--warmup", "1", "--batch_size", "2", "--eval_samples", "0",
+                     "--output", str(out)]) == 0
+        shas.append(sha256_file(out.with_suffix(".safetensors")))
+        with safe_open(str(out.with_suffix(".safetensors")), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    assert shas[0] == shas[1]
