@@ -282,12 +282,20 @@ def base_description() -> str:
     from pipeline.models import tiny_record
 
     rec = tiny_record()
-    sc = rec.get("scores", {})
+    sc, cfg = rec.get("scores", {}), rec.get("config", {})
+    untrained = sc.get("image_qa_untrained")
+    stages = [f"{n:,} steps of {what}" for n, what in (
+        (cfg.get("language_steps", 0), "text QA for the language model alone"),
+        (cfg.get("align_steps", 0), "captioning for the vision tower and projector, the language model frozen"),
+        (cfg.get("steps", 0), "captioning and text QA with every weight")) if n]
     return (f"Base: the embedded pretrained tiny model (`pipeline/assets/{rec['file']}`, sha256 `{rec['sha256'][:16]}…`, "
             f"made by `{rec['command']}`; on fresh samples: caption exact match {sc.get('caption_exact_match')} %, "
-            f"text-only QA {sc.get('text_qa')} %). Every method starts from it; all but `full` keep it frozen. Its "
-            "pretraining captioned every concept the tasks ask about and answered text-only questions of every "
-            "form, the held-out ones included, but never saw a question about an image.")
+            f"text-only QA {sc.get('text_qa')} %"
+            + (f"; the same questions asked about the image, never trained: {untrained} %" if untrained is not None
+               else "")
+            + "). Every method starts from it; all but `full` keep it frozen. Its pretraining: " + "; then ".join(stages)
+            + ". The text QA covered every question form, the held-out ones included, but it never saw a question "
+            "about an image.")
 
 
 def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, command: str) -> str:

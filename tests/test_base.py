@@ -108,8 +108,54 @@ def test_a_rebuild_writes_the_same_bytes(tmp_path):
     for k in range(2):
         out = tmp_path / f"b{k}"
         assert main(["--steps", "2", "--warmup", "1", "--batch_size", "2", "--eval_samples", "0",
-                     "--output", str(out)]) == 0
+                     "--output", str(out), "--work_dir", str(tmp_path / f"stages{k}")]) == 0  # both from scratch
         shas.append(sha256_file(out.with_suffix(".safetensors")))
         with safe_open(str(out.with_suffix(".safetensors")), "pt") as f:
             assert f.metadata() == {"format": "pt"}
     assert shas[0] == shas[1]
+
+
+def _stages(tmp_path, *extra):
+    from pipeline.pretrain_base import main
+
+    out = tmp_path / "b"
+    argv = ["--language_steps", "2", "--align_steps", "2", "--steps", "0", "--warmup", "1", "--batch_size", "2",
+            "--eval_samples", "0", "--output", str(out), "--work_dir", str(tmp_path / "stages"), *extra]
+    assert main(argv) == 0
+    return out
+
+
+def test_the_language_stage_trains_only_the_llm_and_alignment_only_the_vision_side(tmp_path):
+    from safetensors.torch import load_file
+
+    _stages(tmp_path)
+    init = build_tiny(pretrained=False).model.state_dict()
+    lang, align = (load_file(str(tmp_path / "stages" / f"{s}.safetensors")) for s in ("language", "alignment"))
+    llm = {k for k in init if k.startswith(("model.language_model.", "lm_head."))}
+    vision = {k for k in init if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    assert llm and vision and llm | vision == set(init)
+    # Stage 1: every vision weight bit-identical to the init, the LLM's trained; stage 2: the LLM as stage 1 left it.
+    assert all(torch.equal(lang[k], init[k]) for k in vision)
+    assert not torch.equal(lang["lm_head.weight"], init["lm_head.weight"])
+    assert all(torch.equal(align[k], lang[k]) for k in llm)
+    assert not torch.equal(align["model.multi_modal_projector.linear_1.weight"],
+                           lang["model.multi_modal_projector.linear_1.weight"])
+    # Layers the LLaVA forward does not reach (the tower's last: vision_feature_layer is -2) get no gradient.
+    changed = {k for k in vision if not torch.equal(align[k], lang[k])}
+    assert len(changed) > len(vision) // 2
+
+
+def test_a_rerun_reuses_each_finished_stage_made_with_the_same_settings(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="m2pt.pretrain_base")
+    first = sha256_file(_stages(tmp_path).with_suffix(".safetensors"))
+    caplog.clear()
+    again = _stages(tmp_path)
+    assert sha256_file(again.with_suffix(".safetensors")) == first  # nothing changed but the time
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()] == [
+        "stage language", "stage alignment"]
+    caplog.clear()
+    rec = json.loads(_stages(tmp_path, "--align_steps", "3").with_suffix(".json").read_text())
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()] == ["stage language"]
+    assert sorted(map(int, rec["losses"])) == [0, 1, 2, 3, 4]  # stage 1's two losses kept, stage 2's three new
