@@ -20,11 +20,11 @@ average a one-word answer would be 2 of ~25 supervised tokens beside a caption a
 
 The shipped base is stage 3 alone (the defaults). Stages 1-2 are there because of what it showed: trained jointly
 from scratch, the LLM learns to caption from visual tokens with circuits of its own, apart from the ones that answer
-questions about a description - asked about an image, it answers training-type questions 5.6 % right, and tuned
-prompts never learn to read shapes, counts or words from it. With the LLM frozen (stage 2 after 1), the only way the
-vision side can make it caption is to hand it visual tokens it reads like the description it restated in stage 1,
-and the same questions asked about an image are answered ~43 % right before any tuning. Tuned M²PT still does not
-read shapes or words from such a base, and it misses both targets so far: docs/base_experiments.md.
+questions about a description - asked about an image, it answers 5.6 % of the training types' validation questions,
+and tuned prompts never learn to read shapes, counts or words from it. With the LLM frozen (stage 2 after 1), the
+only way the vision side can make it caption is to hand it visual tokens it reads like the description it restated
+in stage 1: before any tuning, such a base answers 42.8 % of those questions. Tuned M²PT still does not read shapes
+or words from it, and it misses both targets so far (docs/base_experiments.md).
 
 A finished stage's weights are kept in --work_dir: a re-run whose settings for that stage and every earlier one are
 the same starts after it (the result of a stage is a pure function of those settings, so nothing changes but time).
