@@ -76,6 +76,9 @@ class PretrainConfig:
     batch_size: int = field(default=32, metadata={"help": "samples per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate of each stage (linear warm-up, "
                                                       "cosine to 10 %)"})
+    joint_lr: float = field(default=0.0, metadata={"help": "peak learning rate of the joint stage alone (0: --lr); "
+                                                           "not part of the earlier stages' settings, so a low-rate "
+                                                           "joint stage reuses kept language and alignment stages"})
     warmup: int = field(default=200, metadata={"help": "warm-up steps of each stage"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     text_share: float = field(default=0.5, metadata={"help": "share of the joint stage's samples that are text QA "
@@ -176,11 +179,11 @@ def sample_mean_loss(model, batch: dict) -> torch.Tensor:
     return (tok.sum(1) / n).mean()
 
 
-def lr_at(step: int, steps: int, cfg: PretrainConfig) -> float:
+def lr_at(step: int, steps: int, peak: float, cfg: PretrainConfig) -> float:
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return peak * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(steps - cfg.warmup, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 # ---- the scores --------------------------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def run_stage(base, stage: str, params: list, steps: int, first: int, cfg: Pretr
     bar = tqdm(loader, total=last, desc=stage, unit="step", mininterval=5)
     for step, batch in enumerate(bar):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg)
+            g["lr"] = lr_at(step, steps, (cfg.joint_lr or cfg.lr) if stage == "joint" else cfg.lr, cfg)
         loss = sample_mean_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -269,7 +272,7 @@ def run_stage(base, stage: str, params: list, steps: int, first: int, cfg: Pretr
 STAGE_SETTINGS = {"language": ("seed", "batch_size", "lr", "warmup", "weight_decay", "threads", "language_steps",
                                "copy_share", "lookup_weight")}
 STAGE_SETTINGS["alignment"] = STAGE_SETTINGS["language"] + ("align_steps",)
-STAGE_SETTINGS["joint"] = STAGE_SETTINGS["alignment"] + ("steps", "text_share")
+STAGE_SETTINGS["joint"] = STAGE_SETTINGS["alignment"] + ("steps", "text_share", "joint_lr")
 
 
 def _stage_key(cfg: PretrainConfig, stage: str) -> dict:
@@ -354,9 +357,10 @@ def main(argv=None) -> int:
     cfg = PretrainConfig(**vars(args))
     steps = (cfg.language_steps, cfg.align_steps, cfg.steps)
     if (min(steps) < 0 or not sum(steps) or cfg.batch_size < 1 or not 0 <= cfg.text_share <= 1
-            or not 0 <= cfg.copy_share <= 1 or cfg.stop_after < 0 or cfg.lookup_weight <= 0):
+            or not 0 <= cfg.copy_share <= 1 or cfg.stop_after < 0 or cfg.lookup_weight <= 0 or cfg.joint_lr < 0):
         print("error: --steps, --language_steps and --align_steps must be >= 0 and not all 0, --batch_size >= 1, "
-              "--stop_after >= 0, --text_share and --copy_share in [0, 1], --lookup_weight > 0", file=sys.stderr)
+              "--stop_after >= 0, --text_share and --copy_share in [0, 1], --lookup_weight > 0, --joint_lr >= 0",
+              file=sys.stderr)
         return 2
     command = "python -m pipeline.pretrain_base " + " ".join(argv if argv is not None else sys.argv[1:])
     rec = pretrain(cfg, command.strip())

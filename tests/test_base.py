@@ -159,3 +159,10 @@ def test_a_rerun_reuses_each_finished_stage_made_with_the_same_settings(tmp_path
     rec = json.loads(_stages(tmp_path, "--align_steps", "3").with_suffix(".json").read_text())
     assert [r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()] == ["stage language"]
     assert sorted(map(int, rec["losses"])) == [0, 1, 2, 3, 4]  # stage 1's two losses kept, stage 2's three new
+    caplog.clear()
+    # A joint stage at its own learning rate on top: both kept stages reused (--joint_lr is not in their settings).
+    rec = json.loads(_stages(tmp_path, "--align_steps", "3", "--steps", "1", "--joint_lr", "1e-4")
+                     .with_suffix(".json").read_text())
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()] == [
+        "stage language", "stage alignment"]
+    assert sorted(map(int, rec["losses"])) == [0, 1, 2, 3, 4, 5]
