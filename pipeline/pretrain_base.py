@@ -27,7 +27,8 @@ in stage 1: before any tuning, such a base answers 42.8 % of those questions. Tu
 or words from it, and it misses both targets so far (docs/base_experiments.md).
 
 A finished stage's weights are kept in --work_dir: a re-run whose settings for that stage and every earlier one are
-the same starts after it (the result of a stage is a pure function of those settings, so nothing changes but time).
+the same, with the same code (comments and docstrings aside) and torch version, starts after it (the result of a
+stage is a pure function of those, so nothing changes but time).
 
 At the end it scores, greedily, on fresh samples (their own random stream): caption exact match and text-QA
 accuracy (targets: >= 90 % and >= 95 %), caption accuracy on the held-out digit images the stream never showed,
@@ -275,8 +276,34 @@ STAGE_SETTINGS["alignment"] = STAGE_SETTINGS["language"] + ("align_steps",)
 STAGE_SETTINGS["joint"] = STAGE_SETTINGS["alignment"] + ("steps", "text_share", "joint_lr")
 
 
+# The modules whose code a stage runs: the model, the chat template, the scene generator and the stages themselves.
+STAGE_CODE = ("pipeline.pretrain_base", "pipeline.scenes", "pipeline.chat", "pipeline.models")
+
+
+def code_fingerprint(modules=STAGE_CODE) -> str:
+    """sha256 over the modules' code with comments and docstrings left out, plus the torch version.
+
+    Why: a kept stage is reused on its settings alone, so without this a change to a sampler, a schedule or the loss
+    would silently reuse stages made by the old code. The AST is hashed rather than the file so that editing a
+    docstring or a comment does not throw away an hour of kept stages."""
+    import ast
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for name in modules:
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + ast.dump(tree).encode())
+    return h.hexdigest()
+
+
 def _stage_key(cfg: PretrainConfig, stage: str) -> dict:
-    return {k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}
+    return {**{k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}, "code": code_fingerprint()}
 
 
 def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> bool:
@@ -288,7 +315,12 @@ def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> bool:
         kept = json.loads(rec.read_text())
     except (OSError, ValueError):
         return False
-    if kept.get("settings") != _stage_key(cfg, stage) or not weights.is_file():
+    want = _stage_key(cfg, stage)
+    if kept.get("settings") != want or not weights.is_file():
+        differ = sorted(k for k in want.keys() | kept.get("settings", {}).keys()
+                        if kept.get("settings", {}).get(k) != want.get(k))
+        log.info("stage %s: running it, the one kept in %s has other %s", stage, cfg.work_dir,
+                 ", ".join(differ) or "(missing) weights")
         return False
     base.model.load_state_dict(load_file(str(weights)))
     losses.update({int(k): v for k, v in kept["losses"].items()})

@@ -166,3 +166,34 @@ def test_a_rerun_reuses_each_finished_stage_made_with_the_same_settings(tmp_path
     assert [r.getMessage().split(":")[0] for r in caplog.records if "reusing" in r.getMessage()] == [
         "stage language", "stage alignment"]
     assert sorted(map(int, rec["losses"])) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_kept_stage_made_by_other_code_is_run_again(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from pipeline import pretrain_base
+
+    caplog.set_level(logging.INFO, logger="m2pt.pretrain_base")
+    _stages(tmp_path)
+    caplog.clear()
+    monkeypatch.setattr(pretrain_base, "code_fingerprint", lambda: "a changed sampler")
+    _stages(tmp_path)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not [m for m in msgs if "reusing" in m]
+    assert [m.split(":")[0] for m in msgs if "has other code" in m] == ["stage language", "stage alignment"]
+
+
+def test_the_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path, monkeypatch):
+    from pipeline.pretrain_base import code_fingerprint
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = tmp_path / "fp_probe_mod.py"
+
+    def fingerprint(text):
+        mod.write_text(text)
+        return code_fingerprint(("fp_probe_mod",))
+
+    first = fingerprint('"""A module."""\ndef f():\n    """Doc."""\n    return 1  # one\n')
+    assert fingerprint('"""Reworded."""\n# a comment\ndef f():\n    """Other doc."""\n    return 1\n') == first
+    assert fingerprint('"""A module."""\ndef f():\n    """Doc."""\n    return 2  # one\n') != first
+    assert code_fingerprint() == code_fingerprint() != first
