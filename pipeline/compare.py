@@ -259,6 +259,9 @@ def verdict(summary: dict) -> list[str]:
     """What the table supports, computed (a method "beats" a reference when its mean is more than two standard
     errors of the mean over seeds above it)."""
     n, ms = summary["seeds"], summary["methods"]
+    if n < 2:  # why: with one seed the std is 0 and every mean above the majority would read as "beyond 2 SE"
+        return [f"- One seed: no spread over seeds, so no claim of a difference beyond 2 SE is made (run --seeds 2 or "
+                "more for one)."]
     se = {m: {t: r["scores"][t]["std"] / n ** 0.5 for t in HELDOUT} for m, r in ms.items()}
     lines = []
     for t in HELDOUT:
@@ -271,7 +274,7 @@ def verdict(summary: dict) -> list[str]:
             for t in HELDOUT:
                 d = ms["m2pt"]["scores"][t]["mean"] - ms[other]["scores"][t]["mean"]
                 err = 2 * (se["m2pt"][t] ** 2 + se[other][t] ** 2) ** 0.5
-                beyond = abs(d) > err if err > 0 else d != 0  # no spread over seeds: any difference is beyond
+                beyond = abs(d) > err if err > 0 else d != 0  # identical scores on every seed: any difference is
                 diffs.append(f"{t} {d:+.1f} ({'beyond' if beyond else 'within'} 2 SE)")
             lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(diffs) + ".")
     return lines

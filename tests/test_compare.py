@@ -65,3 +65,21 @@ def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
         check_finished(run)
     (run / "run_state.json").write_text(json.dumps({"state": "finished", "step": 1200, "total_steps": 1200}))
     check_finished(run)  # no error
+
+
+def test_the_verdict_claims_a_2_se_margin_only_with_a_spread_over_seeds():
+    from pipeline.compare import HELDOUT, verdict
+
+    def summary(seeds, std):
+        scores = {t: {"mean": 60.0, "std": std} for t in HELDOUT}
+        return {"seeds": seeds, "majority": {t: 50.0 for t in HELDOUT},
+                "methods": {"m2pt": {"scores": scores}, "text": {"scores": {t: {"mean": 55.0, "std": std}
+                                                                             for t in HELDOUT}}}}
+
+    one = verdict(summary(1, 0.0))
+    assert len(one) == 1 and "no claim" in one[0] and "above the majority" not in one[0]
+    # 3 seeds, std 6: SE = 3.46, so 60 is beyond 2 SE of 50 but m2pt - text = 5 is within 2 * sqrt(2) * 3.46 = 9.8.
+    three = verdict(summary(3, 6.0))
+    assert sum("above the majority answer by more than 2 SE: m2pt, text." in line for line in three) == 0
+    assert sum(line.endswith("above the majority answer by more than 2 SE: m2pt.") for line in three) == len(HELDOUT)
+    assert three[-1].count("+5.0 (within 2 SE)") == len(HELDOUT)
