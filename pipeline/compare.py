@@ -7,9 +7,12 @@ For every cell (method, learning rate, seed) it trains with `pipeline/train.py` 
 evaluates the artifact on the validation records of the *training* task types (val.json) and zero-shot on the
 held-out task types. Per method the learning rate with the best mean validation accuracy over seeds is chosen -
 never on held-out tasks - and the held-out scores of that rate are reported as mean ± std over seeds, beside the
-majority answer and the un-tuned base. The prompt-length ablation (pv x pt over --ablation_lengths) trains M²PT at
-its chosen rate, first seed. Outputs: the markdown report (--report) with a bar chart of the methods and a heat map
-of the ablation (PNG, in results/ beside it), the same numbers as JSON beside it, and OUTPUT/results.json.
+majority answer and the un-tuned base. The report's verdict counts a difference (a method against the majority
+answer, against the un-tuned base, M²PT against each method) only beyond two standard errors that hold both the
+spread over seeds and the draw of the questions (paired, question by question). The prompt-length ablation (pv x pt
+over --ablation_lengths) trains M²PT at its chosen rate, first seed. Outputs: the markdown report (--report) with a
+bar chart of the methods and a heat map of the ablation (PNG, in results/ beside it), the same numbers as JSON beside
+it, and OUTPUT/results.json.
 
 Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
 folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
@@ -167,18 +170,64 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _correct(cells: list[Path]) -> dict[str, dict[str, float]]:
+    """task -> question id -> share of `cells` (seeds) that answered it correctly, from their predictions."""
+    hits: dict[str, dict[str, list]] = {}
+    for folder in cells:
+        (pred,) = (folder / "eval").glob("*/predictions.jsonl")
+        for line in pred.read_text().splitlines():
+            r = json.loads(line)
+            hits.setdefault(r["task"], {}).setdefault(r["qid"], []).append(float(r["correct"]))
+    return {t: {q: statistics.fmean(v) for q, v in qs.items()} for t, qs in hits.items()}
+
+
+def _majority_correct(base_cell: Path) -> dict[str, dict[str, float]]:
+    """task -> question id -> 1/0: did the majority answer (as evaluate chose and scored it) get it right."""
+    from pipeline.evaluate import MAJORITY, mark_correct
+
+    answers = json.loads((base_cell / "eval" / "results.json").read_text())[MAJORITY]["provenance"]["answers"]
+    (pred,) = (base_cell / "eval").glob("*/predictions.jsonl")
+    recs = [r | {"prediction": answers[r["task"]]} for r in map(json.loads, pred.read_text().splitlines())]
+    mark_correct(recs)
+    out: dict[str, dict[str, float]] = {}
+    for r in recs:
+        out.setdefault(r["task"], {})[r["qid"]] = float(r["correct"])
+    return out
+
+
+def _difference(a: dict, b: dict, seed_se2: float) -> dict:
+    """Mean accuracy difference a - b (points) over the same questions, with its standard error.
+
+    Why two terms: the std over seeds says nothing about the 200 questions being a sample too (every seed answers the
+    same ones), so a 3-point lead with tight seeds can still be luck of the question draw. The question term is the
+    paired one (per-question differences, seed-averaged: it already holds some seed noise, so the sum errs on the
+    cautious side); `seed_se2` adds the seed variance of the mean(s)."""
+    d = [100 * (a[q] - b[q]) for q in a]
+    return {"diff": statistics.fmean(d), "se": (statistics.pvariance(d) / len(d) + seed_se2) ** 0.5}
+
+
 def summarise(args, res: dict) -> dict:
-    """Per method: the chosen learning rate (best mean validation accuracy) and its scores over seeds."""
-    methods = {}
+    """Per method: the chosen learning rate (best mean validation accuracy), its scores over seeds, and the
+    differences the verdict tests (against the majority answer, the un-tuned base and, for m2pt, each method)."""
+    cells = args.output / "cells"
+    base_q, majority_q = _correct([cells / "base"]), _majority_correct(cells / "base")
+    methods, per_q = {}, {}
     for m in args.methods:
         by_lr = {lr: [res[f"{m}/lr{lr:g}/seed{s}"] for s in range(args.seeds)] for lr in _lrs(args, m)}
         val = {lr: statistics.fmean(c["scores"][VAL] for c in cs) for lr, cs in by_lr.items()}
         best = max(val, key=val.get)
         cs = by_lr[best]
+        scores = {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in cs]))) for t in (*HELDOUT, VAL)}
+        per_q[m] = _correct([cells / f"{m}/lr{best:g}/seed{s}" for s in range(args.seeds)])
+        se2 = {t: scores[t]["std"] ** 2 / args.seeds for t in HELDOUT}
         methods[m] = {"lr": best, "val_by_lr": val, "trainable": cs[0]["trainable"],
-                      "seconds": sum(c["seconds"] for c in cs),
-                      "scores": {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in cs])))
-                                 for t in (*HELDOUT, VAL)}}
+                      "seconds": sum(c["seconds"] for c in cs), "scores": scores,
+                      "vs_majority": {t: _difference(per_q[m][t], majority_q[t], se2[t]) for t in HELDOUT},
+                      "vs_base": {t: _difference(per_q[m][t], base_q[t], se2[t]) for t in HELDOUT}}
+    if "m2pt" in methods:
+        m2 = methods["m2pt"]
+        m2["vs_method"] = {o: {t: _difference(per_q["m2pt"][t], per_q[o][t], (m2["scores"][t]["std"] ** 2 + r[
+            "scores"][t]["std"] ** 2) / args.seeds) for t in HELDOUT} for o, r in methods.items() if o != "m2pt"}
     base = res["base"]
     return {"methods": methods, "base": base["scores"], "majority": base["majority"], "seeds": args.seeds,
             "max_steps": args.max_steps}
@@ -256,27 +305,30 @@ def plots(summary: dict, abl: dict | None, lengths, folder: Path) -> list[str]:
 
 
 def verdict(summary: dict) -> list[str]:
-    """What the table supports, computed (a method "beats" a reference when its mean is more than two standard
-    errors of the mean over seeds above it)."""
+    """What the table supports, computed: a difference counts when it is more than two standard errors, the error
+    holding both the spread over seeds and the sampling of the questions (`_difference`)."""
     n, ms = summary["seeds"], summary["methods"]
-    if n < 2:  # why: with one seed the std is 0 and every mean above the majority would read as "beyond 2 SE"
-        return [f"- One seed: no spread over seeds, so no claim of a difference beyond 2 SE is made (run --seeds 2 or "
+    if n < 2:  # why: with one seed the spread over seeds is unknown, and a claim would rest on the question draw alone
+        return ["- One seed: no spread over seeds, so no claim of a difference beyond 2 SE is made (run --seeds 2 or "
                 "more for one)."]
-    se = {m: {t: r["scores"][t]["std"] / n ** 0.5 for t in HELDOUT} for m, r in ms.items()}
+
+    def beyond(x: dict) -> bool:
+        return abs(x["diff"]) > 2 * x["se"]
+
     lines = []
     for t in HELDOUT:
-        above = [m for m, r in ms.items() if r["scores"][t]["mean"] - 2 * se[m][t] > summary["majority"][t]]
+        above = [f"{m} ({r['vs_majority'][t]['diff']:+.1f} ± {r['vs_majority'][t]['se']:.1f})" for m, r in ms.items()
+                 if r["vs_majority"][t]["diff"] > 0 and beyond(r["vs_majority"][t])]
         lines.append(f"- {t}: " + (f"above the majority answer by more than 2 SE: {', '.join(above)}." if above else
                                    "no method is above the majority answer by more than 2 SE."))
-    if "m2pt" in ms:
-        for other in [m for m in ("visual", "text", "lora") if m in ms]:
-            diffs = []
-            for t in HELDOUT:
-                d = ms["m2pt"]["scores"][t]["mean"] - ms[other]["scores"][t]["mean"]
-                err = 2 * (se["m2pt"][t] ** 2 + se[other][t] ** 2) ** 0.5
-                beyond = abs(d) > err if err > 0 else d != 0  # identical scores on every seed: any difference is
-                diffs.append(f"{t} {d:+.1f} ({'beyond' if beyond else 'within'} 2 SE)")
-            lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(diffs) + ".")
+    for m, r in ms.items():
+        diffs = [f"{t} {r['vs_base'][t]['diff']:+.1f} ± {r['vs_base'][t]['se']:.1f}"
+                 f"{' (beyond 2 SE)' if beyond(r['vs_base'][t]) else ''}" for t in HELDOUT]
+        lines.append(f"- {m} − un-tuned base on held-out tasks: " + "; ".join(diffs) + ".")
+    for other in [m for m in ("visual", "text", "lora") if m in ms.get("m2pt", {}).get("vs_method", {})]:
+        vs = ms["m2pt"]["vs_method"][other]
+        lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(
+            f"{t} {vs[t]['diff']:+.1f} ({'beyond' if beyond(vs[t]) else 'within'} 2 SE)" for t in HELDOUT) + ".")
     return lines
 
 

@@ -67,19 +67,26 @@ def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
     check_finished(run)  # no error
 
 
-def test_the_verdict_claims_a_2_se_margin_only_with_a_spread_over_seeds():
-    from pipeline.compare import HELDOUT, verdict
+def test_the_verdict_counts_the_question_draw_and_claims_nothing_from_one_seed():
+    from pipeline.compare import HELDOUT, _difference, verdict
 
-    def summary(seeds, std):
-        scores = {t: {"mean": 60.0, "std": std} for t in HELDOUT}
-        return {"seeds": seeds, "majority": {t: 50.0 for t in HELDOUT},
-                "methods": {"m2pt": {"scores": scores}, "text": {"scores": {t: {"mean": 55.0, "std": std}
-                                                                             for t in HELDOUT}}}}
+    # 200 questions: the method is right on 50-155 (106), the majority answer on 0-99 (100): +3 points, but on 106
+    # questions they disagree. Paired SE = sqrt((106/200 * 100^2 - 3^2) / 200) = 5.14 (+ seeds' 0.5^2 / 3).
+    method = {f"q{i}": float(50 <= i < 156) for i in range(200)}
+    majority = {f"q{i}": float(i < 100) for i in range(200)}
+    d = _difference(method, majority, 0.5 ** 2 / 3)
+    assert d["diff"] == pytest.approx(3.0) and d["se"] == pytest.approx((5291 / 200 + 0.25 / 3) ** 0.5)
+    # The same +3 where the two disagree only on 6 questions (the method right on all six) is beyond 2 SE.
+    assert _difference({**majority, **{f"q{i}": 1.0 for i in range(100, 106)}}, majority, 0.0)["se"] < 1.5
 
-    one = verdict(summary(1, 0.0))
+    def summary(seeds):
+        row = {"vs_majority": {t: d for t in HELDOUT}, "vs_base": {t: d for t in HELDOUT},
+               "scores": {t: {"mean": 53.0, "std": 0.5} for t in HELDOUT}}
+        return {"seeds": seeds, "majority": {t: 50.0 for t in HELDOUT}, "methods": {"m2pt": row}}
+
+    one = verdict(summary(1))
     assert len(one) == 1 and "no claim" in one[0] and "above the majority" not in one[0]
-    # 3 seeds, std 6: SE = 3.46, so 60 is beyond 2 SE of 50 but m2pt - text = 5 is within 2 * sqrt(2) * 3.46 = 9.8.
-    three = verdict(summary(3, 6.0))
-    assert sum("above the majority answer by more than 2 SE: m2pt, text." in line for line in three) == 0
-    assert sum(line.endswith("above the majority answer by more than 2 SE: m2pt.") for line in three) == len(HELDOUT)
-    assert three[-1].count("+5.0 (within 2 SE)") == len(HELDOUT)
+    # Three seeds 0.5 apart: the seeds alone (SE 0.29) would call +3 a win; with the question draw it is not.
+    three = verdict(summary(3))
+    assert sum("no method is above the majority answer by more than 2 SE." in line for line in three) == len(HELDOUT)
+    assert "beyond" not in three[-1] and three[-1].count("+3.0 ± 5.2") == len(HELDOUT)
