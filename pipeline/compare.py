@@ -170,11 +170,19 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _predictions(cell: Path) -> Path:
+    found = list((cell / "eval").glob("*/predictions.jsonl"))
+    if len(found) != 1:
+        raise CellError(f"{cell}: finished, but {len(found)} predictions.jsonl under its eval/ (the verdict needs "
+                        f"exactly one); delete {cell / 'cell.json'} and run the comparison again to re-run that cell")
+    return found[0]
+
+
 def _correct(cells: list[Path]) -> dict[str, dict[str, float]]:
     """task -> question id -> share of `cells` (seeds) that answered it correctly, from their predictions."""
     hits: dict[str, dict[str, list]] = {}
     for folder in cells:
-        (pred,) = (folder / "eval").glob("*/predictions.jsonl")
+        pred = _predictions(folder)
         for line in pred.read_text().splitlines():
             r = json.loads(line)
             hits.setdefault(r["task"], {}).setdefault(r["qid"], []).append(float(r["correct"]))
@@ -186,7 +194,7 @@ def _majority_correct(base_cell: Path) -> dict[str, dict[str, float]]:
     from pipeline.evaluate import MAJORITY, mark_correct
 
     answers = json.loads((base_cell / "eval" / "results.json").read_text())[MAJORITY]["provenance"]["answers"]
-    (pred,) = (base_cell / "eval").glob("*/predictions.jsonl")
+    pred = _predictions(base_cell)
     recs = [r | {"prediction": answers[r["task"]]} for r in map(json.loads, pred.read_text().splitlines())]
     mark_correct(recs)
     out: dict[str, dict[str, float]] = {}
@@ -315,6 +323,9 @@ def verdict(summary: dict) -> list[str]:
     def beyond(x: dict) -> bool:
         return abs(x["diff"]) > 2 * x["se"]
 
+    def diff(x: dict) -> str:
+        return f"{x['diff']:+.1f} ± {x['se']:.1f}" + (" (beyond 2 SE)" if beyond(x) else "")
+
     lines = []
     for t in HELDOUT:
         above = [f"{m} ({r['vs_majority'][t]['diff']:+.1f} ± {r['vs_majority'][t]['se']:.1f})" for m, r in ms.items()
@@ -322,13 +333,11 @@ def verdict(summary: dict) -> list[str]:
         lines.append(f"- {t}: " + (f"above the majority answer by more than 2 SE: {', '.join(above)}." if above else
                                    "no method is above the majority answer by more than 2 SE."))
     for m, r in ms.items():
-        diffs = [f"{t} {r['vs_base'][t]['diff']:+.1f} ± {r['vs_base'][t]['se']:.1f}"
-                 f"{' (beyond 2 SE)' if beyond(r['vs_base'][t]) else ''}" for t in HELDOUT]
-        lines.append(f"- {m} − un-tuned base on held-out tasks: " + "; ".join(diffs) + ".")
+        lines.append(f"- {m} − un-tuned base on held-out tasks: "
+                     + "; ".join(f"{t} {diff(r['vs_base'][t])}" for t in HELDOUT) + ".")
     for other in [m for m in ("visual", "text", "lora") if m in ms.get("m2pt", {}).get("vs_method", {})]:
         vs = ms["m2pt"]["vs_method"][other]
-        lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(
-            f"{t} {vs[t]['diff']:+.1f} ({'beyond' if beyond(vs[t]) else 'within'} 2 SE)" for t in HELDOUT) + ".")
+        lines.append(f"- m2pt − {other} on held-out tasks: " + "; ".join(f"{t} {diff(vs[t])}" for t in HELDOUT) + ".")
     return lines
 
 
@@ -358,9 +367,9 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
     names = {t: COLUMN_NAMES[t] + (" (held out)" if t in HELDOUT else "") for t in cols}
     lines = ["# Method comparison on the embedded sample set", "",
              f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run "
-             f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells; this invocation ran "
-             f"{summary['invocation']['cells_run']} cell(s), {summary['invocation']['jobs']} at a time, in "
-             f"{summary['invocation']['wall_seconds']:,} s wall); the learning rate of "
+             f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells; "
+             + "; ".join(f"{i['cells_run']} cell(s) ran {i['jobs']} at a time in {i['wall_seconds']:,} s wall"
+                         for i in summary["invocations"]) + "); the learning rate of "
              "each method was chosen on the validation records of the training task types. Scores are accuracy (%), "
              "mean ± std over seeds.", "",
              base_description(), "",
@@ -396,6 +405,16 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
                                                    f"{abl['val'][f'pv{pv}-pt{pt}']:.1f}" for pt in lengths) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def earlier_invocations(results: Path) -> list[dict]:
+    """The invocations that ran cells for this output folder before (a resumed comparison keeps their wall times)."""
+    try:
+        summary = json.loads(results.read_text())["summary"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return summary.get("invocations") or ([summary["invocation"]] if summary.get("invocation", {}).get("cells_run")
+                                          else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,8 +465,9 @@ def main(argv=None) -> int:
     except CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1
-    summary["invocation"] = {"wall_seconds": round(time.time() - t0), "jobs": args.jobs,
-                             "cells_run": len(list((args.output / "cells").rglob("cell.json"))) - finished_before}
+    this = {"wall_seconds": round(time.time() - t0), "jobs": args.jobs,
+            "cells_run": len(list((args.output / "cells").rglob("cell.json"))) - finished_before}
+    summary["invocations"] = [*earlier_invocations(args.output / "results.json"), *([this] if this["cells_run"] else [])]
     images = plots(summary, abl, lengths, args.report.parent / "results")
     command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"summary": summary, "ablation": abl, "images": [os.path.relpath(i, args.report.parent) for i in images],

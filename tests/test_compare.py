@@ -28,7 +28,8 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     # projector run of the grid and is not trained again.
     assert res["ablation"]["reused"] == {"pv0-pt0": "projector/lr0.003/seed0"}
     assert res["ablation"]["val"]["pv0-pt0"] == methods["projector"]["scores"]["sample_train_val"]["mean"]
-    assert res["summary"]["invocation"]["cells_run"] == 6 and res["summary"]["invocation"]["jobs"] == 2
+    (first,) = res["summary"]["invocations"]
+    assert first["cells_run"] == 6 and first["jobs"] == 2
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "| majority answer |" in md and "| un-tuned base |" in md and "| text | 0.003 |" in md
     assert "- text: 0.003: " in md  # validation accuracy of every lr of the grid
@@ -44,7 +45,10 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     stamps = [c.stat().st_mtime_ns for c in cells]
     assert main(argv) == 0  # everything finished: nothing is trained or evaluated again
     assert [c.stat().st_mtime_ns for c in cells] == stamps
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocation"]["cells_run"] == 0
+    # ... and the report keeps the wall time of the invocation that ran the cells, not this one's.
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocations"] == [first]
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert f"6 cell(s) ran 2 at a time in {first['wall_seconds']:,} s wall)" in md
     # A finished cell of other settings, or of another base, is never reused.
     assert main([*argv, "--max_steps", "3"]) == 1
     rec = json.loads(cells[0].read_text())
@@ -90,3 +94,14 @@ def test_the_verdict_counts_the_question_draw_and_claims_nothing_from_one_seed()
     three = verdict(summary(3))
     assert sum("no method is above the majority answer by more than 2 SE." in line for line in three) == len(HELDOUT)
     assert "beyond" not in three[-1] and three[-1].count("+3.0 ± 5.2") == len(HELDOUT)
+
+
+def test_a_finished_cell_without_its_predictions_is_a_clear_error(tmp_path):
+    from pipeline.compare import CellError, _predictions
+
+    (tmp_path / "cell" / "eval").mkdir(parents=True)
+    with pytest.raises(CellError, match=r"0 predictions.jsonl under its eval/.*delete .*cell.json"):
+        _predictions(tmp_path / "cell")
+    (tmp_path / "cell" / "eval" / "run").mkdir()
+    (tmp_path / "cell" / "eval" / "run" / "predictions.jsonl").write_text("")
+    assert _predictions(tmp_path / "cell") == tmp_path / "cell" / "eval" / "run" / "predictions.jsonl"
