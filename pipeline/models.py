@@ -5,7 +5,7 @@
                                                                         -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
 (c) the embedded tiny default, built offline and deterministically     -> `load_base()` / `load_base(model="tiny")`
     "tiny" is the shipped pretrained base (pipeline/assets/tiny_base.safetensors, made by `python -m
-    pipeline.pretrain_base`, checked against the sha256 recorded beside it); "tiny-random" is the same
+    pipeline.pretrain_base --eval_every 2000`, checked against the sha256 recorded beside it); "tiny-random" is the same
     architecture at its seeded random init (what pretraining starts from).
 """
 
