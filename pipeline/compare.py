@@ -21,6 +21,7 @@ folder (cell.json), so an interrupted comparison resumes where it stopped and a 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -74,8 +75,20 @@ def base_sha256() -> str:
     return tiny_record()["sha256"]
 
 
-def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
-    """Train (`train_flags` None: nothing, the un-tuned base) and evaluate one cell; record it in cell.json."""
+def data_sha256(data: Path) -> str:
+    """sha256 over every file of the sample set (relative path and bytes): a cell is reused only on the data it was
+    trained and scored on. Why every file: the records' JSON can stay the same while a renderer change redraws the
+    images (15 MB for the embedded set: a fraction of a second)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in data.rglob("*") if p.is_file()):
+        h.update(f.relative_to(data).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def run_cell(folder: Path, train_flags: list[str], data: Path, made_from: dict) -> dict:
+    """Train (`train_flags` None: nothing, the un-tuned base) and evaluate one cell; record it in cell.json with
+    `made_from` (the base's and the data's sha256)."""
     t0 = time.time()
     if train_flags is not None:
         cmd = [sys.executable, str(REPO / "pipeline" / "train.py"), *train_flags, "--output_dir", str(folder / "run"),
@@ -95,8 +108,7 @@ def run_cell(folder: Path, train_flags: list[str], data: Path) -> dict:
     row = next(v for k, v in res.items() if k != "majority answer")
     rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
            "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
-           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags,
-           "base_sha256": base_sha256()}
+           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags, **made_from}
     atomic_write_json(folder / "cell.json", rec)
     return rec
 
@@ -145,22 +157,32 @@ def plan(args) -> dict:
 def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
     from tqdm import tqdm
 
-    results, todo, base = {}, {}, base_sha256()
+    results, todo, undated = {}, {}, []
+    made_from = {"base_sha256": base_sha256(), "data_sha256": data_sha256(data)}
     for name, flags in cells.items():
         f = out / "cells" / name
         if (f / "cell.json").is_file():
-            results[name] = json.loads((f / "cell.json").read_text())
-            if results[name].get("flags") != flags:  # never reuse a result of other settings (--max_steps, ...)
-                raise CellError(f"{f}: finished with {results[name].get('flags')}, but this comparison asks for "
+            results[name] = rec = json.loads((f / "cell.json").read_text())
+            if rec.get("flags") != flags:  # never reuse a result of other settings (--max_steps, ...)
+                raise CellError(f"{f}: finished with {rec.get('flags')}, but this comparison asks for "
                                 f"{flags}; use another --output (or delete that folder)")
-            if results[name].get("base_sha256") != base:  # nor one trained from another base (a rebuilt one)
-                raise CellError(f"{f}: finished on the base with sha256 {results[name].get('base_sha256')}, but the "
-                                f"shipped base is {base}; use another --output (or delete that folder)")
+            if rec.get("base_sha256") != made_from["base_sha256"]:  # nor one trained from another base
+                raise CellError(f"{f}: finished on the base with sha256 {rec.get('base_sha256')}, but the "
+                                f"shipped base is {made_from['base_sha256']}; use another --output (or delete that "
+                                f"folder)")
+            if "data_sha256" not in rec:
+                undated.append(name)
+            elif rec["data_sha256"] != made_from["data_sha256"]:  # nor one of another sample set (a rebuilt one)
+                raise CellError(f"{f}: finished on sample data with sha256 {rec['data_sha256']}, but {data} is "
+                                f"{made_from['data_sha256']}; use another --output (or delete that folder)")
         else:
             todo[name] = flags
+    if undated:  # cells recorded before the data fingerprint: reused, and said so
+        log.warning("%d finished cell(s) have no data_sha256 (recorded before it was kept), e.g. %s: reusing them "
+                    "as made from %s", len(undated), undated[0], data)
     log.info("%d cell(s) already finished, %d to run with %d job(s)", len(results), len(todo), jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futs = {pool.submit(run_cell, out / "cells" / n, fl, data): n for n, fl in todo.items()}
+        futs = {pool.submit(run_cell, out / "cells" / n, fl, data, made_from): n for n, fl in todo.items()}
         for fut in tqdm(as_completed(futs), total=len(futs), desc="cells", unit="cell"):
             results[futs[fut]] = fut.result()
     return results
@@ -178,29 +200,34 @@ def _predictions(cell: Path) -> Path:
     return found[0]
 
 
-def _correct(cells: list[Path]) -> dict[str, dict[str, float]]:
-    """task -> question id -> share of `cells` (seeds) that answered it correctly, from their predictions."""
+def _records(cell: Path) -> list[dict]:
+    return [json.loads(line) for line in _predictions(cell).read_text().splitlines()]
+
+
+def _per_question(seeds: list[list[dict]]) -> dict[str, dict[str, float]]:
+    """task -> question id -> share of the seeds' prediction records that are correct."""
     hits: dict[str, dict[str, list]] = {}
-    for folder in cells:
-        pred = _predictions(folder)
-        for line in pred.read_text().splitlines():
-            r = json.loads(line)
+    for recs in seeds:
+        for r in recs:
             hits.setdefault(r["task"], {}).setdefault(r["qid"], []).append(float(r["correct"]))
     return {t: {q: statistics.fmean(v) for q, v in qs.items()} for t, qs in hits.items()}
 
 
-def _majority_correct(base_cell: Path) -> dict[str, dict[str, float]]:
-    """task -> question id -> 1/0: did the majority answer (as evaluate chose and scored it) get it right."""
+def _correct(cells: list[Path]) -> dict[str, dict[str, float]]:
+    """task -> question id -> share of `cells` (seeds) that answered it correctly, from their predictions."""
+    return _per_question([_records(c) for c in cells])
+
+
+def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
+    """Per question: did the un-tuned base, and the majority answer (as evaluate chose and scored it), get it right.
+    The majority is re-scored on the base's records, so both cover exactly the questions every cell answers."""
     from pipeline.evaluate import MAJORITY, mark_correct
 
     answers = json.loads((base_cell / "eval" / "results.json").read_text())[MAJORITY]["provenance"]["answers"]
-    pred = _predictions(base_cell)
-    recs = [r | {"prediction": answers[r["task"]]} for r in map(json.loads, pred.read_text().splitlines())]
-    mark_correct(recs)
-    out: dict[str, dict[str, float]] = {}
-    for r in recs:
-        out.setdefault(r["task"], {})[r["qid"]] = float(r["correct"])
-    return out
+    base = _records(base_cell)
+    majority = [r | {"prediction": answers[r["task"]]} for r in base]
+    mark_correct(majority)
+    return _per_question([base]), _per_question([majority])
 
 
 def _difference(a: dict, b: dict, seed_se2: float) -> dict:
@@ -218,7 +245,7 @@ def summarise(args, res: dict) -> dict:
     """Per method: the chosen learning rate (best mean validation accuracy), its scores over seeds, and the
     differences the verdict tests (against the majority answer, the un-tuned base and, for m2pt, each method)."""
     cells = args.output / "cells"
-    base_q, majority_q = _correct([cells / "base"]), _majority_correct(cells / "base")
+    base_q, majority_q = _base_and_majority(cells / "base")
     methods, per_q = {}, {}
     for m in args.methods:
         by_lr = {lr: [res[f"{m}/lr{lr:g}/seed{s}"] for s in range(args.seeds)] for lr in _lrs(args, m)}
@@ -348,10 +375,13 @@ def base_description() -> str:
     rec = tiny_record()
     sc, cfg = rec.get("scores", {}), rec.get("config", {})
     untrained = sc.get("image_qa_untrained")
+    lr = cfg.get("lr")
+    joint_lr = cfg.get("joint_lr") or lr
     stages = [f"{n:,} steps of {what}" for n, what in (
-        (cfg.get("language_steps", 0), "text QA for the language model alone"),
-        (cfg.get("align_steps", 0), "captioning for the vision tower and projector, the language model frozen"),
-        (cfg.get("steps", 0), "captioning and text QA with every weight")) if n]
+        (cfg.get("language_steps", 0), f"text QA for the language model alone (peak lr {lr:g})"),
+        (cfg.get("align_steps", 0), f"captioning for the vision tower and projector, the language model frozen "
+                                    f"(peak lr {lr:g})"),
+        (cfg.get("steps", 0), f"captioning and text QA with every weight (peak lr {joint_lr:g})")) if n]
     return (f"Base: the embedded pretrained tiny model (`pipeline/assets/{rec['file']}`, sha256 `{rec['sha256'][:16]}…`, "
             f"made by `{rec['command']}`; on fresh samples: caption exact match {sc.get('caption_exact_match')} %, "
             f"text-only QA {sc.get('text_qa')} %"

@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.mark.slow
-def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path):
+def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path, capsys):
     from pipeline.compare import main
 
     argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "3e-3", "--max_steps", "2",
@@ -54,6 +54,17 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     rec = json.loads(cells[0].read_text())
     cells[0].write_text(json.dumps(dict(rec, base_sha256="0" * 64)))
     assert main(argv) == 1
+    cells[0].write_text(json.dumps(rec))
+    # ... nor one of other sample data: the same records with one image redrawn.
+    import shutil
+
+    data = shutil.copytree(shards / "sample", tmp_path / "sample")
+    image = next((data / "images").rglob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    other = [*argv[:argv.index("--data") + 1], str(data), *argv[argv.index("--data") + 2:]]
+    capsys.readouterr()
+    assert main(other) == 1
+    assert "finished on sample data with sha256" in capsys.readouterr().err
 
 
 def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
