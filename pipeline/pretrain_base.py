@@ -303,12 +303,13 @@ def code_fingerprint(modules=STAGE_CODE) -> str:
     return h.hexdigest()
 
 
-def _stage_key(cfg: PretrainConfig, stage: str) -> dict:
-    return {**{k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}, "code": code_fingerprint()}
+def _stage_key(cfg: PretrainConfig, stage: str, code: str) -> dict:
+    return {**{k: getattr(cfg, k) for k in STAGE_SETTINGS[stage]}, "code": code}
 
 
-def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> bool:
-    """Load `stage`'s kept result if it was made with this run's settings; True if it was."""
+def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict, code: str) -> bool:
+    """Load `stage`'s kept result if it was made with this run's settings and code (`code_fingerprint()`); True if
+    it was."""
     from safetensors.torch import load_file
 
     rec, weights = cfg.work_dir / f"{stage}.json", cfg.work_dir / f"{stage}.safetensors"
@@ -316,10 +317,9 @@ def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> bool:
         kept = json.loads(rec.read_text())
     except (OSError, ValueError):
         return False
-    want = _stage_key(cfg, stage)
-    if kept.get("settings") != want or not weights.is_file():
-        differ = sorted(k for k in want.keys() | kept.get("settings", {}).keys()
-                        if kept.get("settings", {}).get(k) != want.get(k))
+    want, had = _stage_key(cfg, stage, code), kept.get("settings", {})
+    if had != want or not weights.is_file():
+        differ = sorted(k for k in want.keys() | had.keys() if had.get(k) != want.get(k))
         log.info("stage %s: running it, the one kept in %s has other %s", stage, cfg.work_dir,
                  ", ".join(differ) or "(missing) weights")
         return False
@@ -329,7 +329,7 @@ def resume_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> bool:
     return True
 
 
-def keep_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> None:
+def keep_stage(base, cfg: PretrainConfig, stage: str, losses: dict, code: str) -> None:
     from safetensors.torch import save_file
 
     from pipeline.files import atomic_write_json
@@ -338,7 +338,7 @@ def keep_stage(base, cfg: PretrainConfig, stage: str, losses: dict) -> None:
     tmp = cfg.work_dir / f"{stage}.safetensors.tmp"
     save_file({k: v.detach().contiguous() for k, v in base.model.state_dict().items()}, str(tmp))
     tmp.replace(cfg.work_dir / f"{stage}.safetensors")
-    atomic_write_json(cfg.work_dir / f"{stage}.json", {"settings": _stage_key(cfg, stage), "losses": losses})
+    atomic_write_json(cfg.work_dir / f"{stage}.json", {"settings": _stage_key(cfg, stage, code), "losses": losses})
 
 
 def pretrain(cfg: PretrainConfig, command: str) -> dict:
@@ -355,14 +355,15 @@ def pretrain(cfg: PretrainConfig, command: str) -> dict:
     if len(llm) + len(vision) != len(named) or not llm or not vision:
         raise RuntimeError("the tiny model's parameters do not split into LLM and vision side as expected")
     losses, t0, first = {}, time.time(), 0
+    code = code_fingerprint()  # once per run: it parses every module in STAGE_CODE
     for stage, params, steps in (("language", llm, cfg.language_steps), ("alignment", vision, cfg.align_steps),
                                  ("joint", [p for _, p in named], cfg.steps)):
         if steps and not (cfg.stop_after and first >= cfg.stop_after):
             if cfg.stop_after:  # a reproduction check: from the start, nothing kept
                 run_stage(base, stage, params, steps, first, cfg, template, losses)
-            elif not resume_stage(base, cfg, stage, losses):
+            elif not resume_stage(base, cfg, stage, losses, code):
                 run_stage(base, stage, params, steps, first, cfg, template, losses)
-                keep_stage(base, cfg, stage, losses)
+                keep_stage(base, cfg, stage, losses, code)
         first += steps
     record = {"command": command, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
               "torch": torch.__version__, "losses": losses, "seconds": round(time.time() - t0)}
