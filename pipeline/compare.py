@@ -6,11 +6,12 @@
 For every cell (method, learning rate, seed) it trains with `pipeline/train.py` (one process, one thread), then
 evaluates the artifact on the validation records of the *training* task types (val.json) and zero-shot on the
 held-out task types. Per method the learning rate with the best mean validation accuracy over seeds is chosen -
-never on held-out tasks - and the held-out scores of that rate are reported as mean ± std over seeds, beside the
+never on held-out tasks; for the methods with visual prompts the visual token mode too (--visual_token_modes) - and
+the held-out scores of that setting are reported as mean ± std over seeds, beside the
 majority answer and the un-tuned base. The report's verdict counts a difference (a method against the majority
 answer, against the un-tuned base, M²PT against each method) only beyond two standard errors that hold both the
 spread over seeds and the draw of the questions (paired, question by question). The prompt-length ablation (pv x pt
-over --ablation_lengths) trains M²PT at its chosen rate, first seed. Outputs: the markdown report (--report) with a
+over --ablation_lengths) trains M²PT at its chosen setting, first seed. Outputs: the markdown report (--report) with a
 bar chart of the methods and a heat map of the ablation (PNG, in results/ beside it), the same numbers as JSON beside
 it, and OUTPUT/results.json.
 
@@ -40,6 +41,12 @@ log = logging.getLogger("m2pt.compare")
 
 LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e-3, 3e-3, 7e-3),
            "projector": (1e-3, 3e-3, 7e-3), "lora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
+# Methods with visual prompts also choose, on validation like the lr, what the LLM is handed: "official" (the reference
+# code and the trainer's default: the pv prompt outputs go on as extra visual tokens, N + pv) or "clean" (standard
+# LLaVA: the N patch tokens). Why a grid dimension: on the embedded base the two fit the training tasks differently
+# (docs/base_experiments.md §7), and which one a user should run is the comparison's question, not a default's.
+VISUAL_PROMPT_METHODS = ("m2pt", "visual")
+DEFAULT_TOKEN_MODE = "official"
 HELDOUT = tuple(SAMPLE_TASKS)  # the embedded set's held-out task types
 VAL = "sample_train_val"
 COLUMN_NAMES = {"sample_mnist": "digits", "sample_pope": "existence", "sample_bigger": "bigger's colour",
@@ -142,15 +149,35 @@ def _lrs(args, method: str) -> tuple:
     return args.lrs or LR_GRID[method]
 
 
+def _settings(args, method: str) -> list[tuple[str | None, float]]:
+    """(visual token mode, lr) pairs the method's lr is chosen among (mode None: the method has no visual prompts)."""
+    modes = args.visual_token_modes if method in VISUAL_PROMPT_METHODS else [None]
+    return [(mode, lr) for mode in modes for lr in _lrs(args, method)]
+
+
+def _mode_part(mode: str | None) -> tuple[str, list[str]]:
+    """(cell-name folder, train flags) of a visual token mode. The trainer's default adds neither, so cells finished
+    before the mode was a grid dimension are the same cells."""
+    return ("", []) if mode in (None, DEFAULT_TOKEN_MODE) else (f"{mode}/", ["--visual_token_mode", mode])
+
+
+def cell_name(method: str, mode: str | None, lr: float, seed: int) -> str:
+    return f"{method}/{_mode_part(mode)[0]}lr{lr:g}/seed{seed}"
+
+
+def setting_label(mode: str | None, lr: float) -> str:
+    return f"{lr:g}" + (f" ({mode})" if mode else "")
+
+
 def plan(args) -> dict:
     """{cell name: train flags (None: the un-tuned base)} for the method grid."""
     cells = {"base": None}
     common = _common(args)
     for m in args.methods:
-        for lr in _lrs(args, m):
+        for mode, lr in _settings(args, m):
             for s in range(args.seeds):
-                cells[f"{m}/lr{lr:g}/seed{s}"] = ["--method", m, "--learning_rate", f"{lr:g}", "--seed", str(s),
-                                                 *common]
+                cells[cell_name(m, mode, lr, s)] = ["--method", m, "--learning_rate", f"{lr:g}", "--seed", str(s),
+                                                    *common, *_mode_part(mode)[1]]
     return cells
 
 
@@ -242,20 +269,23 @@ def _difference(a: dict, b: dict, seed_se2: float) -> dict:
 
 
 def summarise(args, res: dict) -> dict:
-    """Per method: the chosen learning rate (best mean validation accuracy), its scores over seeds, and the
-    differences the verdict tests (against the majority answer, the un-tuned base and, for m2pt, each method)."""
+    """Per method: the chosen learning rate (and visual token mode: best mean validation accuracy), its scores over
+    seeds, and the differences the verdict tests (against the majority answer, the un-tuned base and, for m2pt, each
+    method)."""
     cells = args.output / "cells"
     base_q, majority_q = _base_and_majority(cells / "base")
     methods, per_q = {}, {}
     for m in args.methods:
-        by_lr = {lr: [res[f"{m}/lr{lr:g}/seed{s}"] for s in range(args.seeds)] for lr in _lrs(args, m)}
-        val = {lr: statistics.fmean(c["scores"][VAL] for c in cs) for lr, cs in by_lr.items()}
-        best = max(val, key=val.get)
-        cs = by_lr[best]
+        names = {st: [cell_name(m, *st, s) for s in range(args.seeds)] for st in _settings(args, m)}
+        val = {st: statistics.fmean(res[n]["scores"][VAL] for n in ns) for st, ns in names.items()}
+        best = max(val, key=val.get)  # the first of equals: official before clean, the lower lr first
+        cs = [res[n] for n in names[best]]
         scores = {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in cs]))) for t in (*HELDOUT, VAL)}
-        per_q[m] = _correct([cells / f"{m}/lr{best:g}/seed{s}" for s in range(args.seeds)])
+        per_q[m] = _correct([cells / n for n in names[best]])
         se2 = {t: scores[t]["std"] ** 2 / args.seeds for t in HELDOUT}
-        methods[m] = {"lr": best, "val_by_lr": val, "trainable": cs[0]["trainable"],
+        methods[m] = {"lr": best[1], "visual_token_mode": best[0],
+                      "val_by_setting": [{"visual_token_mode": mode, "lr": lr, "val": v} for (mode, lr), v in val.items()],
+                      "trainable": cs[0]["trainable"],
                       "seconds": sum(c["seconds"] for c in cs), "scores": scores,
                       "vs_majority": {t: _difference(per_q[m][t], majority_q[t], se2[t]) for t in HELDOUT},
                       "vs_base": {t: _difference(per_q[m][t], base_q[t], se2[t]) for t in HELDOUT}}
@@ -269,12 +299,13 @@ def summarise(args, res: dict) -> dict:
 
 
 def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) -> dict:
-    """pv x pt at M²PT's chosen lr, seed 0. A cell that is a run of the method grid - pv = pt = the default length is
+    """pv x pt at M²PT's chosen lr and visual token mode, seed 0. A cell that is a run of the method grid - pv = pt = the default length is
     m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init and data order,
     bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
     from pipeline.m2pt import M2PTConfig
 
-    lr = summary["methods"].get("m2pt", {}).get("lr", LR_GRID["m2pt"][1])
+    chosen = summary["methods"].get("m2pt", {})
+    lr, mode = chosen.get("lr", LR_GRID["m2pt"][1]), chosen.get("visual_token_mode") or DEFAULT_TOKEN_MODE
     d = M2PTConfig().visual_prompt_length
     same = {(d, d): "m2pt", (d, 0): "visual", (0, d): "text", (0, 0): "projector"}
     if d != M2PTConfig().text_prompt_length:  # only (0, 0) is then a grid run
@@ -282,17 +313,20 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) 
     cells, reused = {}, {}
     for pv in args.ablation_lengths:
         for pt in args.ablation_lengths:
-            key, twin = f"pv{pv}-pt{pt}", f"{same.get((pv, pt))}/lr{lr:g}/seed0"
+            # with pv = 0 there are no prompt outputs to hand on: both modes give the N patch tokens
+            key, m_pv, twin = f"pv{pv}-pt{pt}", (mode if pv else None), same.get((pv, pt))
+            twin = twin and cell_name(twin, m_pv if twin in VISUAL_PROMPT_METHODS else None, lr, 0)
             if twin in grid:
                 reused[key] = twin
-            elif pv == pt == 0:
-                cells[key] = ["--method", "projector"]
-            else:
-                cells[key] = ["--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
-    res = run_cells({f"ablation/{k}": [*f, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args)]
-                     for k, f in cells.items()}, out, data, jobs)
-    scores = {**{k: grid[t]["scores"] for k, t in reused.items()}, **{k: res[f"ablation/{k}"]["scores"] for k in cells}}
-    return {"lr": lr, "reused": reused,
+                continue
+            flags = ["--method", "projector"] if pv == pt == 0 else [
+                "--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
+            folder, mode_flags = _mode_part(m_pv)
+            cells[key] = (f"ablation/{folder}{key}",
+                          [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args), *mode_flags])
+    res = run_cells(dict(cells.values()), out, data, jobs)
+    scores = {**{k: grid[t]["scores"] for k, t in reused.items()}, **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
+    return {"lr": lr, "visual_token_mode": mode, "reused": reused,
             "heldout_mean": {k: statistics.fmean(s[t] for t in HELDOUT) for k, s in scores.items()},
             "val": {k: s[VAL] for k, s in scores.items()},
             "heldout": {k: {t: s[t] for t in HELDOUT} for k, s in scores.items()}}
@@ -401,7 +435,13 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
              + "; ".join(f"{i['cells_run']} cell(s) ran {i['jobs']} at a time in {i['wall_seconds']:,} s wall"
                          for i in summary["invocations"]) + "); the learning rate of "
              "each method was chosen on the validation records of the training task types. Scores are accuracy (%), "
-             "mean ± std over seeds.", "",
+             "mean ± std over seeds.", ""]
+    if any(r.get("visual_token_mode") for r in summary["methods"].values()):
+        lines += ["The methods with visual prompts also chose, on the same validation records, what the language "
+                  "model is handed: *official* (the reference code and the trainer's default: the pv prompt outputs "
+                  "go on as extra visual tokens) or *clean* (the N patch tokens, as in standard LLaVA). The lr column "
+                  "names the choice.", ""]
+    lines += [base_description(), "",
              base_description(), "",
              "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
              "|---" * (len(cols) + 4) + "|",
@@ -411,19 +451,22 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
     for m, r in summary["methods"].items():
         tr = r["trainable"] or {"parameters": 0, "share": 0}
         cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
-        lines.append(f"| {m} | {r['lr']:g} | {tr['parameters']:,} ({100 * tr['share']:.2f} %) | {cells} | "
+        lines.append(f"| {m} | {setting_label(r.get('visual_token_mode'), r['lr'])} | {tr['parameters']:,} ({100 * tr['share']:.2f} %) | {cells} | "
                      f"{r['seconds']:.0f} |")
-    lines += ["", "Validation accuracy (training task types) of each learning rate, mean over seeds; the best was "
+    lines += ["", "Validation accuracy (training task types) of each setting, mean over seeds; the best was "
               "chosen:", ""]
     for m, r in summary["methods"].items():
-        grid = sorted((float(lr), v) for lr, v in r["val_by_lr"].items())
-        edge = " (the top of the grid)" if grid[-1][0] == r["lr"] and len(grid) > 1 else ""
-        lines.append(f"- {m}: " + ", ".join(f"{lr:g}: {v:.1f}" for lr, v in grid) + edge)
+        grid = sorted(r["val_by_setting"], key=lambda x: (x["visual_token_mode"] or "", x["lr"]))
+        lrs = {x["lr"] for x in grid}
+        edge = " (the top of the grid)" if r["lr"] == max(lrs) and len(lrs) > 1 else ""
+        lines.append(f"- {m}: " + ", ".join(f"{setting_label(x['visual_token_mode'], x['lr'])}: {x['val']:.1f}"
+                                            for x in grid) + edge)
     lines += ["", *verdict(summary), "", f"![methods]({os.path.relpath(images[0], report.parent)})", ""]
     if abl:
         lengths = sorted({int(k.split("-")[0][2:]) for k in abl["heldout_mean"]})
         lines += ["## Prompt-length ablation", "",
-                  f"M²PT at its chosen lr {abl['lr']:g}, seed 0, {summary['max_steps']} steps; pv = pt = 0 is the "
+                  f"M²PT at its chosen lr {abl['lr']:g} ({abl.get('visual_token_mode', DEFAULT_TOKEN_MODE)} visual "
+                  f"tokens where pv > 0), seed 0, {summary['max_steps']} steps; pv = pt = 0 is the "
                   "projector alone. Each cell: mean accuracy over the four held-out tasks / training-task validation "
                   "accuracy." + (" Cells that are a run of the method grid are that run, not trained twice: "
                                  + ", ".join(f"{k} = {t}" for k, t in abl["reused"].items()) + "."
@@ -461,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch_size", type=int, default=4, help="per-device batch size of every run")
     ap.add_argument("--ablation_lengths", default="0,5,10,20",
                     help="prompt lengths of the pv x pt ablation (comma-separated; empty: no ablation)")
+    ap.add_argument("--visual_token_modes", default="official,clean",
+                    help="visual token modes the methods with visual prompts (m2pt, visual) choose among on "
+                         "validation, like the lr (official: the pv prompt outputs go to the LLM as extra visual "
+                         "tokens, the reference code and the trainer's default; clean: the N patch tokens)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "sample", help="the embedded sample set")
     ap.add_argument("--output", type=Path, default=REPO / "out" / "compare", help="cells, logs and results.json")
@@ -476,6 +523,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.methods = [m for m in args.methods.split(",") if m]
     args.lrs = tuple(float(x) for x in args.lrs.split(",") if x)
+    args.visual_token_modes = [x for x in args.visual_token_modes.split(",") if x]
+    from pipeline.m2pt import VISUAL_TOKEN_MODES
+
+    bad_modes = [x for x in args.visual_token_modes if x not in VISUAL_TOKEN_MODES] or (
+        [] if args.visual_token_modes else ["(none)"])
+    if bad_modes:
+        print(f"error: --visual_token_modes: {bad_modes} (each one of {VISUAL_TOKEN_MODES}, at least one)",
+              file=sys.stderr)
+        return 2
     bad = [m for m in args.methods if m not in METHODS]
     if bad or args.seeds < 1 or args.max_steps < 1 or args.jobs < 1:
         print(f"error: unknown method(s) {bad} (one of {METHODS})" if bad else

@@ -116,3 +116,53 @@ def test_a_finished_cell_without_its_predictions_is_a_clear_error(tmp_path):
     (tmp_path / "cell" / "eval" / "run").mkdir()
     (tmp_path / "cell" / "eval" / "run" / "predictions.jsonl").write_text("")
     assert _predictions(tmp_path / "cell") == tmp_path / "cell" / "eval" / "run" / "predictions.jsonl"
+
+
+def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validation(tmp_path, monkeypatch):
+    # The grid's plumbing, on made-up cell records (the cells themselves are run by the test above): names, flags,
+    # the choice on validation, the ablation at the chosen setting, the report's lr column.
+    from argparse import Namespace
+
+    from pipeline import compare
+
+    args = Namespace(methods=["m2pt", "text"], seeds=2, lrs=(1e-3, 3e-3), visual_token_modes=["official", "clean"],
+                     max_steps=5, batch_size=4, output=tmp_path, ablation_lengths=[0, 10])
+    cells = compare.plan(args)
+    m2pt = [f"m2pt/{mode}lr{lr}/seed{s}" for mode in ("", "clean/") for lr in ("0.001", "0.003") for s in (0, 1)]
+    assert sorted(cells) == sorted(["base", *m2pt, *[f"text/lr{lr}/seed{s}" for lr in ("0.001", "0.003")
+                                                     for s in (0, 1)]])
+    # clean adds the trainer flag; official is the trainer's default, so cells finished before the mode was a grid
+    # dimension keep their names and flags
+    assert cells["m2pt/clean/lr0.003/seed1"] == [*cells["m2pt/lr0.003/seed1"], "--visual_token_mode", "clean"]
+    assert [n for n, f in cells.items() if f and "--visual_token_mode" in f] == [n for n in m2pt if "clean" in n]
+
+    val = {"m2pt/lr0.001": 70.0, "m2pt/lr0.003": 74.0, "m2pt/clean/lr0.001": 75.0, "m2pt/clean/lr0.003": 71.0,
+           "text/lr0.001": 79.0, "text/lr0.003": 78.0}
+
+    def record(v):
+        return {"scores": {**{t: 50.0 for t in compare.HELDOUT}, compare.VAL: v}, "seconds": 1.0,
+                "trainable": {"parameters": 10, "share": 0.01}, "majority": {}}
+
+    res = {n: record(val[n.rsplit("/", 1)[0]] + int(n[-1])) for n in cells if n != "base"}
+    res["base"] = dict(record(55.0), majority={t: 10.0 for t in (*compare.HELDOUT, compare.VAL)})
+    q = {t: {"q1": 1.0, "q2": 0.0} for t in compare.HELDOUT}
+    monkeypatch.setattr(compare, "_base_and_majority", lambda cell: (q, q))
+    monkeypatch.setattr(compare, "_correct", lambda cells: q)
+    s = compare.summarise(args, res)
+    assert (s["methods"]["m2pt"]["visual_token_mode"], s["methods"]["m2pt"]["lr"]) == ("clean", 1e-3)
+    assert s["methods"]["m2pt"]["scores"][compare.VAL]["mean"] == 75.5
+    assert (s["methods"]["text"]["visual_token_mode"], s["methods"]["text"]["lr"]) == (None, 1e-3)
+    assert len(s["methods"]["m2pt"]["val_by_setting"]) == 4
+
+    asked = {}
+    monkeypatch.setattr(compare, "run_cells", lambda todo, *a: asked.update(todo) or {n: record(60.0) for n in todo})
+    abl = compare.ablation(args, s, res, tmp_path, tmp_path, 1)
+    assert abl["reused"] == {"pv10-pt10": "m2pt/clean/lr0.001/seed0", "pv0-pt10": "text/lr0.001/seed0"}
+    assert sorted(asked) == ["ablation/clean/pv10-pt0", "ablation/pv0-pt0"]  # no visual run in this grid
+    assert asked["ablation/clean/pv10-pt0"][-2:] == ["--visual_token_mode", "clean"]
+    assert "--visual_token_mode" not in asked["ablation/pv0-pt0"]  # pv = 0: no prompt outputs to hand on
+
+    s.update(cell_seconds=1, invocations=[])
+    md = compare.markdown(s, abl, [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "r.md", "cmd")
+    assert "| m2pt | 0.001 (clean) |" in md and "| text | 0.001 |" in md
+    assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
