@@ -322,7 +322,7 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) 
             flags = ["--method", "projector"] if pv == pt == 0 else [
                 "--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
             folder, mode_flags = _mode_part(m_pv)
-            cells[key] = (f"ablation/{folder}{key}",
+            cells[key] = (f"ablation/{folder}lr{lr:g}/{key}",  # the lr in the name: a re-run may choose another
                           [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args), *mode_flags])
     res = run_cells(dict(cells.values()), out, data, jobs)
     scores = {**{k: grid[t]["scores"] for k, t in reused.items()}, **{k: res[n]["scores"] for k, (n, _) in cells.items()}}

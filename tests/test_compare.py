@@ -158,9 +158,9 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     monkeypatch.setattr(compare, "run_cells", lambda todo, *a: asked.update(todo) or {n: record(60.0) for n in todo})
     abl = compare.ablation(args, s, res, tmp_path, tmp_path, 1)
     assert abl["reused"] == {"pv10-pt10": "m2pt/clean/lr0.001/seed0", "pv0-pt10": "text/lr0.001/seed0"}
-    assert sorted(asked) == ["ablation/clean/pv10-pt0", "ablation/pv0-pt0"]  # no visual run in this grid
-    assert asked["ablation/clean/pv10-pt0"][-2:] == ["--visual_token_mode", "clean"]
-    assert "--visual_token_mode" not in asked["ablation/pv0-pt0"]  # pv = 0: no prompt outputs to hand on
+    assert sorted(asked) == ["ablation/clean/lr0.001/pv10-pt0", "ablation/lr0.001/pv0-pt0"]  # no visual run here
+    assert asked["ablation/clean/lr0.001/pv10-pt0"][-2:] == ["--visual_token_mode", "clean"]
+    assert "--visual_token_mode" not in asked["ablation/lr0.001/pv0-pt0"]  # pv = 0: no prompt outputs to hand on
 
     s.update(cell_seconds=1, invocations=[])
     md = compare.markdown(s, abl, [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "r.md", "cmd")
