@@ -42,8 +42,8 @@ log = logging.getLogger("m2pt.compare")
 LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e-3, 3e-3, 7e-3),
            "projector": (1e-3, 3e-3, 7e-3), "lora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
 # Methods with visual prompts also choose, on validation like the lr, what the LLM is handed: "official" (the reference
-# code and the trainer's default: the pv prompt outputs go on as extra visual tokens, N + pv) or "clean" (standard
-# LLaVA: the N patch tokens). Why a grid dimension: on the embedded base the two fit the training tasks differently
+# code and the trainer's default: N + pv visual tokens, the feature layer's prompt slots and CLS beside the N patches)
+# or "clean" (standard LLaVA: the N patch tokens). Why a grid dimension: on the embedded base the two fit the training tasks differently
 # (docs/base_experiments.md §7), and which one a user should run is the comparison's question, not a default's.
 VISUAL_PROMPT_METHODS = ("m2pt", "visual")
 DEFAULT_TOKEN_MODE = "official"
@@ -438,16 +438,15 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
              "mean ± std over seeds.", ""]
     if any(r.get("visual_token_mode") for r in summary["methods"].values()):
         lines += ["The methods with visual prompts also chose, on the same validation records, what the language "
-                  "model is handed: *official* (the reference code and the trainer's default: the pv prompt outputs "
-                  "go on as extra visual tokens) or *clean* (the N patch tokens, as in standard LLaVA). The lr column "
-                  "names the choice.", ""]
+                  "model is handed: *official* (the reference code and the trainer's default: N + pv visual tokens, "
+                  "the feature layer's prompt slots and CLS beside the N patches) or *clean* (the N patch tokens, as "
+                  "in standard LLaVA). The lr column names the choice.", ""]
     lines += [base_description(), "",
-             base_description(), "",
-             "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
-             "|---" * (len(cols) + 4) + "|",
-             "| majority answer | – | – | " + " | ".join(f"{summary['majority'][c]:.1f}" for c in cols)
-             + " | – |",
-             "| un-tuned base | – | 0 | " + " | ".join(f"{summary['base'][c]:.1f}" for c in cols) + " | – |"]
+              "| method | lr | trainable | " + " | ".join(names[c] for c in cols) + " | wall s (all seeds) |",
+              "|---" * (len(cols) + 4) + "|",
+              "| majority answer | – | – | " + " | ".join(f"{summary['majority'][c]:.1f}" for c in cols)
+              + " | – |",
+              "| un-tuned base | – | 0 | " + " | ".join(f"{summary['base'][c]:.1f}" for c in cols) + " | – |"]
     for m, r in summary["methods"].items():
         tr = r["trainable"] or {"parameters": 0, "share": 0}
         cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
@@ -506,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt lengths of the pv x pt ablation (comma-separated; empty: no ablation)")
     ap.add_argument("--visual_token_modes", default="official,clean",
                     help="visual token modes the methods with visual prompts (m2pt, visual) choose among on "
-                         "validation, like the lr (official: the pv prompt outputs go to the LLM as extra visual "
-                         "tokens, the reference code and the trainer's default; clean: the N patch tokens)")
+                         "validation, like the lr (official: N + pv visual tokens, the feature layer's prompt slots "
+                         "and CLS beside the N patches: the reference code and the trainer's default; clean: the N "
+                         "patch tokens)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "sample", help="the embedded sample set")
     ap.add_argument("--output", type=Path, default=REPO / "out" / "compare", help="cells, logs and results.json")
