@@ -7,13 +7,13 @@ For every cell (method, learning rate, seed) it trains with `pipeline/train.py` 
 evaluates the artifact on the validation records of the *training* task types (val.json) and zero-shot on the
 held-out task types. Per method the learning rate with the best mean validation accuracy over seeds is chosen -
 never on held-out tasks; for the methods with visual prompts the visual token mode too (--visual_token_modes) - and
-the held-out scores of that setting are reported as mean ± std over seeds, beside the
-majority answer and the un-tuned base. The report's verdict counts a difference (a method against the majority
-answer, against the un-tuned base, M²PT against each method) only beyond two standard errors that hold both the
-spread over seeds and the draw of the questions (paired, question by question). The prompt-length ablation (pv x pt
-over --ablation_lengths) trains M²PT at its chosen setting, first seed. Outputs: the markdown report (--report) with a
-bar chart of the methods and a heat map of the ablation (PNG, in results/ beside it), the same numbers as JSON beside
-it, and OUTPUT/results.json.
+the held-out scores of that setting are reported as mean ± std over seeds, beside the majority answer and the
+un-tuned base. The report's verdict counts a difference (a method against the majority answer, against the un-tuned
+base, M²PT against each method) only beyond two standard errors that hold both the spread over seeds and the draw of
+the questions (paired, question by question). The prompt-length ablation (pv x pt over --ablation_lengths) trains
+M²PT at its chosen setting, first seed. Outputs: the markdown report (--report) with a bar chart of the methods and
+a heat map of the ablation (PNG, in results/ beside it), the same numbers as JSON beside it, and
+OUTPUT/results.json.
 
 Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
 folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
@@ -43,8 +43,9 @@ LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e
            "projector": (1e-3, 3e-3, 7e-3), "lora": (1e-4, 3e-4, 1e-3), "full": (1e-5, 3e-5, 1e-4)}
 # Methods with visual prompts also choose, on validation like the lr, what the LLM is handed: "official" (the reference
 # code and the trainer's default: N + pv visual tokens, the feature layer's prompt slots and CLS beside the N patches)
-# or "clean" (standard LLaVA: the N patch tokens). Why a grid dimension: on the embedded base the two fit the training tasks differently
-# (docs/base_experiments.md §7), and which one a user should run is the comparison's question, not a default's.
+# or "clean" (standard LLaVA: the N patch tokens). Why a grid dimension: on the embedded base the two fit the training
+# tasks differently (docs/base_experiments.md §7), and which one a user should run is the comparison's question, not a
+# default's.
 VISUAL_PROMPT_METHODS = ("m2pt", "visual")
 DEFAULT_TOKEN_MODE = "official"
 HELDOUT = tuple(SAMPLE_TASKS)  # the embedded set's held-out task types
@@ -284,7 +285,8 @@ def summarise(args, res: dict) -> dict:
         per_q[m] = _correct([cells / n for n in names[best]])
         se2 = {t: scores[t]["std"] ** 2 / args.seeds for t in HELDOUT}
         methods[m] = {"lr": best[1], "visual_token_mode": best[0],
-                      "val_by_setting": [{"visual_token_mode": mode, "lr": lr, "val": v} for (mode, lr), v in val.items()],
+                      "val_by_setting": [{"visual_token_mode": mode, "lr": lr, "val": v}
+                                         for (mode, lr), v in val.items()],
                       "trainable": cs[0]["trainable"],
                       "seconds": sum(c["seconds"] for c in cs), "scores": scores,
                       "vs_majority": {t: _difference(per_q[m][t], majority_q[t], se2[t]) for t in HELDOUT},
@@ -299,9 +301,9 @@ def summarise(args, res: dict) -> dict:
 
 
 def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) -> dict:
-    """pv x pt at M²PT's chosen lr and visual token mode, seed 0. A cell that is a run of the method grid - pv = pt = the default length is
-    m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init and data order,
-    bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
+    """pv x pt at M²PT's chosen lr and visual token mode, seed 0. A cell that is a run of the method grid - pv = pt =
+    the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init
+    and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
     from pipeline.m2pt import M2PTConfig
 
     chosen = summary["methods"].get("m2pt", {})
@@ -325,7 +327,8 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) 
             cells[key] = (f"ablation/{folder}lr{lr:g}/{key}",  # the lr in the name: a re-run may choose another
                           [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args), *mode_flags])
     res = run_cells(dict(cells.values()), out, data, jobs)
-    scores = {**{k: grid[t]["scores"] for k, t in reused.items()}, **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
+    scores = {**{k: grid[t]["scores"] for k, t in reused.items()},
+              **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
     return {"lr": lr, "visual_token_mode": mode, "reused": reused,
             "heldout_mean": {k: statistics.fmean(s[t] for t in HELDOUT) for k, s in scores.items()},
             "val": {k: s[VAL] for k, s in scores.items()},
@@ -450,8 +453,8 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
     for m, r in summary["methods"].items():
         tr = r["trainable"] or {"parameters": 0, "share": 0}
         cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
-        lines.append(f"| {m} | {setting_label(r.get('visual_token_mode'), r['lr'])} | {tr['parameters']:,} ({100 * tr['share']:.2f} %) | {cells} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {m} | {setting_label(r.get('visual_token_mode'), r['lr'])} | {tr['parameters']:,} "
+                     f"({100 * tr['share']:.2f} %) | {cells} | {r['seconds']:.0f} |")
     lines += ["", "Validation accuracy (training task types) of each setting, mean over seeds; the best was "
               "chosen:", ""]
     for m, r in summary["methods"].items():
@@ -516,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from pipeline.m2pt import VISUAL_TOKEN_MODES
     from pipeline.methods import METHODS
     from pipeline.sample_data import ensure_sample
 
@@ -524,13 +528,9 @@ def main(argv=None) -> int:
     args.methods = [m for m in args.methods.split(",") if m]
     args.lrs = tuple(float(x) for x in args.lrs.split(",") if x)
     args.visual_token_modes = [x for x in args.visual_token_modes.split(",") if x]
-    from pipeline.m2pt import VISUAL_TOKEN_MODES
-
-    bad_modes = [x for x in args.visual_token_modes if x not in VISUAL_TOKEN_MODES] or (
-        [] if args.visual_token_modes else ["(none)"])
-    if bad_modes:
-        print(f"error: --visual_token_modes: {bad_modes} (each one of {VISUAL_TOKEN_MODES}, at least one)",
-              file=sys.stderr)
+    if not args.visual_token_modes or set(args.visual_token_modes) - set(VISUAL_TOKEN_MODES):
+        print(f"error: --visual_token_modes {','.join(args.visual_token_modes) or '(empty)'}: give one or more of "
+              f"{', '.join(VISUAL_TOKEN_MODES)}", file=sys.stderr)
         return 2
     bad = [m for m in args.methods if m not in METHODS]
     if bad or args.seeds < 1 or args.max_steps < 1 or args.jobs < 1:

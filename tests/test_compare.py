@@ -167,3 +167,4 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert "| m2pt | 0.001 (clean) |" in md and "| text | 0.001 |" in md
     assert md.count("Base: the embedded") == 1
     assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
+    assert compare.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
