@@ -182,11 +182,16 @@ def plan(args) -> dict:
     return cells
 
 
-def run_cells(cells: dict, out: Path, data: Path, jobs: int) -> dict:
+def cell_origin(data: Path) -> dict:
+    """What every cell of this invocation starts from: the shipped base's and the sample data's sha256 (computed once
+    per invocation: hashing the data reads every file)."""
+    return {"base_sha256": base_sha256(), "data_sha256": data_sha256(data)}
+
+
+def run_cells(cells: dict, out: Path, data: Path, jobs: int, made_from: dict) -> dict:
     from tqdm import tqdm
 
     results, todo, undated = {}, {}, []
-    made_from = {"base_sha256": base_sha256(), "data_sha256": data_sha256(data)}
     for name, flags in cells.items():
         f = out / "cells" / name
         if (f / "cell.json").is_file():
@@ -300,7 +305,7 @@ def summarise(args, res: dict) -> dict:
             "max_steps": args.max_steps}
 
 
-def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) -> dict:
+def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, made_from: dict) -> dict:
     """pv x pt at M²PT's chosen lr and visual token mode, seed 0. A cell that is a run of the method grid - pv = pt =
     the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init
     and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
@@ -326,7 +331,7 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int) 
             folder, mode_flags = _mode_part(m_pv)
             cells[key] = (f"ablation/{folder}lr{lr:g}/{key}",  # the lr in the name: a re-run may choose another
                           [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args), *mode_flags])
-    res = run_cells(dict(cells.values()), out, data, jobs)
+    res = run_cells(dict(cells.values()), out, data, jobs, made_from)
     scores = {**{k: grid[t]["scores"] for k, t in reused.items()},
               **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
     return {"lr": lr, "visual_token_mode": mode, "reused": reused,
@@ -544,10 +549,11 @@ def main(argv=None) -> int:
     finished_before = len(list((args.output / "cells").rglob("cell.json")))
     build_shards(args.data, args.output, lengths)
     try:
-        res = run_cells(plan(args), args.output, args.data, args.jobs)
+        origin = cell_origin(args.data)
+        res = run_cells(plan(args), args.output, args.data, args.jobs, origin)
         summary = summarise(args, res)
         summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
-        abl = ablation(args, summary, res, args.output, args.data, args.jobs) if lengths else None
+        abl = ablation(args, summary, res, args.output, args.data, args.jobs, origin) if lengths else None
     except CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1
