@@ -12,8 +12,8 @@ un-tuned base. The report's verdict counts a difference (a method against the ma
 base, M²PT against each method) only beyond two standard errors that hold both the spread over seeds and the draw of
 the questions (paired, question by question). The prompt-length ablation (pv x pt over --ablation_lengths) trains
 M²PT at its chosen setting, first seed. Outputs: the markdown report (--report) with a bar chart of the methods and
-a heat map of the ablation (PNG, in results/ beside it), the same numbers as JSON beside it, and
-OUTPUT/results.json.
+a heat map of the ablation (PNG, in a folder named like the report beside it: docs/results/ for docs/results.md),
+the same numbers as JSON beside it, and OUTPUT/results.json.
 
 Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
 folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
@@ -147,7 +147,32 @@ def _common(args) -> list[str]:
 
 
 def _lrs(args, method: str) -> tuple:
-    return args.lrs or LR_GRID[method]
+    return args.lrs.get(method) or args.lrs.get("*") or LR_GRID[method]
+
+
+def _seeds(args) -> range:
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
+def parse_lrs(text: str, methods) -> dict[str, tuple[float, ...]]:
+    """--lrs: {method or "*" (every method): learning rates}. "1e-3,3e-3" gives every method those; "m2pt=1e-3,
+    lora=1e-3" gives each named method its own (repeat a name for a grid: "m2pt=1e-3,m2pt=3e-3"). Raises ValueError
+    naming the bad entry."""
+    out: dict[str, list[float]] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        method, _, value = item.rpartition("=")
+        if method and method not in methods:
+            raise ValueError(f"{item!r}: unknown method {method!r} (one of {', '.join(methods)})")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a learning rate") from None
+        if not lr > 0:
+            raise ValueError(f"{item!r}: a learning rate must be > 0")
+        out.setdefault(method or "*", []).append(lr)
+    if "*" in out and len(out) > 1:
+        raise ValueError("give either learning rates for every method or METHOD=LR entries, not both")
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def _settings(args, method: str) -> list[tuple[str | None, float]]:
@@ -176,7 +201,7 @@ def plan(args) -> dict:
     common = _common(args)
     for m in args.methods:
         for mode, lr in _settings(args, m):
-            for s in range(args.seeds):
+            for s in _seeds(args):
                 cells[cell_name(m, mode, lr, s)] = ["--method", m, "--learning_rate", f"{lr:g}", "--seed", str(s),
                                                     *common, *_mode_part(mode)[1]]
     return cells
@@ -282,7 +307,7 @@ def summarise(args, res: dict) -> dict:
     base_q, majority_q = _base_and_majority(cells / "base")
     methods, per_q = {}, {}
     for m in args.methods:
-        names = {st: [cell_name(m, *st, s) for s in range(args.seeds)] for st in _settings(args, m)}
+        names = {st: [cell_name(m, *st, s) for s in _seeds(args)] for st in _settings(args, m)}
         val = {st: statistics.fmean(res[n]["scores"][VAL] for n in ns) for st, ns in names.items()}
         best = max(val, key=val.get)  # the first of equals: official before clean, the lower lr first
         cs = [res[n] for n in names[best]]
@@ -302,11 +327,11 @@ def summarise(args, res: dict) -> dict:
             "scores"][t]["std"] ** 2) / args.seeds) for t in HELDOUT} for o, r in methods.items() if o != "m2pt"}
     base = res["base"]
     return {"methods": methods, "base": base["scores"], "majority": base["majority"], "seeds": args.seeds,
-            "max_steps": args.max_steps}
+            "first_seed": args.first_seed, "max_steps": args.max_steps}
 
 
 def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, made_from: dict) -> dict:
-    """pv x pt at M²PT's chosen lr and visual token mode, seed 0. A cell that is a run of the method grid - pv = pt =
+    """pv x pt at M²PT's chosen lr and visual token mode, first seed. A cell that is a run of the method grid - pv = pt =
     the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init
     and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
     from pipeline.m2pt import M2PTConfig
@@ -317,20 +342,21 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, 
     same = {(d, d): "m2pt", (d, 0): "visual", (0, d): "text", (0, 0): "projector"}
     if d != M2PTConfig().text_prompt_length:  # only (0, 0) is then a grid run
         same = {(0, 0): "projector"}
-    cells, reused = {}, {}
+    cells, reused, seed = {}, {}, args.first_seed
     for pv in args.ablation_lengths:
         for pt in args.ablation_lengths:
             # with pv = 0 there are no prompt outputs to hand on: both modes give the N patch tokens
             key, m_pv, twin = f"pv{pv}-pt{pt}", (mode if pv else None), same.get((pv, pt))
-            twin = twin and cell_name(twin, m_pv if twin in VISUAL_PROMPT_METHODS else None, lr, 0)
+            twin = twin and cell_name(twin, m_pv if twin in VISUAL_PROMPT_METHODS else None, lr, seed)
             if twin in grid:
                 reused[key] = twin
                 continue
             flags = ["--method", "projector"] if pv == pt == 0 else [
                 "--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
             folder, mode_flags = _mode_part(m_pv)
-            cells[key] = (f"ablation/{folder}lr{lr:g}/{key}",  # the lr in the name: a re-run may choose another
-                          [*flags, "--learning_rate", f"{lr:g}", "--seed", "0", *_common(args), *mode_flags])
+            cells[key] = (f"ablation/{folder}lr{lr:g}/{key}" + (f"-seed{seed}" if seed else ""),  # the lr in the
+                          # name: a re-run may choose another
+                          [*flags, "--learning_rate", f"{lr:g}", "--seed", str(seed), *_common(args), *mode_flags])
     res = run_cells(dict(cells.values()), out, data, jobs, made_from)
     scores = {**{k: grid[t]["scores"] for k, t in reused.items()},
               **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
@@ -434,17 +460,24 @@ def base_description() -> str:
             "about an image.")
 
 
+def _seed_words(summary: dict) -> str:
+    n, first = summary["seeds"], summary.get("first_seed", 0)
+    return f"{n} seed(s)" + (f" ({first}-{first + n - 1})" if first else "")
+
+
 def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, command: str) -> str:
     cols = (*HELDOUT, VAL)
     names = {t: COLUMN_NAMES[t] + (" (held out)" if t in HELDOUT else "") for t in cols}
+    chosen = any(len(r["val_by_setting"]) > 1 for r in summary["methods"].values())
     lines = ["# Method comparison on the embedded sample set", "",
-             f"Produced by `{command}`: {summary['seeds']} seed(s), {summary['max_steps']} steps per run "
+             f"Produced by `{command}`: {_seed_words(summary)}, {summary['max_steps']} steps per run "
              f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells; "
              + "; ".join(f"{i['cells_run']} cell(s) ran {i['jobs']} at a time in {i['wall_seconds']:,} s wall"
-                         for i in summary["invocations"]) + "); the learning rate of "
-             "each method was chosen on the validation records of the training task types. Scores are accuracy (%), "
-             "mean ± std over seeds.", ""]
-    if any(r.get("visual_token_mode") for r in summary["methods"].values()):
+                         for i in summary["invocations"]) + "); "
+             + ("the learning rate of each method was chosen on the validation records of the training task types"
+                if chosen else "each method ran at the one setting given (--lrs, --visual_token_modes): nothing was "
+                               "chosen") + ". Scores are accuracy (%), mean ± std over seeds.", ""]
+    if chosen and any(r.get("visual_token_mode") for r in summary["methods"].values()):
         lines += ["The methods with visual prompts also chose, on the same validation records, what the language "
                   "model is handed: *official* (the reference code and the trainer's default: N + pv visual tokens, "
                   "the feature layer's prompt slots and CLS beside the N patches) or *clean* (the N patch tokens, as "
@@ -473,7 +506,8 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
         lengths = sorted({int(k.split("-")[0][2:]) for k in abl["heldout_mean"]})
         lines += ["## Prompt-length ablation", "",
                   f"M²PT at its chosen lr {abl['lr']:g} ({abl.get('visual_token_mode', DEFAULT_TOKEN_MODE)} visual "
-                  f"tokens where pv > 0), seed 0, {summary['max_steps']} steps; pv = pt = 0 is the "
+                  f"tokens where pv > 0), seed {summary.get('first_seed', 0)}, {summary['max_steps']} steps; "
+                  "pv = pt = 0 is the "
                   "projector alone. Each cell: mean accuracy over the four held-out tasks / training-task validation "
                   "accuracy." + (" Cells that are a run of the method grid are that run, not trained twice: "
                                  + ", ".join(f"{k} = {t}" for k, t in abl["reused"].items()) + "."
@@ -502,9 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default="m2pt,visual,text,projector,lora,full",
                     help="comma-separated --method values to compare")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per (method, learning rate)")
-    ap.add_argument("--lrs", default="", help="comma-separated learning rates for every method (default: each "
-                                              "method's grid: prompts and projector 1e-3,3e-3,7e-3; lora "
-                                              "1e-4,3e-4,1e-3; full 1e-5,3e-5,1e-4)")
+    ap.add_argument("--first_seed", type=int, default=0,
+                    help="the seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1 (e.g. --first_seed 6 --seeds 6 repeats "
+                         "chosen settings on seeds no earlier choice has seen)")
+    ap.add_argument("--lrs", default="",
+                    help="comma-separated learning rates for every method, or METHOD=LR entries, each method its own "
+                         "(e.g. m2pt=1e-3,lora=1e-3: to re-run chosen settings; a method not named keeps its grid). "
+                         "Default: each method's grid: "
+                         "prompts and projector 1e-3,3e-3,7e-3; lora 1e-4,3e-4,1e-3; full 1e-5,3e-5,1e-4")
     ap.add_argument("--max_steps", type=int, default=1200,
                     help="optimizer steps per run (1200 x batch 4 is two epochs of the sample set's 2,440 training "
                          "records; at 400 steps the training types reached only 34-52 %% on validation)")
@@ -531,16 +570,20 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.methods = [m for m in args.methods.split(",") if m]
-    args.lrs = tuple(float(x) for x in args.lrs.split(",") if x)
+    try:
+        args.lrs = parse_lrs(args.lrs, METHODS)
+    except ValueError as e:
+        print(f"error: --lrs {e}", file=sys.stderr)
+        return 2
     args.visual_token_modes = [x for x in args.visual_token_modes.split(",") if x]
     if not args.visual_token_modes or set(args.visual_token_modes) - set(VISUAL_TOKEN_MODES):
         print(f"error: --visual_token_modes {','.join(args.visual_token_modes) or '(empty)'}: give one or more of "
               f"{', '.join(VISUAL_TOKEN_MODES)}", file=sys.stderr)
         return 2
     bad = [m for m in args.methods if m not in METHODS]
-    if bad or args.seeds < 1 or args.max_steps < 1 or args.jobs < 1:
+    if bad or args.seeds < 1 or args.max_steps < 1 or args.jobs < 1 or args.first_seed < 0:
         print(f"error: unknown method(s) {bad} (one of {METHODS})" if bad else
-              "error: --seeds, --max_steps and --jobs must be >= 1", file=sys.stderr)
+              "error: --seeds, --max_steps and --jobs must be >= 1, --first_seed >= 0", file=sys.stderr)
         return 2
     args.ablation_lengths = lengths = [int(x) for x in args.ablation_lengths.split(",") if x]
     ensure_sample(args.data)
@@ -560,7 +603,8 @@ def main(argv=None) -> int:
     this = {"wall_seconds": round(time.time() - t0), "jobs": args.jobs,
             "cells_run": len(list((args.output / "cells").rglob("cell.json"))) - finished_before}
     summary["invocations"] = [*earlier_invocations(args.output / "results.json"), *([this] if this["cells_run"] else [])]
-    images = plots(summary, abl, lengths, args.report.parent / "results")
+    images = plots(summary, abl, lengths, args.report.with_suffix(""))  # docs/results.md -> docs/results/*.png: a
+    # second report (another --report) never overwrites the first one's images
     command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"summary": summary, "ablation": abl, "images": [os.path.relpath(i, args.report.parent) for i in images],
               "command": command.strip()}

@@ -125,8 +125,9 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
 
     from pipeline import compare
 
-    args = Namespace(methods=["m2pt", "text"], seeds=2, lrs=(1e-3, 3e-3), visual_token_modes=["official", "clean"],
-                     max_steps=5, batch_size=4, output=tmp_path, ablation_lengths=[0, 10])
+    args = Namespace(methods=["m2pt", "text"], seeds=2, first_seed=0, lrs={"*": (1e-3, 3e-3)},
+                     visual_token_modes=["official", "clean"], max_steps=5, batch_size=4, output=tmp_path,
+                     ablation_lengths=[0, 10])
     cells = compare.plan(args)
     m2pt = [f"m2pt/{mode}lr{lr}/seed{s}" for mode in ("", "clean/") for lr in ("0.001", "0.003") for s in (0, 1)]
     assert sorted(cells) == sorted(["base", *m2pt, *[f"text/lr{lr}/seed{s}" for lr in ("0.001", "0.003")
@@ -168,3 +169,31 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert md.count("Base: the embedded") == 1
     assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
     assert compare.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
+
+
+def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
+    # A replication: each method at its own given lr, on seeds no earlier choice saw; the cells get names of their
+    # own, so the grid's cells are neither reused nor clash.
+    from argparse import Namespace
+
+    from pipeline import compare
+    from pipeline.methods import METHODS
+
+    lrs = compare.parse_lrs("m2pt=1e-3, visual=3e-3,lora=1e-3", METHODS)
+    assert lrs == {"m2pt": (1e-3,), "visual": (3e-3,), "lora": (1e-3,)}
+    args = Namespace(methods=["m2pt", "visual", "lora", "text"], seeds=2, first_seed=6, lrs=lrs,
+                     visual_token_modes=["clean"], max_steps=5, batch_size=4, output=tmp_path)
+    cells = compare.plan(args)
+    assert sorted(cells) == sorted(["base", "m2pt/clean/lr0.001/seed6", "m2pt/clean/lr0.001/seed7",
+                                    "visual/clean/lr0.003/seed6", "visual/clean/lr0.003/seed7",
+                                    "lora/lr0.001/seed6", "lora/lr0.001/seed7",
+                                    *[f"text/lr{lr}/seed{s}" for lr in ("0.001", "0.003", "0.007") for s in (6, 7)]])
+    assert cells["lora/lr0.001/seed7"][:6] == ["--method", "lora", "--learning_rate", "0.001", "--seed", "7"]
+    assert compare.parse_lrs("1e-3,3e-3", METHODS) == {"*": (1e-3, 3e-3)}
+    assert compare.parse_lrs("m2pt=1e-3,m2pt=3e-3", METHODS) == {"m2pt": (1e-3, 3e-3)}
+    for bad, why in (("m2p=1e-3", "unknown method 'm2p'"), ("m2pt=fast", "'fast' is not a learning rate"),
+                     ("1e-3,lora=1e-4", "not both"), ("m2pt=-1", "> 0")):
+        with pytest.raises(ValueError, match=why):
+            compare.parse_lrs(bad, METHODS)
+    assert compare.main(["--lrs", "m2pt=fast"]) == 2  # refused before any work, not a traceback
+    assert compare.main(["--first_seed", "-1"]) == 2
