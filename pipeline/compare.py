@@ -13,7 +13,8 @@ base, M²PT against each method) only beyond two standard errors that hold both 
 the questions (paired, question by question). The prompt-length ablation (pv x pt over --ablation_lengths) trains
 M²PT at its chosen setting, first seed. Outputs: the markdown report (--report) with a bar chart of the methods and
 a heat map of the ablation (PNG, in a folder named like the report beside it: docs/results/ for docs/results.md),
-the same numbers as JSON beside it, and OUTPUT/results.json.
+the same numbers as JSON beside it, OUTPUT/results.json (the latest report's) and OUTPUT/invocations.jsonl (which
+invocation ran which cells, and its wall time: the report's wall times come from it).
 
 Cells run in parallel (as many as there are cores, one thread each) and each finished cell is recorded in its
 folder (cell.json), so an interrupted comparison resumes where it stopped and a re-run recomputes nothing.
@@ -360,7 +361,7 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, 
     res = run_cells(dict(cells.values()), out, data, jobs, made_from)
     scores = {**{k: grid[t]["scores"] for k, t in reused.items()},
               **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
-    return {"lr": lr, "visual_token_mode": mode, "reused": reused,
+    return {"lr": lr, "visual_token_mode": mode, "reused": reused, "cells": {k: n for k, (n, _) in cells.items()},
             "heldout_mean": {k: statistics.fmean(s[t] for t in HELDOUT) for k, s in scores.items()},
             "val": {k: s[VAL] for k, s in scores.items()},
             "heldout": {k: {t: s[t] for t in HELDOUT} for k, s in scores.items()}}
@@ -472,7 +473,9 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
     lines = ["# Method comparison on the embedded sample set", "",
              f"Produced by `{command}`: {_seed_words(summary)}, {summary['max_steps']} steps per run "
              f"({summary['cell_seconds']:,} s of runs in the method grid, summed over cells; "
-             + "; ".join(f"{i['cells_run']} cell(s) ran {i['jobs']} at a time in {i['wall_seconds']:,} s wall"
+             + "; ".join(f"{i['cells_run']} cell(s) " + (f"ran {i['jobs']} at a time in {i['wall_seconds']:,} s wall"
+                                                          if i["wall_seconds"] is not None else
+                                                          "from runs that were not logged")
                          for i in summary["invocations"]) + "); "
              + ("the learning rate of each method was chosen on the validation records of the training task types"
                 if chosen else "each method ran at the one setting given (--lrs, --visual_token_modes): nothing was "
@@ -521,14 +524,51 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
     return "\n".join(lines) + "\n"
 
 
-def earlier_invocations(results: Path) -> list[dict]:
-    """The invocations that ran cells for this output folder before (a resumed comparison keeps their wall times)."""
+def finished_cells(out: Path) -> set[str]:
+    cells = out / "cells"
+    return {f.parent.relative_to(cells).as_posix() for f in cells.rglob("cell.json")}
+
+
+def read_invocations(out: Path) -> list[dict]:
+    """OUTPUT/invocations.jsonl: every invocation that ran cells in this folder, with the cells it ran. Why a log of its
+    own: results.json is the latest report's, and a report of a subset (--methods m2pt) rewrites it; the wall times of
+    the runs that made the cells must survive that. A folder from before the log has only the history its results.json
+    kept, without the cells: those entries come back with cells None."""
+    log_file = out / "invocations.jsonl"
+    if log_file.is_file():
+        return [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     try:
-        summary = json.loads(results.read_text())["summary"]
+        summary = json.loads((out / "results.json").read_text())["summary"]
     except (OSError, ValueError, KeyError):
         return []
-    return summary.get("invocations") or ([summary["invocation"]] if summary.get("invocation", {}).get("cells_run")
-                                          else [])
+    legacy = summary.get("invocations") or ([summary["invocation"]] if summary.get("invocation") else [])
+    return [dict(i, cells=None) for i in legacy if i.get("cells_run")]
+
+
+def log_invocation(out: Path, entry: dict) -> None:
+    """Append `entry` to the log (writing the legacy history first, the first time)."""
+    log_file = out / "invocations.jsonl"
+    lines = [] if log_file.is_file() else read_invocations(out)
+    with log_file.open("a") as f:
+        for e in [*lines, entry]:
+            f.write(json.dumps(e) + "\n")
+
+
+def report_invocations(log: list[dict], cells: set[str]) -> list[dict]:
+    """The invocations that ran the cells of this report, each with how many of them it ran (a cell re-run later
+    counts for the later one). Cells no logged invocation ran are from before the log: the legacy entries stand for
+    them, or, with none, one entry of unknown wall time."""
+    last = {}
+    for i, e in enumerate(log):
+        last.update({c: i for c in e["cells"] or ()})
+    counts = [sum(1 for c in cells if last.get(c) == i) for i in range(len(log))]
+    unlogged = [c for c in cells if c not in last]
+    legacy = [e for e in log if e["cells"] is None] if unlogged else []
+    out = [{k: v for k, v in e.items() if k != "cells"} for e in legacy]  # they ran first
+    if unlogged and not legacy:
+        out.append({"cells_run": len(unlogged), "wall_seconds": None, "jobs": None})
+    return out + [{k: e[k] for k in ("wall_seconds", "jobs", "command") if k in e} | {"cells_run": n}
+                  for e, n in zip(log, counts) if n]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "patch tokens)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (one thread each)")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "sample", help="the embedded sample set")
-    ap.add_argument("--output", type=Path, default=REPO / "out" / "compare", help="cells, logs and results.json")
+    ap.add_argument("--output", type=Path, default=REPO / "out" / "compare",
+                    help="cells (reused by any later run with the same settings), invocations.jsonl (which run made "
+                         "which cells, with its wall time) and results.json (the latest report's numbers)")
     ap.add_argument("--report", type=Path, default=REPO / "docs" / "results.md", help="the markdown report")
     return ap
 
@@ -587,9 +629,10 @@ def main(argv=None) -> int:
         return 2
     args.ablation_lengths = lengths = [int(x) for x in args.ablation_lengths.split(",") if x]
     ensure_sample(args.data)
-    t0 = time.time()
+    command = ("python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.output = args.output.resolve()
-    finished_before = len(list((args.output / "cells").rglob("cell.json")))
+    finished_before = finished_cells(args.output)
     build_shards(args.data, args.output, lengths)
     try:
         origin = cell_origin(args.data)
@@ -600,18 +643,21 @@ def main(argv=None) -> int:
     except CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1
-    this = {"wall_seconds": round(time.time() - t0), "jobs": args.jobs,
-            "cells_run": len(list((args.output / "cells").rglob("cell.json"))) - finished_before}
-    summary["invocations"] = [*earlier_invocations(args.output / "results.json"), *([this] if this["cells_run"] else [])]
+    finally:  # a failed or interrupted run logs the cells it finished too: a re-run reuses them
+        ran = finished_cells(args.output) - finished_before
+        if ran:
+            log_invocation(args.output, {"started": started, "command": command, "jobs": args.jobs,
+                                         "wall_seconds": round(time.time() - t0), "cells": sorted(ran)})
+    summary["invocations"] = report_invocations(read_invocations(args.output),
+                                                set(res) | set((abl or {}).get("cells", {}).values()))
     images = plots(summary, abl, lengths, args.report.with_suffix(""))  # docs/results.md -> docs/results/*.png: a
     # second report (another --report) never overwrites the first one's images
-    command = "python -m pipeline.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"summary": summary, "ablation": abl, "images": [os.path.relpath(i, args.report.parent) for i in images],
-              "command": command.strip()}
+              "command": command}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     for f in (args.output / "results.json", args.report.with_suffix(".json")):  # the report's is committed beside it
         atomic_write_json(f, record)
-    args.report.write_text(markdown(summary, abl, images, args.report, command.strip()))
+    args.report.write_text(markdown(summary, abl, images, args.report, command))
     print(f"wrote {args.report}, {args.report.with_suffix('.json')} and {args.output / 'results.json'} "
           f"({round(time.time() - t0)} s)")
     return 0

@@ -49,6 +49,18 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocations"] == [first]
     md = (tmp_path / "docs" / "results.md").read_text()
     assert f"6 cell(s) ran 2 at a time in {first['wall_seconds']:,} s wall)" in md
+    (logged,) = [json.loads(x) for x in (tmp_path / "out" / "invocations.jsonl").read_text().splitlines()]
+    assert len(logged["cells"]) == 6 and logged["command"] == first["command"]
+    # A report of a subset that runs one more cell logs that cell; the full report, whose cells it did not make,
+    # does not count it (it rewrote results.json, which is why the history is kept apart from it).
+    subset = [*argv[:argv.index("--report")], "--report", str(tmp_path / "subset.md"),
+              "--methods", "text", "--seeds", "2", "--ablation_lengths="]
+    assert main(subset) == 0
+    runs = json.loads((tmp_path / "subset.json").read_text())["summary"]["invocations"]
+    assert [r["cells_run"] for r in runs] == [2, 1]  # base and text seed 0 by the first run, seed 1 by this one
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocations"] == [first]
+    assert len((tmp_path / "out" / "invocations.jsonl").read_text().splitlines()) == 2
     # A finished cell of other settings, or of another base, is never reused.
     assert main([*argv, "--max_steps", "3"]) == 1
     rec = json.loads(cells[0].read_text())
@@ -163,10 +175,12 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert asked["ablation/clean/lr0.001/pv10-pt0"][-2:] == ["--visual_token_mode", "clean"]
     assert "--visual_token_mode" not in asked["ablation/lr0.001/pv0-pt0"]  # pv = 0: no prompt outputs to hand on
 
-    s.update(cell_seconds=1, invocations=[])
+    s.update(cell_seconds=1, invocations=[{"cells_run": 3, "wall_seconds": None, "jobs": None}])
     md = compare.markdown(s, abl, [str(tmp_path / "a.png"), str(tmp_path / "b.png")], tmp_path / "r.md", "cmd")
     assert "| m2pt | 0.001 (clean) |" in md and "| text | 0.001 |" in md
     assert md.count("Base: the embedded") == 1
+    assert "summed over cells; 3 cell(s) from runs that were not logged); the learning rate of each method was chosen" \
+        in md
     assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
     assert compare.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
 
@@ -197,3 +211,22 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
             compare.parse_lrs(bad, METHODS)
     assert compare.main(["--lrs", "m2pt=fast"]) == 2  # refused before any work, not a traceback
     assert compare.main(["--first_seed", "-1"]) == 2
+
+
+def test_the_report_counts_the_runs_that_made_its_cells_from_the_log_and_keeps_a_legacy_history(tmp_path):
+    from pipeline import compare
+
+    # A folder from before the log: results.json kept the history, without the cells.
+    legacy = [{"wall_seconds": 100, "jobs": 2, "cells_run": 5}, {"wall_seconds": 7, "jobs": 1, "cells_run": 1}]
+    (tmp_path / "results.json").write_text(json.dumps({"summary": {"invocations": legacy}}))
+    assert compare.read_invocations(tmp_path) == [dict(e, cells=None) for e in legacy]
+    compare.log_invocation(tmp_path, {"wall_seconds": 30, "jobs": 2, "command": "c", "cells": ["a", "b"]})
+    compare.log_invocation(tmp_path, {"wall_seconds": 9, "jobs": 2, "command": "d", "cells": ["b", "z"]})
+    log = compare.read_invocations(tmp_path)
+    assert [e["wall_seconds"] for e in log] == [100, 7, 30, 9]  # the legacy history is written first, once
+    # b was re-run by the last invocation: it counts there; "old" was made before the log, so the legacy entries stand
+    assert compare.report_invocations(log, {"a", "b", "old"}) == [
+        *legacy, {"wall_seconds": 30, "jobs": 2, "command": "c", "cells_run": 1},
+        {"wall_seconds": 9, "jobs": 2, "command": "d", "cells_run": 1}]
+    assert [e["command"] for e in compare.report_invocations(log, {"a", "z"})] == ["c", "d"]  # no legacy entries
+    assert compare.report_invocations([], {"x"}) == [{"cells_run": 1, "wall_seconds": None, "jobs": None}]
