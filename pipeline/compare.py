@@ -182,14 +182,18 @@ def _settings(args, method: str) -> list[tuple[str | None, float]]:
     return [(mode, lr) for mode in modes for lr in _lrs(args, method)]
 
 
-def _mode_part(mode: str | None) -> tuple[str, list[str]]:
-    """(cell-name folder, train flags) of a visual token mode. The trainer's default adds neither, so cells finished
-    before the mode was a grid dimension are the same cells."""
-    return ("", []) if mode in (None, DEFAULT_TOKEN_MODE) else (f"{mode}/", ["--visual_token_mode", mode])
+# The trainer's default mode adds neither a folder to the cell's name nor a flag, so cells finished before the mode was
+# a grid dimension are the same cells.
+def _mode_folder(mode: str | None) -> str:
+    return "" if mode in (None, DEFAULT_TOKEN_MODE) else f"{mode}/"
+
+
+def _mode_flags(mode: str | None) -> list[str]:
+    return [] if mode in (None, DEFAULT_TOKEN_MODE) else ["--visual_token_mode", mode]
 
 
 def cell_name(method: str, mode: str | None, lr: float, seed: int) -> str:
-    return f"{method}/{_mode_part(mode)[0]}lr{lr:g}/seed{seed}"
+    return f"{method}/{_mode_folder(mode)}lr{lr:g}/seed{seed}"
 
 
 def setting_label(mode: str | None, lr: float) -> str:
@@ -204,7 +208,7 @@ def plan(args) -> dict:
         for mode, lr in _settings(args, m):
             for s in _seeds(args):
                 cells[cell_name(m, mode, lr, s)] = ["--method", m, "--learning_rate", f"{lr:g}", "--seed", str(s),
-                                                    *common, *_mode_part(mode)[1]]
+                                                    *common, *_mode_flags(mode)]
     return cells
 
 
@@ -331,7 +335,7 @@ def summarise(args, res: dict) -> dict:
             "first_seed": args.first_seed, "max_steps": args.max_steps}
 
 
-def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, made_from: dict) -> dict:
+def ablation(args, summary: dict, grid: dict, made_from: dict) -> dict:
     """pv x pt at M²PT's chosen lr and visual token mode, first seed. A cell that is a run of the method grid - pv = pt =
     the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init
     and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
@@ -346,19 +350,20 @@ def ablation(args, summary: dict, grid: dict, out: Path, data: Path, jobs: int, 
     cells, reused, seed = {}, {}, args.first_seed
     for pv in args.ablation_lengths:
         for pt in args.ablation_lengths:
-            # with pv = 0 there are no prompt outputs to hand on: both modes give the N patch tokens
+            # with pv = 0 there are no prompt outputs to hand on: both modes give the N patch tokens (and the twins
+            # with pv = 0, text and projector, are the methods without a mode)
             key, m_pv, twin = f"pv{pv}-pt{pt}", (mode if pv else None), same.get((pv, pt))
-            twin = twin and cell_name(twin, m_pv if twin in VISUAL_PROMPT_METHODS else None, lr, seed)
+            twin = twin and cell_name(twin, m_pv, lr, seed)
             if twin in grid:
                 reused[key] = twin
                 continue
             flags = ["--method", "projector"] if pv == pt == 0 else [
                 "--method", "m2pt", "--visual_prompt_length", str(pv), "--text_prompt_length", str(pt)]
-            folder, mode_flags = _mode_part(m_pv)
-            cells[key] = (f"ablation/{folder}lr{lr:g}/{key}" + (f"-seed{seed}" if seed else ""),  # the lr in the
-                          # name: a re-run may choose another
-                          [*flags, "--learning_rate", f"{lr:g}", "--seed", str(seed), *_common(args), *mode_flags])
-    res = run_cells(dict(cells.values()), out, data, jobs, made_from)
+            # the lr in the name: a re-run may choose another
+            cells[key] = (f"ablation/{_mode_folder(m_pv)}lr{lr:g}/{key}" + (f"-seed{seed}" if seed else ""),
+                          [*flags, "--learning_rate", f"{lr:g}", "--seed", str(seed), *_common(args),
+                           *_mode_flags(m_pv)])
+    res = run_cells(dict(cells.values()), args.output, args.data, args.jobs, made_from)
     scores = {**{k: grid[t]["scores"] for k, t in reused.items()},
               **{k: res[n]["scores"] for k, (n, _) in cells.items()}}
     return {"lr": lr, "visual_token_mode": mode, "reused": reused, "cells": {k: n for k, (n, _) in cells.items()},
@@ -639,7 +644,7 @@ def main(argv=None) -> int:
         res = run_cells(plan(args), args.output, args.data, args.jobs, origin)
         summary = summarise(args, res)
         summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
-        abl = ablation(args, summary, res, args.output, args.data, args.jobs, origin) if lengths else None
+        abl = ablation(args, summary, res, origin) if lengths else None
     except CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1

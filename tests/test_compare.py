@@ -169,7 +169,8 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
 
     asked = {}
     monkeypatch.setattr(compare, "run_cells", lambda todo, *a: asked.update(todo) or {n: record(60.0) for n in todo})
-    abl = compare.ablation(args, s, res, tmp_path, tmp_path, 1, {})
+    args.data, args.jobs = tmp_path, 1
+    abl = compare.ablation(args, s, res, {})
     assert abl["reused"] == {"pv10-pt10": "m2pt/clean/lr0.001/seed0", "pv0-pt10": "text/lr0.001/seed0"}
     assert sorted(asked) == ["ablation/clean/lr0.001/pv10-pt0", "ablation/lr0.001/pv0-pt0"]  # no visual run here
     assert asked["ablation/clean/lr0.001/pv10-pt0"][-2:] == ["--visual_token_mode", "clean"]
