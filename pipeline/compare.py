@@ -212,6 +212,15 @@ def plan(args) -> dict:
     return cells
 
 
+def _settings_of(flags: list[str] | None) -> list[str] | None:
+    """A cell's train flags less where its output folder lies: --train_shards is always OUTPUT/shards, built from --data
+    (whose sha256 the cell records), so a moved or copied output folder keeps its cells."""
+    if flags is None or "--train_shards" not in flags:
+        return flags
+    i = flags.index("--train_shards") + 1
+    return [*flags[:i], "OUTPUT/shards", *flags[i + 1:]]
+
+
 def cell_origin(data: Path) -> dict:
     """What every cell of this invocation starts from: the shipped base's and the sample data's sha256 (computed once
     per invocation: hashing the data reads every file)."""
@@ -226,7 +235,7 @@ def run_cells(cells: dict, out: Path, data: Path, jobs: int, made_from: dict) ->
         f = out / "cells" / name
         if (f / "cell.json").is_file():
             results[name] = rec = json.loads((f / "cell.json").read_text())
-            if rec.get("flags") != flags:  # never reuse a result of other settings (--max_steps, ...)
+            if _settings_of(rec.get("flags")) != _settings_of(flags):  # never reuse a result of other settings
                 raise CellError(f"{f}: finished with {rec.get('flags')}, but this comparison asks for "
                                 f"{flags}; use another --output (or delete that folder)")
             if rec.get("base_sha256") != made_from["base_sha256"]:  # nor one trained from another base
@@ -501,8 +510,8 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
         cells = " | ".join(f"{r['scores'][c]['mean']:.1f} ± {r['scores'][c]['std']:.1f}" for c in cols)
         lines.append(f"| {m} | {setting_label(r.get('visual_token_mode'), r['lr'])} | {tr['parameters']:,} "
                      f"({100 * tr['share']:.2f} %) | {cells} | {r['seconds']:.0f} |")
-    lines += ["", "Validation accuracy (training task types) of each setting, mean over seeds; the best was "
-              "chosen:", ""]
+    lines += ["", "Validation accuracy (training task types) of each setting, mean over seeds"
+              + ("; the best was chosen:" if chosen else ":"), ""]
     for m, r in summary["methods"].items():
         grid = sorted(r["val_by_setting"], key=lambda x: (x["visual_token_mode"] or "", x["lr"]))
         lrs = {x["lr"] for x in grid}

@@ -61,6 +61,14 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     assert main(argv) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["invocations"] == [first]
     assert len((tmp_path / "out" / "invocations.jsonl").read_text().splitlines()) == 2
+    # A moved output folder keeps its cells: the shard path in their flags is where the folder was.
+    import shutil
+
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    moved = [*argv[:argv.index("--output") + 1], str(tmp_path / "moved"), *argv[argv.index("--output") + 2:]]
+    assert main(moved) == 0
+    assert len((tmp_path / "moved" / "invocations.jsonl").read_text().splitlines()) == 2  # nothing ran
+    shutil.move(tmp_path / "moved", tmp_path / "out")
     # A finished cell of other settings, or of another base, is never reused.
     assert main([*argv, "--max_steps", "3"]) == 1
     rec = json.loads(cells[0].read_text())
@@ -68,8 +76,6 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     assert main(argv) == 1
     cells[0].write_text(json.dumps(rec))
     # ... nor one of other sample data: the same records with one image redrawn.
-    import shutil
-
     data = shutil.copytree(shards / "sample", tmp_path / "sample")
     image = next((data / "images").rglob("*.png"))
     image.write_bytes(image.read_bytes() + b"\0")
@@ -182,6 +188,10 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert md.count("Base: the embedded") == 1
     assert "summed over cells; 3 cell(s) from runs that were not logged); the learning rate of each method was chosen" \
         in md
+    assert "mean over seeds; the best was chosen:" in md
+    one = {**s, "methods": {m: {**r, "val_by_setting": r["val_by_setting"][:1]} for m, r in s["methods"].items()}}
+    given = compare.markdown(one, None, [str(tmp_path / "a.png")], tmp_path / "r.md", "cmd")  # settings given
+    assert "nothing was chosen" in given and "chosen:" not in given and "also chose" not in given
     assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
     assert compare.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
 
