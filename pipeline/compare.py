@@ -302,6 +302,28 @@ def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
     return _per_question([base]), _per_question([majority])
 
 
+def answer_sources(cells: list[Path], base_cell: Path) -> dict[str, dict]:
+    """Per held-out task, where the answers of `cells` (pooled over seeds) go: the share (%) that is a training-task
+    answer outside the task's own answers, and the most frequent wrong answer with its share. Why: a held-out score
+    below the un-tuned base is either wrong answers of the right kind or answers carried over from the training tasks
+    (a digit question answered with a word of the reading task); only the second is the tuning's doing. Answer sets
+    are the targets of the base's records (training: the validation records of the training types)."""
+    from pipeline.metrics import vqa_normalize
+
+    targets: dict[str, set] = {}
+    for r in _records(base_cell):
+        targets.setdefault(r["task"], set()).add(vqa_normalize(r["target"]))
+    out = {}
+    for t in HELDOUT:
+        recs = [r for c in cells for r in _records(c) if r["task"] == t]
+        said = [vqa_normalize(r["prediction"]) for r in recs]
+        wrong = [a for a, r in zip(said, recs) if not r["correct"]]
+        top = statistics.mode(wrong or [""])
+        out[t] = {"training_answer": 100 * sum(a in targets[VAL] - targets[t] for a in said) / len(said),
+                  "top_wrong": top, "top_wrong_share": 100 * wrong.count(top) / len(said)}
+    return out
+
+
 def _difference(a: dict, b: dict, seed_se2: float) -> dict:
     """Mean accuracy difference a - b (points) over the same questions, with its standard error.
 
@@ -333,6 +355,7 @@ def summarise(args, res: dict) -> dict:
                                          for (mode, lr), v in val.items()],
                       "trainable": cs[0]["trainable"],
                       "seconds": sum(c["seconds"] for c in cs), "scores": scores,
+                      "answers": answer_sources([cells / n for n in names[best]], cells / "base"),
                       "vs_majority": {t: _difference(per_q[m][t], majority_q[t], se2[t]) for t in HELDOUT},
                       "vs_base": {t: _difference(per_q[m][t], base_q[t], se2[t]) for t in HELDOUT}}
     if "m2pt" in methods:
@@ -341,6 +364,7 @@ def summarise(args, res: dict) -> dict:
             "scores"][t]["std"] ** 2) / args.seeds) for t in HELDOUT} for o, r in methods.items() if o != "m2pt"}
     base = res["base"]
     return {"methods": methods, "base": base["scores"], "majority": base["majority"], "seeds": args.seeds,
+            "base_answers": answer_sources([cells / "base"], cells / "base"),
             "first_seed": args.first_seed, "max_steps": args.max_steps}
 
 
@@ -475,6 +499,22 @@ def base_description() -> str:
             "about an image.")
 
 
+def answers_table(summary: dict) -> list[str]:
+    """The report's section on where the held-out answers go (`answer_sources`)."""
+    rows = [("un-tuned base", summary["base_answers"])] + [(m, r["answers"]) for m, r in summary["methods"].items()]
+
+    def cell(a: dict) -> str:
+        return f"{a['training_answer']:.1f} (\"{a['top_wrong']}\" {a['top_wrong_share']:.1f})"
+
+    return ["## Where the held-out answers go", "",
+            "Share of the answers (%, pooled over seeds) that are an answer of a training task and not one of the "
+            "held-out task's own; in brackets the most frequent wrong answer and how many of all answers (%) are it, wrong. A score "
+            "below the un-tuned base with a high share here is the training tasks' answers carried over, not wrong "
+            "answers of the right kind.", "",
+            "| method | " + " | ".join(COLUMN_NAMES[t] for t in HELDOUT) + " |", "|---" * (len(HELDOUT) + 1) + "|",
+            *[f"| {name} | " + " | ".join(cell(a[t]) for t in HELDOUT) + " |" for name, a in rows], ""]
+
+
 def _seed_words(summary: dict) -> str:
     n, first = summary["seeds"], summary.get("first_seed", 0)
     return f"{n} seed(s)" + (f" ({first}-{first + n - 1})" if first else "")
@@ -518,7 +558,8 @@ def markdown(summary: dict, abl: dict | None, images: list[str], report: Path, c
         edge = " (the top of the grid)" if r["lr"] == max(lrs) and len(lrs) > 1 else ""
         lines.append(f"- {m}: " + ", ".join(f"{setting_label(x['visual_token_mode'], x['lr'])}: {x['val']:.1f}"
                                             for x in grid) + edge)
-    lines += ["", *verdict(summary), "", f"![methods]({os.path.relpath(images[0], report.parent)})", ""]
+    lines += ["", *verdict(summary), "", f"![methods]({os.path.relpath(images[0], report.parent)})", "",
+              *answers_table(summary)]
     if abl:
         lengths = sorted({int(k.split("-")[0][2:]) for k in abl["heldout_mean"]})
         lines += ["## Prompt-length ablation", "",
