@@ -369,9 +369,10 @@ def summarise(args, res: dict) -> dict:
 
 
 def ablation(args, summary: dict, grid: dict, made_from: dict) -> dict:
-    """pv x pt at M²PT's chosen lr and visual token mode, first seed. A cell that is a run of the method grid - pv = pt =
-    the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable set, init
-    and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained twice."""
+    """pv x pt at M²PT's chosen lr and visual token mode, first seed. A cell that is a run of the method grid -
+    pv = pt = the default length is m2pt, (default, 0) visual, (0, default) text, (0, 0) projector: the same trainable
+    set, init and data order, bit-identical (tests/test_methods.py) - is taken from `grid` instead of being trained
+    twice."""
     from pipeline.m2pt import M2PTConfig
 
     chosen = summary["methods"].get("m2pt", {})
@@ -508,9 +509,9 @@ def answers_table(summary: dict) -> list[str]:
 
     return ["## Where the held-out answers go", "",
             "Share of the answers (%, pooled over seeds) that are an answer of a training task and not one of the "
-            "held-out task's own; in brackets the most frequent wrong answer and how many of all answers (%) are it, wrong. A score "
-            "below the un-tuned base with a high share here is the training tasks' answers carried over, not wrong "
-            "answers of the right kind.", "",
+            "held-out task's own; in brackets the most frequent wrong answer and how many of all answers (%) are it, "
+            "wrong. A score below the un-tuned base with a high share here is the training tasks' answers carried "
+            "over, not wrong answers of the right kind.", "",
             "| method | " + " | ".join(COLUMN_NAMES[t] for t in HELDOUT) + " |", "|---" * (len(HELDOUT) + 1) + "|",
             *[f"| {name} | " + " | ".join(cell(a[t]) for t in HELDOUT) + " |" for name, a in rows], ""]
 
