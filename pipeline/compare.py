@@ -303,11 +303,10 @@ def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
 
 
 def answer_sources(cells: list[Path], base_cell: Path) -> dict[str, dict]:
-    """Per held-out task, where the answers of `cells` (pooled over seeds) go: the share (%) that is a training-task
-    answer outside the task's own answers, and the most frequent wrong answer with its share. Why: a held-out score
-    below the un-tuned base is either wrong answers of the right kind or answers carried over from the training tasks
-    (a digit question answered with a word of the reading task); only the second is the tuning's doing. Answer sets
-    are the targets of the base's records (training: the validation records of the training types)."""
+    """Per held-out task, what the answers of `cells` (pooled over seeds) are: the share (%) that is no answer of the
+    task at all (a word where a digit is asked), and the most frequent wrong answer with its share. Why: a score below
+    the un-tuned base is either wrong answers to the question asked or answers to another question; the two call for
+    different fixes. A task's answers are the targets of its records (read from the base's)."""
     from pipeline.metrics import vqa_normalize
 
     targets: dict[str, set] = {}
@@ -319,7 +318,7 @@ def answer_sources(cells: list[Path], base_cell: Path) -> dict[str, dict]:
         said = [vqa_normalize(r["prediction"]) for r in recs]
         wrong = [a for a, r in zip(said, recs) if not r["correct"]]
         top = statistics.mode(wrong or [""])
-        out[t] = {"training_answer": 100 * sum(a in targets[VAL] - targets[t] for a in said) / len(said),
+        out[t] = {"off_task": 100 * sum(a not in targets[t] for a in said) / len(said),
                   "top_wrong": top, "top_wrong_share": 100 * wrong.count(top) / len(said)}
     return out
 
@@ -501,17 +500,17 @@ def base_description() -> str:
 
 
 def answers_table(summary: dict) -> list[str]:
-    """The report's section on where the held-out answers go (`answer_sources`)."""
+    """The report's section on what the held-out answers are (`answer_sources`)."""
     rows = [("un-tuned base", summary["base_answers"])] + [(m, r["answers"]) for m, r in summary["methods"].items()]
 
     def cell(a: dict) -> str:
-        return f"{a['training_answer']:.1f} (\"{a['top_wrong']}\" {a['top_wrong_share']:.1f})"
+        return f"{a['off_task']:.1f} (\"{a['top_wrong']}\" {a['top_wrong_share']:.1f})"
 
-    return ["## Where the held-out answers go", "",
-            "Share of the answers (%, pooled over seeds) that are an answer of a training task and not one of the "
-            "held-out task's own; in brackets the most frequent wrong answer and how many of all answers (%) are it, "
-            "wrong. A score below the un-tuned base with a high share here is the training tasks' answers carried "
-            "over, not wrong answers of the right kind.", "",
+    return ["## What the held-out answers are", "",
+            "Share of the answers (%, pooled over seeds) that are no answer of the task at all (not one of its "
+            "targets: a word where a digit is asked); in brackets the most frequent wrong answer and how many of all "
+            "answers (%) are it, wrong. A score below the un-tuned base with a high share here comes from answering "
+            "another question; with a low share, from answering the question asked, wrongly.", "",
             "| method | " + " | ".join(COLUMN_NAMES[t] for t in HELDOUT) + " |", "|---" * (len(HELDOUT) + 1) + "|",
             *[f"| {name} | " + " | ".join(cell(a[t]) for t in HELDOUT) + " |" for name, a in rows], ""]
 

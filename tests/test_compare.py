@@ -168,7 +168,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     monkeypatch.setattr(compare, "_base_and_majority", lambda cell: (q, q))
     monkeypatch.setattr(compare, "_correct", lambda cells: q)
     monkeypatch.setattr(compare, "answer_sources", lambda cells, base: {
-        t: {"training_answer": 1.0, "top_wrong": "x", "top_wrong_share": 2.0} for t in compare.HELDOUT})
+        t: {"off_task": 1.0, "top_wrong": "x", "top_wrong_share": 2.0} for t in compare.HELDOUT})
     s = compare.summarise(args, res)
     assert (s["methods"]["m2pt"]["visual_token_mode"], s["methods"]["m2pt"]["lr"]) == ("clean", 1e-3)
     assert s["methods"]["m2pt"]["scores"][compare.VAL]["mean"] == 75.5
@@ -191,7 +191,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert "summed over cells; 3 cell(s) from runs that were not logged); the learning rate of each method was chosen" \
         in md
     assert "mean over seeds; the best was chosen:" in md
-    assert '| m2pt | 1.0 ("x" 2.0) | 1.0 ("x" 2.0) |' in md.split("## Where the held-out answers go")[1]
+    assert '| m2pt | 1.0 ("x" 2.0) | 1.0 ("x" 2.0) |' in md.split("## What the held-out answers are")[1]
     one = {**s, "methods": {m: {**r, "val_by_setting": r["val_by_setting"][:1]} for m, r in s["methods"].items()}}
     given = compare.markdown(one, None, [str(tmp_path / "a.png")], tmp_path / "r.md", "cmd")  # settings given
     assert "nothing was chosen" in given and "chosen:" not in given and "also chose" not in given
@@ -246,7 +246,7 @@ def test_the_report_counts_the_runs_that_made_its_cells_from_the_log_and_keeps_a
     assert compare.report_invocations([], {"x"}) == [{"cells_run": 1, "wall_seconds": None, "jobs": None}]
 
 
-def test_where_the_held_out_answers_go_counts_training_answers_carried_over(tmp_path):
+def test_what_the_held_out_answers_are_counts_answers_to_another_question(tmp_path):
     from pipeline import compare
 
     def cell(name, rows):
@@ -257,12 +257,13 @@ def test_where_the_held_out_answers_go_counts_training_answers_carried_over(tmp_
         return tmp_path / name
 
     others = [(t, "a", "a") for t in compare.HELDOUT if t != "sample_mnist"]
-    base = cell("base", [(compare.VAL, "map", "map"), (compare.VAL, "3", "3"), ("sample_mnist", "3", "5"),
-                         ("sample_mnist", "5", "5"), *others])
-    # "map" is a training answer; "3" is one too, but also a digit: only the first is carried over
-    tuned = cell("tuned", [("sample_mnist", "3", "Map."), ("sample_mnist", "5", "3"), ("sample_mnist", "3", "map"),
-                           ("sample_mnist", "5", "5"), *others])
+    base = cell("base", [(compare.VAL, "map", "map"), ("sample_mnist", "3", "5"), ("sample_mnist", "5", "5"),
+                         ("sample_mnist", "7", "7"), ("sample_mnist", "7", "9"), *others])
+    # the digits' answers are the targets 3, 5, 7: "map" is off the task, and so is "9" (no question's answer here);
+    # "Map." is normalised to "map"
+    tuned = cell("tuned", [("sample_mnist", "3", "Map."), ("sample_mnist", "5", "3"), ("sample_mnist", "7", "map"),
+                           ("sample_mnist", "7", "7"), *others])
     got = compare.answer_sources([tuned], base)["sample_mnist"]
-    assert got == {"training_answer": 50.0, "top_wrong": "map", "top_wrong_share": 50.0}
-    assert compare.answer_sources([base], base)["sample_mnist"] == {"training_answer": 0.0, "top_wrong": "5",
-                                                                    "top_wrong_share": 50.0}
+    assert got == {"off_task": 50.0, "top_wrong": "map", "top_wrong_share": 50.0}
+    assert compare.answer_sources([base], base)["sample_mnist"] == {"off_task": 25.0, "top_wrong": "5",
+                                                                    "top_wrong_share": 25.0}
