@@ -273,6 +273,26 @@ def test_init_adapter_with_conflicting_method_flags_is_an_error(shards, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------------ signals
+def test_a_stop_request_arriving_after_the_run_does_not_kill_the_rank():
+    """srun forwards USR1 to every node; it can reach a rank after the ranks agreed to stop and checkpointed. Before,
+    the restored default action killed that rank ("task 1: User defined signal 1") and the job was not requeued.
+    SIGTERM still ends a process after the run (one stuck at exit must die of it)."""
+    code = ("import os, signal, time\n"
+            "from pipeline.run_control import StopFlag\n"
+            "flag = StopFlag().install(False)\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "assert flag.poll() == 'SIGUSR1'\n"
+            "flag.restore()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "time.sleep(0.2)\n"
+            "print('alive after a late USR1', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert "alive after a late USR1" in r.stdout, r.stderr
+    assert r.returncode == -signal.SIGTERM, (r.returncode, r.stderr)
+
+
 @pytest.mark.parametrize("how", ["sigterm_to_deepspeed", "ctrl_c_to_the_group", "sigterm_to_torchrun"])
 @pytest.mark.slow
 def test_stopping_the_deepspeed_launcher_checkpoints_on_every_rank(shards, tmp_path, how):
