@@ -285,11 +285,6 @@ def _per_question(seeds: list[list[dict]]) -> dict[str, dict[str, float]]:
     return {t: {q: statistics.fmean(v) for q, v in qs.items()} for t, qs in hits.items()}
 
 
-def _correct(cells: list[Path]) -> dict[str, dict[str, float]]:
-    """task -> question id -> share of `cells` (seeds) that answered it correctly, from their predictions."""
-    return _per_question([_records(c) for c in cells])
-
-
 def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
     """Per question: did the un-tuned base, and the majority answer (as evaluate chose and scored it), get it right.
     The majority is re-scored on the base's records, so both cover exactly the questions every cell answers."""
@@ -302,19 +297,26 @@ def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
     return _per_question([base]), _per_question([majority])
 
 
-def answer_sources(cells: list[Path], base_cell: Path) -> dict[str, dict]:
-    """Per held-out task, what the answers of `cells` (pooled over seeds) are: the share (%) that is no answer of the
-    task at all (a word where a digit is asked), and the most frequent wrong answer with its share. Why: a score below
-    the un-tuned base is either wrong answers to the question asked or answers to another question; the two call for
-    different fixes. A task's answers are the targets of its records (read from the base's)."""
+def answer_sets(records: list[dict]) -> dict[str, set]:
+    """task -> its answers: the normalised targets of its records (every cell answers the same questions)."""
     from pipeline.metrics import vqa_normalize
 
     targets: dict[str, set] = {}
-    for r in _records(base_cell):
+    for r in records:
         targets.setdefault(r["task"], set()).add(vqa_normalize(r["target"]))
+    return targets
+
+
+def answer_sources(seeds: list[list[dict]], targets: dict[str, set]) -> dict[str, dict]:
+    """Per held-out task, what the answers of `seeds` (prediction records, pooled) are: the share (%) that is no answer
+    of the task at all (a word where a digit is asked; `targets` from `answer_sets`), and the most frequent wrong
+    answer with its share. Why: a score below the un-tuned base is either wrong answers to the question asked or
+    answers to another question; the two call for different fixes."""
+    from pipeline.metrics import vqa_normalize
+
     out = {}
     for t in HELDOUT:
-        recs = [r for c in cells for r in _records(c) if r["task"] == t]
+        recs = [r for rs in seeds for r in rs if r["task"] == t]
         said = [vqa_normalize(r["prediction"]) for r in recs]
         wrong = [a for a, r in zip(said, recs) if not r["correct"]]
         top = statistics.mode(wrong or [""])
@@ -340,6 +342,8 @@ def summarise(args, res: dict) -> dict:
     method)."""
     cells = args.output / "cells"
     base_q, majority_q = _base_and_majority(cells / "base")
+    base_records = _records(cells / "base")
+    targets = answer_sets(base_records)
     methods, per_q = {}, {}
     for m in args.methods:
         names = {st: [cell_name(m, *st, s) for s in _seeds(args)] for st in _settings(args, m)}
@@ -347,14 +351,15 @@ def summarise(args, res: dict) -> dict:
         best = max(val, key=val.get)  # the first of equals: official before clean, the lower lr first
         cs = [res[n] for n in names[best]]
         scores = {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in cs]))) for t in (*HELDOUT, VAL)}
-        per_q[m] = _correct([cells / n for n in names[best]])
+        chosen = [_records(cells / n) for n in names[best]]  # read once: per-question scores and answers
+        per_q[m] = _per_question(chosen)
         se2 = {t: scores[t]["std"] ** 2 / args.seeds for t in HELDOUT}
         methods[m] = {"lr": best[1], "visual_token_mode": best[0],
                       "val_by_setting": [{"visual_token_mode": mode, "lr": lr, "val": v}
                                          for (mode, lr), v in val.items()],
                       "trainable": cs[0]["trainable"],
                       "seconds": sum(c["seconds"] for c in cs), "scores": scores,
-                      "answers": answer_sources([cells / n for n in names[best]], cells / "base"),
+                      "answers": answer_sources(chosen, targets),
                       "vs_majority": {t: _difference(per_q[m][t], majority_q[t], se2[t]) for t in HELDOUT},
                       "vs_base": {t: _difference(per_q[m][t], base_q[t], se2[t]) for t in HELDOUT}}
     if "m2pt" in methods:
@@ -363,7 +368,7 @@ def summarise(args, res: dict) -> dict:
             "scores"][t]["std"] ** 2) / args.seeds) for t in HELDOUT} for o, r in methods.items() if o != "m2pt"}
     base = res["base"]
     return {"methods": methods, "base": base["scores"], "majority": base["majority"], "seeds": args.seeds,
-            "base_answers": answer_sources([cells / "base"], cells / "base"),
+            "base_answers": answer_sources([base_records], targets),
             "first_seed": args.first_seed, "max_steps": args.max_steps}
 
 

@@ -166,8 +166,10 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     res["base"] = dict(record(55.0), majority={t: 10.0 for t in (*compare.HELDOUT, compare.VAL)})
     q = {t: {"q1": 1.0, "q2": 0.0} for t in compare.HELDOUT}
     monkeypatch.setattr(compare, "_base_and_majority", lambda cell: (q, q))
-    monkeypatch.setattr(compare, "_correct", lambda cells: q)
-    monkeypatch.setattr(compare, "answer_sources", lambda cells, base: {
+    monkeypatch.setattr(compare, "_records", lambda cell: [  # every cell: q1 right, q2 wrong, per task (= q)
+        {"task": t, "qid": qid, "target": "a", "prediction": p, "correct": p == "a"}
+        for t in compare.HELDOUT for qid, p in (("q1", "a"), ("q2", "b"))])
+    monkeypatch.setattr(compare, "answer_sources", lambda seeds, targets: {
         t: {"off_task": 1.0, "top_wrong": "x", "top_wrong_share": 2.0} for t in compare.HELDOUT})
     s = compare.summarise(args, res)
     assert (s["methods"]["m2pt"]["visual_token_mode"], s["methods"]["m2pt"]["lr"]) == ("clean", 1e-3)
@@ -263,7 +265,8 @@ def test_what_the_held_out_answers_are_counts_answers_to_another_question(tmp_pa
     # "Map." is normalised to "map"
     tuned = cell("tuned", [("sample_mnist", "3", "Map."), ("sample_mnist", "5", "3"), ("sample_mnist", "7", "map"),
                            ("sample_mnist", "7", "7"), *others])
-    got = compare.answer_sources([tuned], base)["sample_mnist"]
+    targets = compare.answer_sets(compare._records(base))
+    got = compare.answer_sources([compare._records(tuned)], targets)["sample_mnist"]
     assert got == {"off_task": 50.0, "top_wrong": "map", "top_wrong_share": 50.0}
-    assert compare.answer_sources([base], base)["sample_mnist"] == {"off_task": 25.0, "top_wrong": "5",
-                                                                    "top_wrong_share": 25.0}
+    assert compare.answer_sources([compare._records(base)], targets)["sample_mnist"] == {
+        "off_task": 25.0, "top_wrong": "5", "top_wrong_share": 25.0}
