@@ -285,13 +285,13 @@ def _per_question(seeds: list[list[dict]]) -> dict[str, dict[str, float]]:
     return {t: {q: statistics.fmean(v) for q, v in qs.items()} for t, qs in hits.items()}
 
 
-def _base_and_majority(base_cell: Path) -> tuple[dict, dict]:
-    """Per question: did the un-tuned base, and the majority answer (as evaluate chose and scored it), get it right.
-    The majority is re-scored on the base's records, so both cover exactly the questions every cell answers."""
+def _base_and_majority(base_cell: Path, base: list[dict]) -> tuple[dict, dict]:
+    """Per question: did the un-tuned base (its prediction records `base`), and the majority answer (as evaluate chose
+    and scored it), get it right. The majority is re-scored on the base's records, so both cover exactly the questions
+    every cell answers."""
     from pipeline.evaluate import MAJORITY, mark_correct
 
     answers = json.loads((base_cell / "eval" / "results.json").read_text())[MAJORITY]["provenance"]["answers"]
-    base = _records(base_cell)
     majority = [r | {"prediction": answers[r["task"]]} for r in base]
     mark_correct(majority)
     return _per_question([base]), _per_question([majority])
@@ -341,8 +341,8 @@ def summarise(args, res: dict) -> dict:
     seeds, and the differences the verdict tests (against the majority answer, the un-tuned base and, for m2pt, each
     method)."""
     cells = args.output / "cells"
-    base_q, majority_q = _base_and_majority(cells / "base")
     base_records = _records(cells / "base")
+    base_q, majority_q = _base_and_majority(cells / "base", base_records)
     targets = answer_sets(base_records)
     methods, per_q = {}, {}
     for m in args.methods:

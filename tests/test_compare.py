@@ -165,7 +165,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     res = {n: record(val[n.rsplit("/", 1)[0]] + int(n[-1])) for n in cells if n != "base"}
     res["base"] = dict(record(55.0), majority={t: 10.0 for t in (*compare.HELDOUT, compare.VAL)})
     q = {t: {"q1": 1.0, "q2": 0.0} for t in compare.HELDOUT}
-    monkeypatch.setattr(compare, "_base_and_majority", lambda cell: (q, q))
+    monkeypatch.setattr(compare, "_base_and_majority", lambda cell, records: (q, q))
     monkeypatch.setattr(compare, "_records", lambda cell: [  # every cell: q1 right, q2 wrong, per task (= q)
         {"task": t, "qid": qid, "target": "a", "prediction": p, "correct": p == "a"}
         for t in compare.HELDOUT for qid, p in (("q1", "a"), ("q2", "b"))])
