@@ -9,7 +9,7 @@ Two length distributions:
               pv = 10, official mode), the Vicuna system prompt and roles (~45 tokens), an instruction of
               lognormal length (median 40 tokens, sigma 0.7) and an answer of lognormal length (median 6, sigma
               1.2), capped at 2048. A model of the distribution, not a measurement of the real data set.
-Batches are formed exactly as pipeline.data does (group_by_length over a shuffled stream); the padded share is
+Batches are formed exactly as pipeline.data.stream does (group_by_length over a shuffled stream); the padded share is
 pad tokens / (rows x longest row) summed over all batches.
 """
 
@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 
 def embedded_lengths() -> list[int]:
-    from pipeline.chat import VicunaTemplate
-    from pipeline.models import tiny_tokenizer
-    from pipeline.sample_data import build as make_sample
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.demo.tiny import tiny_tokenizer
+    from pipeline.demo.sample_data import build as make_sample
 
     path = REPO / "data" / "sample" / "train.json"
     if not path.is_file():
@@ -44,7 +44,7 @@ def vision_flan_lengths(n: int, rng: random.Random) -> list[int]:
 
 
 def padded_share(lengths: list[int], batch_size: int, group: int, rng: random.Random) -> float:
-    from pipeline.data import group_by_length
+    from pipeline.data.stream import group_by_length
 
     items = [{"input_ids": range(n)} for n in lengths]
     rng.shuffle(items)

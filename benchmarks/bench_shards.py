@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 from data_prep.build_shards import main as build
-from pipeline.sample_data import build as make_sample
+from pipeline.demo.sample_data import build as make_sample
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     args = ap.parse_args()
-    from pipeline.models import load_text_side
+    from pipeline.defaults import load_text_side
 
     load_text_side()  # warm-up: the one-off transformers import (~3 s) would otherwise land on the first run
     with tempfile.TemporaryDirectory() as d:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_step.py --shape real [--rounds 5] [--threads 1] [--append docs/benchmarks.md]
 
 Variants (each in its own process, built from the same seed, so the weights are identical):
-  project  attach_m2pt (pv = pt = 10, official mode) + the trainer's forward (pipeline/step.py: supervised-only
+  project  attach_m2pt (pv = pt = 10, official mode) + the trainer's forward (pipeline/core/step.py: supervised-only
            logits, index splice, vision tower cut after its feature layer) + backward + fused AdamW step
   before   the same prompts through the stock forward (all logits, masked_scatter, full tower): what the trainer did
            before issue #10
@@ -11,7 +11,7 @@ Variants (each in its own process, built from the same seed, so the weights are 
            backward runs through both towers, loss from `labels=`: the least a prompt method can cost with stock
            transformers
 Rounds are interleaved (the order alternates each round) and each variant's median wall and CPU-seconds per step
-are reported with its peak RSS (GPU: peak allocated), its model FLOPs (pipeline/flops.py) and their share of a
+are reported with its peak RSS (GPU: peak allocated), its model FLOPs (pipeline/core/flops.py) and their share of a
 GEMM probe's rate (CPU fp32) or of the datasheet peak (GPU). Ratios are against the floor, from the same run.
 
 Shapes (batch 2, labels on 56 answer tokens per row, 137 text tokens per row):
@@ -48,8 +48,8 @@ def build(shape: str, variant: str, device, dtype, attn: str):
     from torch import nn
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from pipeline.m2pt import M2PTConfig, attach_m2pt
-    from pipeline.models import skip_unused_vision_layers
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt
+    from pipeline.core.models import skip_unused_vision_layers
 
     s = SHAPES[shape]
     cfg = LlavaConfig(
@@ -78,7 +78,7 @@ def build(shape: str, variant: str, device, dtype, attn: str):
 def make_batch(model, variant: str, device, dtype) -> dict:
     import torch
 
-    from pipeline.m2pt import num_visual_tokens
+    from pipeline.core.m2pt import num_visual_tokens
 
     cfg = model.config
     nv = num_visual_tokens(model)
@@ -94,7 +94,7 @@ def make_batch(model, variant: str, device, dtype) -> dict:
 
 
 def flops_of(model, variant: str, batch: dict) -> int:
-    from pipeline.flops import FlopModel, batch_flops
+    from pipeline.core.flops import FlopModel, batch_flops
 
     fm = FlopModel.from_model(model)
     if variant == "project":
@@ -110,7 +110,7 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
 
     import torch
 
-    from pipeline.step import token_loss
+    from pipeline.core.step import token_loss
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -165,7 +165,7 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
 def peak(device: str, threads: int) -> tuple[float, str]:
     import torch
 
-    from pipeline.flops import peak_tflops
+    from pipeline.core.flops import peak_tflops
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

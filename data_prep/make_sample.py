@@ -2,7 +2,7 @@
 
     python -m data_prep.make_sample --output data/sample
 
-What it contains and why: pipeline/sample_data.py.
+What it contains and why: pipeline/demo/sample_data.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import normalize_kebab_flags
-from pipeline.sample_data import build
+from pipeline.demo.sample_data import build
 
 
 def main(argv=None) -> int:

@@ -28,10 +28,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import metrics
-from pipeline.eval_data import TASKS, LayoutError, load_task, parse_tasks, read_jsonl
+from pipeline.evaluation import metrics
+from pipeline.evaluation.datasets import TASKS, LayoutError, load_task, parse_tasks, read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.defaults import REPO
 log = logging.getLogger("m2pt.evaluate")
 JUDGE_PROMPT = ("Please decide if the prediction is correct given the question and the answer.\n"
                 "Questions: {question}\nAnswer: {target}\nPrediction: {prediction}\n"
@@ -153,9 +153,9 @@ class Judge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.chat import SYSTEM
+        from pipeline.core.chat import SYSTEM
 
-        from pipeline.models import ensure_pad_token
+        from pipeline.core.models import ensure_pad_token
 
         self.tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device == "cpu" else torch.float16)
@@ -220,7 +220,7 @@ class EvalConfig:
         f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA .json / .jsonl, "
         "or a shard folder) or name=path, scored by label match (default: " + SAMPLE_DEFAULT + ")")})
     data_root: Path | None = field(default=None, metadata={"type": Path, "help": (
-        "folder holding the task data (layouts in pipeline/eval_data.py; default: the embedded sample set, "
+        "folder holding the task data (layouts in pipeline/evaluation/datasets.py; default: the embedded sample set, "
         "data/sample)")})
     coco_root: Path | None = field(default=None, metadata={"type": Path, "help": (
         "COCO val2014 images for the official POPE json")})
@@ -294,13 +294,13 @@ def rescore(cfg: EvalConfig) -> dict:
 def plan_runs(cfg: EvalConfig) -> tuple[list, dict, Path]:
     """Rows to evaluate [(name, adapter | None, what methods.read_artifact says of it | None)], the items per task,
     and the data root - everything checked before any model loads (adapter configs, task files, MME pairs)."""
-    from pipeline.methods import read_artifact
+    from pipeline.core.methods import read_artifact
 
     default = cfg.tasks is None and cfg.data_root is None
     task_paths = parse_tasks(cfg.tasks or SAMPLE_DEFAULT)
     data_root = cfg.data_root or REPO / "data" / "sample"
     if default:
-        from pipeline.sample_data import ensure_sample
+        from pipeline.demo.sample_data import ensure_sample
 
         ensure_sample(data_root)
     adapters = list(cfg.adapter or [])
@@ -321,10 +321,10 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
     """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
     import torch
 
-    from pipeline.chat import VicunaTemplate
-    from pipeline.m2pt import num_visual_tokens
-    from pipeline.methods import load_artifact
-    from pipeline.models import load_base
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.core.m2pt import num_visual_tokens
+    from pipeline.core.methods import load_artifact
+    from pipeline.defaults import load_base
 
     t0 = time.time()
     dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32

@@ -6,7 +6,7 @@
 With no arguments it trains the embedded tiny model on the embedded sample set (building both first), on one
 process, and prints where the adapter went. The file reads in the order a run uses it: flags -> start-up checks
 (flags, DeepSpeed config, output-folder lock, model files, shards: all before any model loads) -> model and engine
--> progress and checkpoints -> one step (train_step, backprop_scale; the forward is pipeline/step.py) -> metrics
+-> progress and checkpoints -> one step (train_step, backprop_scale; the forward is pipeline/core/step.py) -> metrics
 -> setup -> train_loop -> finish; `run` at the bottom starts the process group and ties them together.
 
 Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from pipeline.cli import add_config_flags
 from pipeline.errors import CheckpointError, UsageError
-from pipeline.m2pt import M2PTConfig
-from pipeline.methods import METHODS, LoraSettings
-from pipeline.models import TINY_NAMES
+from pipeline.core.m2pt import M2PTConfig
+from pipeline.core.methods import METHODS, LoraSettings
+from pipeline.defaults import DEMO_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
@@ -60,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: flash_attention_2 when CUDA + flash-attn are present, else sdpa")
     g.add_argument("--init_adapter", default=None, help="start from this adapter's prompts/projector (and its config)")
 
-    g = ap.add_argument_group("method (pipeline/methods.py)")
+    g = ap.add_argument_group("method (pipeline/core/methods.py)")
     g.add_argument("--method", default="m2pt", choices=METHODS,
                    help="m2pt: visual + textual prompts + projector; visual: visual prompts + projector; text: "
                         "textual prompts + projector; projector: projector only; lora: peft LoRA on the LLM + "
                         "projector; full: every weight")
     add_config_flags(g, LoraSettings)
-    g = ap.add_argument_group("M2PT (pipeline.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
+    g = ap.add_argument_group("M2PT (pipeline.core.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
     add_config_flags(g, M2PTConfig, exclude=("seed",), aliases=M2PT_ALIASES)
 
     g = ap.add_argument_group("data")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="seed of prompts, data order and dropout")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="peak TFLOP/s of one device for the 'mfu' metric (default: the GPU's dense bf16 datasheet "
-                        "value, or on CPU a short fp32 GEMM probe at start-up; formula in pipeline/flops.py)")
+                        "value, or on CPU a short fp32 GEMM probe at start-up; formula in pipeline/core/flops.py)")
     g.add_argument("--num_threads", type=int, default=None,
                    help="intra-op threads per rank (default: OMP_NUM_THREADS if set, else this rank's share of the "
                         "node's cores, lowered when the machine is already busy; logged at start-up)")
@@ -223,8 +223,8 @@ def ds_config(path: str, args, world: int) -> dict:
 def sample_shards_dir(args, m2pt) -> Path:
     """Where the embedded sample set's shards for this run live: one folder per visual-token count their lengths
     were measured with (26 for the tiny model with 10 visual prompts in official mode: `sample_shards`)."""
-    from pipeline.m2pt import count_visual_tokens
-    from pipeline.models import load_text_side
+    from pipeline.core.m2pt import count_visual_tokens
+    from pipeline.defaults import load_text_side
 
     n = count_visual_tokens(load_text_side(args.model)[1], m2pt)
     return DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
@@ -232,8 +232,8 @@ def sample_shards_dir(args, m2pt) -> Path:
 
 def build_sample_shards(args, m2pt, shards: Path) -> None:
     """The embedded sample set and its shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
-    from pipeline.sample_data import ensure_sample
-    from pipeline.shards import build_sample_shards as build
+    from pipeline.demo.sample_data import ensure_sample
+    from pipeline.data.shards import build_sample_shards as build
 
     build(ensure_sample(DATA_HOME / "sample"), shards, m2pt.visual_prompt_length, m2pt.visual_token_mode,
           args.model_max_length)
@@ -243,7 +243,7 @@ def _fix_method_lengths(args) -> dict:
     """--method visual / text / projector / lora / full fix prompt lengths (and lora / full the LM head): an explicit
     flag that disagrees is an error; otherwise args are rewritten so config.json records what really trains.
     Returns what the method fixes."""
-    from pipeline.methods import FIXED_LENGTHS, PROMPT_METHODS
+    from pipeline.core.methods import FIXED_LENGTHS, PROMPT_METHODS
 
     fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(args.method, (0, 0))))
     if args.method not in PROMPT_METHODS:
@@ -266,7 +266,7 @@ def method_config(args):
     """The M2PT config of this run: from the flags, or from --init_adapter (then an explicit method flag that
     disagrees with the adapter is an error, and args are rewritten so config.json records what really trains).
     For lora / full: prompt lengths 0 (no prompts are attached; the visual-token count is the stock one)."""
-    from pipeline.m2pt import read_adapter_config
+    from pipeline.core.m2pt import read_adapter_config
 
     fixed = _fix_method_lengths(args)
     if not args.init_adapter:
@@ -297,7 +297,7 @@ def _agree(fn, dist):
     error) instead of the others hanging in the next collective."""
     import torch
 
-    from pipeline.dist import device
+    from pipeline.training.dist import device
 
     error, result = None, None
     try:
@@ -318,8 +318,8 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
     the DeepSpeed config, one run per output folder, the model's files, the method config, the shards."""
     import deepspeed.comm as dist
 
-    from pipeline.data import resolve_shards
-    from pipeline.models import check_model_source
+    from pipeline.data.stream import resolve_shards
+    from pipeline.defaults import check_model_source
 
     def local():
         if rank == 0:
@@ -331,7 +331,7 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
             raise UsageError(f"--lr_scheduler_type {args.lr_scheduler_type!r}: not one of "
                              f"{', '.join(t.value for t in SchedulerType)}")
         if args.resume not in (None, "auto"):
-            from pipeline.checkpoint import find_resume
+            from pipeline.training.checkpoint import find_resume
 
             find_resume(args.output_dir, args.resume)  # a damaged checkpoint: one line naming what is missing
         return ds_config(args.deepspeed, args, world), method_config(args)
@@ -348,9 +348,9 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
 
 # ------------------------------------------------------------------------------------------- model and engine
 def build_model(args, m2pt, rank: int):
-    from pipeline import methods
-    from pipeline.m2pt import load_adapter, parameter_table
-    from pipeline.models import load_base
+    from pipeline.core import methods
+    from pipeline.core.m2pt import load_adapter, parameter_table
+    from pipeline.defaults import load_base
 
     base = load_base(args.model, llm=args.model_llm, vision=args.model_vision, mm_projector=args.mm_projector,
                      attn=args.attn_implementation)
@@ -420,7 +420,7 @@ class TrainingProgress:
 
     def consumed(self, batch: dict) -> None:
         """Record a batch taken from the loader: its slot's new position and the samples skipped before it."""
-        from pipeline.data import READ_ERRORS
+        from pipeline.data.stream import READ_ERRORS
 
         slot, *position = batch["cursor"]
         self.cursors[slot] = position
@@ -430,7 +430,7 @@ class TrainingProgress:
 
 class Checkpointer:
     """Save / restore everything a resume needs for this run's engine (the layout and its guarantees are in
-    pipeline/checkpoint.py)."""
+    pipeline/training/checkpoint.py)."""
 
     def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str):
         self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
@@ -441,18 +441,18 @@ class Checkpointer:
         """fp32 master copies of the trainables (ZeRO 1-3 safe; a gather under ZeRO-3) under the artifact's names."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        from pipeline.methods import artifact_tensors
+        from pipeline.core.methods import artifact_tensors
 
         by_id = {id(p): safe_get_full_fp32_param(p) for p in self._trainable}
         return {k: by_id.get(id(v), v) for k, v in artifact_tensors(self.engine.module, self.method).items()}
 
     def write_adapter(self, path: Path, tensors: dict, base=None) -> Path:
-        from pipeline.methods import save_artifact
+        from pipeline.core.methods import save_artifact
 
         return save_artifact(self.engine.module, path, self.method, tensors, self.base_name, base)
 
     def resume(self, resume: str | None, progress: TrainingProgress) -> Path | None:
-        from pipeline import checkpoint
+        from pipeline.training import checkpoint
 
         ckpt = checkpoint.find_resume(self.out, resume)
         if ckpt is not None:
@@ -462,7 +462,7 @@ class Checkpointer:
         return ckpt
 
     def save(self, progress: TrainingProgress, reason: str) -> None:
-        from pipeline import checkpoint
+        from pipeline.training import checkpoint
 
         d = checkpoint.save(self.engine, self.write_adapter, self.out, progress.step, self.rank, self.world,
                             {"reason": reason, **dict(progress.totals)}, progress.state_dict(), self.adapter_tensors,
@@ -497,9 +497,9 @@ def train_step(r: "Run", micro: list[dict]) -> float:
     import deepspeed.comm as dist
     import torch
 
-    from pipeline.flops import batch_flops
-    from pipeline.methods import unwrap
-    from pipeline.step import token_loss
+    from pipeline.core.flops import batch_flops
+    from pipeline.core.methods import unwrap
+    from pipeline.core.step import token_loss
 
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=r.device)
     dist.all_reduce(n_tok)
@@ -579,7 +579,7 @@ def global_counts(totals: Counter, device) -> dict:
     import deepspeed.comm as dist
     import torch
 
-    from pipeline.data import READ_ERRORS, SKIP_REASONS
+    from pipeline.data.stream import READ_ERRORS, SKIP_REASONS
 
     keys = ["samples", "tokens", READ_ERRORS] + [f"skipped_{r}" for r in SKIP_REASONS]
     t = torch.tensor([float(totals.get(k, 0)) for k in keys], dtype=torch.float64, device=device)
@@ -607,7 +607,7 @@ def log_window(r: "Run") -> None:
     dist.all_reduce(red)
     counts = global_counts(r.progress.totals, r.device)
     elapsed = time.time() - r.t_window
-    tflops = red[3].item() / r.world / elapsed / 1e12  # model TFLOP/s per device (pipeline/flops.py)
+    tflops = red[3].item() / r.world / elapsed / 1e12  # model TFLOP/s per device (pipeline/core/flops.py)
     rec = {"step": r.progress.step, "epoch": round(r.progress.step / r.steps_per_epoch, 4),
            "loss": red[0].item() / w["sup_tok_global"], "lr": r.scheduler.get_last_lr()[0],
            "grad_norm": float(r.engine.get_global_grad_norm() or 0.0),
@@ -665,7 +665,7 @@ def check_visual_tokens(shards, model) -> None:
     """Shards record the visual tokens per <image> their lengths were measured with; a model that expands an
     image into more would train on sequences the --model_max_length check never saw. Fewer is fine (the check was
     stricter than needed): e.g. --method text on shards built for M2PT's visual prompts."""
-    from pipeline.m2pt import num_visual_tokens
+    from pipeline.core.m2pt import num_visual_tokens
 
     n = num_visual_tokens(model)
     bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v < n}
@@ -677,7 +677,7 @@ def check_visual_tokens(shards, model) -> None:
 
 
 def write_config(r: Run, cfg: dict, ckpt, shards, model, n_train: int, n_total: int) -> None:
-    from pipeline.m2pt import num_visual_tokens
+    from pipeline.core.m2pt import num_visual_tokens
 
     resolved = {"args": vars(r.args), "deepspeed_config": cfg, "world_size": r.world, "samples": r.n_samples,
                 "shards": len(shards.paths), "steps_per_epoch": r.steps_per_epoch, "total_steps": r.total_steps,
@@ -694,13 +694,13 @@ def setup(args, plan: dict, rank: int, world: int) -> Run:
     import torch
     from tqdm import tqdm
 
-    from pipeline import dist as pdist
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import Preprocess, ShardStream, count_samples
-    from pipeline.flops import FlopModel, peak_tflops
-    from pipeline.m2pt import num_visual_tokens
-    from pipeline.methods import unwrap
-    from pipeline.run_control import quiet_worker
+    from pipeline.training import dist as pdist
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.data.stream import Preprocess, ShardStream, count_samples
+    from pipeline.core.flops import FlopModel, peak_tflops
+    from pipeline.core.m2pt import num_visual_tokens
+    from pipeline.core.methods import unwrap
+    from pipeline.training.run_control import quiet_worker
 
     torch.manual_seed(args.seed)
     out, shards = Path(args.output_dir), plan["shards"]
@@ -807,7 +807,7 @@ def finish(r: Run) -> None:
     print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {r.progress.step} steps; skipped "
           f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
     print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
-    if not r.args.train_shards and r.args.model in TINY_NAMES and not r.args.no_final_eval:
+    if not r.args.train_shards and r.args.model in DEMO_MODELS and not r.args.no_final_eval:
         from pipeline import evaluate
 
         sample = DATA_HOME / "sample"
@@ -821,7 +821,7 @@ def finish(r: Run) -> None:
 def train(args, plan: dict, rank: int, world: int, stop) -> dict:
     import deepspeed.comm as dist
 
-    from pipeline.run_control import close_loader
+    from pipeline.training.run_control import close_loader
 
     r = setup(args, plan, rank, world)
     try:
@@ -841,7 +841,7 @@ def train(args, plan: dict, rank: int, world: int, stop) -> dict:
 def set_threads(args) -> None:
     import torch
 
-    from pipeline.dist import intra_op_threads, local_world_size
+    from pipeline.training.dist import intra_op_threads, local_world_size
 
     n, why = intra_op_threads(args.num_threads, local_world_size())
     torch.set_num_threads(n)
@@ -865,8 +865,8 @@ def main(argv=None) -> int:
 def run(args) -> dict:
     """Train; returns {"engine", "step", "stopped", "output_dir"} (the engine is for in-process tests)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline import dist as pdist
-    from pipeline.run_control import OutputLock, StopFlag
+    from pipeline.training import dist as pdist
+    from pipeline.training.run_control import OutputLock, StopFlag
 
     under_launcher = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # before init fills them in
     rank, world, _ = pdist.init(args.dist_timeout)

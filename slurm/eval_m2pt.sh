@@ -6,7 +6,7 @@
 #
 # Environment knobs: MODEL (or MODEL_LLM + MODEL_VISION + MM_PROJECTOR), ADAPTERS (space-separated), WITH_BASE
 # (1: add the base row; default 1), TASKS (default all eight), DATA_ROOT, OUTPUT_DIR, EVAL_ARGS (extra flags, e.g.
-# "--temperature 0.2 --judge_model /models/vicuna-13b-v1.5"), PYTHON, M2PT_HOME. Layouts: pipeline/eval_data.py.
+# "--temperature 0.2 --judge_model /models/vicuna-13b-v1.5"), PYTHON, M2PT_HOME. Layouts: pipeline/evaluation/datasets.py.
 #
 #SBATCH --job-name=m2pt-eval
 #SBATCH --nodes=1

@@ -51,7 +51,7 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
-# Each srun task takes its rank from SLURM_PROCID (pipeline/dist.py); a RANK / WORLD_SIZE exported from the
+# Each srun task takes its rank from SLURM_PROCID (pipeline/training/dist.py); a RANK / WORLD_SIZE exported from the
 # submitting shell (sbatch --export=ALL) would make every task "rank 0 of 1".
 unset RANK WORLD_SIZE LOCAL_RANK
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -73,7 +73,7 @@ echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLUR
 # things this script relies on: it forwards USR1/TERM to every rank on every node (torchrun turns a forwarded
 # signal into a shutdown with a kill timeout and a non-zero exit; `deepspeed` does not forward USR1),
 # --kill-on-bad-exit=1 ends every rank as soon as one fails (no rank left hanging in a collective), and the
-# ranks read RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (pipeline/dist.py).
+# ranks read RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (pipeline/training/dist.py).
 srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" pipeline/train.py "${args[@]}" &
 srun_pid=$!
 

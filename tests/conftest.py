@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _launcher_env_restored():
-    """In-process training fills RANK / WORLD_SIZE / MASTER_PORT into os.environ (pipeline.dist): don't let them
+    """In-process training fills RANK / WORLD_SIZE / MASTER_PORT into os.environ (pipeline.training.dist): don't let them
     leak into later tests' subprocesses (a Slurm job would inherit 'rank 0 of 1' and a used port)."""
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
@@ -28,7 +28,7 @@ def _launcher_env_restored():
 
 @pytest.fixture
 def tiny():
-    from pipeline.models import build_tiny
+    from pipeline.demo.tiny import build_tiny
 
     return build_tiny()
 
@@ -37,7 +37,7 @@ def tiny():
 def shards(tmp_path_factory):
     """170 records of the sample set in 11 shards of unequal size (10 x 16 + 10), under shards/ (+ sample/)."""
     from data_prep.build_shards import main as build_main
-    from pipeline.sample_data import build as make_sample
+    from pipeline.demo.sample_data import build as make_sample
 
     d = tmp_path_factory.mktemp("data")
     make_sample(d / "sample", per_task=20, text_only=10, heldout_per_task=2, seed=0)

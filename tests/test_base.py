@@ -12,7 +12,8 @@ import torch
 
 from helpers import ENV, REPO
 from pipeline.files import sha256_file
-from pipeline.models import TINY_WEIGHTS, BaseWeightsError, build_tiny, load_base
+from pipeline.defaults import load_base
+from pipeline.demo.tiny import TINY_WEIGHTS, BaseWeightsError, build_tiny
 
 RECORD = json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())
 
@@ -60,7 +61,7 @@ def test_an_altered_weight_file_is_refused_naming_both_hashes(tmp_path):
 
 
 def test_a_missing_weight_file_is_refused_saying_how_to_rebuild_it(tmp_path):
-    with pytest.raises(BaseWeightsError, match="missing.*python -m pipeline.pretrain_base"):
+    with pytest.raises(BaseWeightsError, match="missing.*python -m pipeline.demo.pretrain_base"):
         build_tiny(weights=tmp_path / "tiny_base.safetensors")
 
 
@@ -75,7 +76,7 @@ def test_a_file_of_another_architecture_is_refused_naming_a_tensor(tmp_path):
 
 
 def test_the_recorded_command_reproduces_the_first_losses():
-    from pipeline.pretrain_base import build_parser
+    from pipeline.demo.pretrain_base import build_parser
 
     argv = shlex.split(RECORD["command"])
     assert argv[:3] == ["python", "-m", "pipeline.pretrain_base"]
@@ -93,7 +94,7 @@ def test_the_recorded_command_reproduces_the_first_losses():
 
 
 def test_the_help_explains_every_flag(capsys):
-    from pipeline.pretrain_base import PretrainConfig, main
+    from pipeline.demo.pretrain_base import PretrainConfig, main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -108,7 +109,7 @@ def test_a_rebuild_writes_the_same_bytes(tmp_path):
     # no fixed order, so identical weights were saved with one of two hashes from run to run.
     from safetensors import safe_open
 
-    from pipeline.pretrain_base import main
+    from pipeline.demo.pretrain_base import main
 
     shas = []
     for k in range(2):
@@ -123,7 +124,7 @@ def test_a_rebuild_writes_the_same_bytes(tmp_path):
 
 
 def _stages(tmp_path, *extra):
-    from pipeline.pretrain_base import main
+    from pipeline.demo.pretrain_base import main
 
     out = tmp_path / "b"
     argv = ["--language_steps", "2", "--align_steps", "2", "--steps", "0", "--warmup", "1", "--batch_size", "2",
@@ -178,7 +179,7 @@ def test_a_rerun_reuses_each_finished_stage_made_with_the_same_settings(tmp_path
 def test_a_kept_stage_made_by_other_code_is_run_again(tmp_path, caplog, monkeypatch):
     import logging
 
-    from pipeline import pretrain_base
+    from pipeline.demo import pretrain_base
 
     caplog.set_level(logging.INFO, logger="m2pt.pretrain_base")
     _stages(tmp_path)
@@ -191,7 +192,7 @@ def test_a_kept_stage_made_by_other_code_is_run_again(tmp_path, caplog, monkeypa
 
 
 def test_the_code_fingerprint_ignores_comments_and_docstrings_but_not_code(tmp_path, monkeypatch):
-    from pipeline.pretrain_base import code_fingerprint
+    from pipeline.demo.pretrain_base import code_fingerprint
 
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = tmp_path / "fp_probe_mod.py"

@@ -10,9 +10,9 @@ BS, GROUP = 2, 3  # 6 samples per length group
 
 
 def _stream(shards, rank=0, world=1, group=GROUP, start=None):
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import Preprocess, ShardStream, resolve_shards
-    from pipeline.models import build_tiny
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.data.stream import Preprocess, ShardStream, resolve_shards
+    from pipeline.demo.tiny import build_tiny
 
     base = build_tiny()
     pre = Preprocess(VicunaTemplate(base.tokenizer, base.model.config.image_token_id, 26), base.image_processor, 512)

@@ -1,4 +1,4 @@
-"""pipeline.compare: the whole grid in one command, resumable, with its report and plots."""
+"""pipeline.demo.compare: the whole grid in one command, resumable, with its report and plots."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path, capsys):
-    from pipeline.compare import main
+    from pipeline.demo.compare import main
 
     argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "3e-3", "--max_steps", "2",
             "--ablation_lengths", "0,5", "--jobs", "2", "--data", str(shards / "sample"),
@@ -87,7 +87,7 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
 
 def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
     # The trainer exits 0 after a stop signal too (checkpoint saved, resumable); only run_state.json tells them apart.
-    from pipeline.compare import CellError, check_finished
+    from pipeline.demo.compare import CellError, check_finished
 
     run = tmp_path / "run"
     run.mkdir()
@@ -101,7 +101,7 @@ def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
 
 
 def test_the_verdict_counts_the_question_draw_and_claims_nothing_from_one_seed():
-    from pipeline.compare import HELDOUT, _difference, verdict
+    from pipeline.demo.compare import HELDOUT, _difference, verdict
 
     # 200 questions: the method is right on 50-155 (106), the majority answer on 0-99 (100): +3 points, but on 106
     # questions they disagree. Paired SE = sqrt((106/200 * 100^2 - 3^2) / 200) = 5.14 (+ seeds' 0.5^2 / 3).
@@ -126,7 +126,7 @@ def test_the_verdict_counts_the_question_draw_and_claims_nothing_from_one_seed()
 
 
 def test_a_finished_cell_without_its_predictions_is_a_clear_error(tmp_path):
-    from pipeline.compare import CellError, _predictions
+    from pipeline.demo.compare import CellError, _predictions
 
     (tmp_path / "cell" / "eval").mkdir(parents=True)
     with pytest.raises(CellError, match=r"0 predictions.jsonl under its eval/.*delete .*cell.json"):
@@ -141,7 +141,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     # the choice on validation, the ablation at the chosen setting, the report's lr column.
     from argparse import Namespace
 
-    from pipeline import compare
+    from pipeline.demo import compare
 
     args = Namespace(methods=["m2pt", "text"], seeds=2, first_seed=0, lrs={"*": (1e-3, 3e-3)},
                      visual_token_modes=["official", "clean"], max_steps=5, batch_size=4, output=tmp_path,
@@ -206,8 +206,8 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
     # own, so the grid's cells are neither reused nor clash.
     from argparse import Namespace
 
-    from pipeline import compare
-    from pipeline.methods import METHODS
+    from pipeline.demo import compare
+    from pipeline.core.methods import METHODS
 
     lrs = compare.parse_lrs("m2pt=1e-3, visual=3e-3,lora=1e-3", METHODS)
     assert lrs == {"m2pt": (1e-3,), "visual": (3e-3,), "lora": (1e-3,)}
@@ -230,7 +230,7 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
 
 
 def test_the_report_counts_the_runs_that_made_its_cells_from_the_log_and_keeps_a_legacy_history(tmp_path):
-    from pipeline import compare
+    from pipeline.demo import compare
 
     # A folder from before the log: results.json kept the history, without the cells.
     legacy = [{"wall_seconds": 100, "jobs": 2, "cells_run": 5}, {"wall_seconds": 7, "jobs": 1, "cells_run": 1}]
@@ -249,7 +249,7 @@ def test_the_report_counts_the_runs_that_made_its_cells_from_the_log_and_keeps_a
 
 
 def test_what_the_held_out_answers_are_counts_answers_to_another_question(tmp_path):
-    from pipeline import compare
+    from pipeline.demo import compare
 
     def cell(name, rows):
         (tmp_path / name / "eval" / "run").mkdir(parents=True)

@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.build_shards import main as build_main
-from pipeline.sample_data import build as make_sample
+from pipeline.demo.sample_data import build as make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_bad_inputs_rejected_with_reasons_and_good_ones_round_trip(corpus, capsy
 
 
 def test_record_id_is_one_definition():
-    from pipeline.shards import record_id
+    from pipeline.data.shards import record_id
 
     assert record_id({"id": 3}) == "3" and record_id({"id": "a.b"}) == "a.b"
     assert record_id({"id": True}) is None and record_id({"id": ""}) is None and record_id({}) is None
@@ -213,10 +213,10 @@ def test_resume_after_kill_midway(sample, tmp_path):
 
 
 def test_round_trip_through_training_reader(sample, tmp_path):
-    """Shards -> pipeline.data stream -> identical ids and exactly the expected batches."""
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import Preprocess, ShardStream, resolve_shards
-    from pipeline.models import build_tiny
+    """Shards -> pipeline.data.stream stream -> identical ids and exactly the expected batches."""
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.data.stream import Preprocess, ShardStream, resolve_shards
+    from pipeline.demo.tiny import build_tiny
 
     out = tmp_path / "s"
     build_main(["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out),
@@ -268,7 +268,7 @@ def test_old_kebab_case_flags_still_work_with_a_warning(tmp_path, capsys):
 
 
 def _init_then_wait(ready):
-    from pipeline.shards import _init_worker
+    from pipeline.data.shards import _init_worker
 
     _init_worker(None, 1000, None, 16, 512, True)
     ready.set()

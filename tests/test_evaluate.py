@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import metrics
-from pipeline.eval_data import LayoutError, load_task
+from pipeline.evaluation import metrics
+from pipeline.evaluation.datasets import LayoutError, load_task
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -259,7 +259,7 @@ def test_own_heldout_sets_by_path_json_and_shards(tmp_path):
     preds = [json.loads(x) for x in (out / "base" / "predictions.jsonl").read_text().splitlines()]
     assert {p["target"] for p in preds} == {"circle"} and {p["question"] for p in preds} == {"What shape is it?"}
     with pytest.raises(ValueError, match="'pope' is a built-in task"):
-        from pipeline.eval_data import parse_tasks
+        from pipeline.evaluation.datasets import parse_tasks
 
         parse_tasks(f"pope={tmp_path / 'held.json'}")
 
@@ -267,10 +267,10 @@ def test_own_heldout_sets_by_path_json_and_shards(tmp_path):
 def test_batched_and_shuffled_generation_equal_sequential(eval_root):
     import torch
 
-    from pipeline.chat import VicunaTemplate
+    from pipeline.core.chat import VicunaTemplate
     from pipeline.evaluate import generate
-    from pipeline.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens
-    from pipeline.models import build_tiny
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens
+    from pipeline.demo.tiny import build_tiny
 
     base = build_tiny()
     m = attach_m2pt(base.model, M2PTConfig(seed=1)).eval()
@@ -297,7 +297,7 @@ def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
     import torch
 
     from pipeline.evaluate import JUDGE_PROMPT, Judge, score
-    from pipeline.models import tiny_tokenizer
+    from pipeline.demo.tiny import tiny_tokenizer
 
     replies = iter(["Yes, it is.", "No.", "yes"])
     seen = []
@@ -325,7 +325,7 @@ def test_judge_loads_a_local_causal_lm(tmp_path):
     from transformers import LlamaForCausalLM
 
     from pipeline.evaluate import Judge, score
-    from pipeline.models import build_tiny
+    from pipeline.demo.tiny import build_tiny
 
     base = build_tiny()
     LlamaForCausalLM(base.model.config.text_config).save_pretrained(tmp_path / "judge")

@@ -23,11 +23,11 @@ def test_pipeline_never_imports_data_prep():
                  for f in (REPO / "pipeline").glob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
     uses = set().union(*(_imports(f) for f in (REPO / "data_prep").glob("*.py")))
-    assert {"pipeline.shards", "pipeline.sample_data"} <= uses  # the apps call the library, not the reverse
+    assert {"pipeline.data.shards", "pipeline.demo.sample_data"} <= uses  # the apps call the library, not the reverse
 
 
 def test_importing_the_apps_loads_no_data_prep_module():
-    code = ("import sys, pipeline.train, pipeline.evaluate, pipeline.shards, pipeline.sample_data; "
+    code = ("import sys, pipeline.train, pipeline.evaluate, pipeline.data.shards, pipeline.demo.sample_data; "
             "print(sorted(m for m in sys.modules if m.startswith('data_prep')))")
     r = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

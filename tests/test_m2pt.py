@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.chat import VicunaTemplate
-from pipeline.m2pt import (
+from pipeline.core.chat import VicunaTemplate
+from pipeline.core.m2pt import (
     M2PTConfig, attach_m2pt, load_adapter, num_visual_tokens, save_adapter, trainable_parameters,
 )
-from pipeline.models import build_tiny
+from pipeline.demo.tiny import build_tiny
 
 CONV = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
 
@@ -216,7 +216,7 @@ def test_adapter_round_trip(tmp_path, tiny):
 def test_adapter_on_other_base_names_key_and_shapes(tmp_path, tiny):
     from transformers import LlavaForConditionalGeneration
 
-    from pipeline.models import tiny_config
+    from pipeline.demo.tiny import tiny_config
 
     save_adapter(attach_m2pt(tiny.model, M2PTConfig()), tmp_path / "a")
     cfg = tiny_config(tiny.tokenizer)
@@ -235,7 +235,8 @@ def test_llava_v1_parts_give_the_logits_of_the_same_weights_in_the_hf_layout(tmp
     the same logits as the same weights inside one HF LLaVA model (whose projector is swapped for the v1 Linear)."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from pipeline.models import build_tiny, load_base
+    from pipeline.defaults import load_base
+    from pipeline.demo.tiny import build_tiny
 
     cfg = tiny.model.config
     llm = LlamaForCausalLM(cfg.text_config)
@@ -307,7 +308,7 @@ def test_generation_cached_equals_uncached_and_batched_equals_single():
 
 
 def test_config_from_dict_warns_on_unknown_keys():
-    from pipeline.m2pt import M2PTConfig
+    from pipeline.core.m2pt import M2PTConfig
 
     with pytest.warns(UserWarning, match=r"ignoring unknown key\(s\) \['text_prompt_lenght'\]"):
         cfg = M2PTConfig.from_dict({"visual_prompt_length": 4, "text_prompt_lenght": 3})

@@ -20,7 +20,7 @@ LORA_PROJ = {"base_model.model." + n.replace("projector.", "projector.modules_to
 
 
 def _full_set():
-    from pipeline.models import build_tiny
+    from pipeline.demo.tiny import build_tiny
 
     never = re.compile(r"model\.vision_tower\.(vision_model\.)?(encoder\.layers\.2\.|post_layernorm\.)")
     return {n for n, _ in build_tiny().model.named_parameters() if not never.match(n)}
@@ -38,8 +38,8 @@ def _run(shards, out, method, *extra):
 
 @pytest.mark.parametrize("method", ["m2pt", "visual", "text", "projector", "lora", "full"])
 def test_each_method_trains_exactly_its_parameters_and_leaves_the_rest_bit_identical(shards, tmp_path, method):
-    from pipeline.methods import unwrap
-    from pipeline.models import build_tiny
+    from pipeline.core.methods import unwrap
+    from pipeline.demo.tiny import build_tiny
 
     res = _run(shards, tmp_path, method)
     module = res["engine"].module
@@ -61,13 +61,13 @@ def test_each_method_trains_exactly_its_parameters_and_leaves_the_rest_bit_ident
 def test_lora_artifact_loads_with_plain_peft_and_gives_the_training_logits(shards, tmp_path):
     from peft import PeftModel
 
-    from pipeline.models import build_tiny
+    from pipeline.demo.tiny import build_tiny
 
     res = _run(shards, tmp_path, "lora")
     adapter = tmp_path / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     trained = res["engine"].module.eval()
-    from pipeline.flops import FlopModel
+    from pipeline.core.flops import FlopModel
 
     assert FlopModel.from_model(trained.get_base_model()).proj_flops_per_token == 64 * 128 + 128 * 128  # one copy
     loaded = PeftModel.from_pretrained(build_tiny().model, str(adapter)).eval()

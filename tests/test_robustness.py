@@ -40,8 +40,8 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
     """A finished run launched again re-saves its last step. Before: the old folder was deleted while `latest`
     still named it, and a kill in that window left COMPLETE beside a half-deleted folder - every later resume died
     in DeepSpeed. Reproduced deterministically: the deletion 'dies' halfway."""
-    from pipeline import checkpoint
-    from pipeline.m2pt import adapter_state_dict, save_adapter
+    from pipeline.training import checkpoint
+    from pipeline.core.m2pt import adapter_state_dict, save_adapter
 
     res = run_inprocess(train_args(shards, tmp_path, "--max_steps", "2", "--dataloader_num_workers", "0"))
     engine, root = res["engine"], tmp_path / "checkpoints"
@@ -78,7 +78,7 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
 
 @pytest.mark.slow
 def test_damaged_checkpoint_named_with_resume_is_one_line_before_the_model_loads(shards, tmp_path):
-    from pipeline import checkpoint
+    from pipeline.training import checkpoint
 
     run_inprocess(train_args(shards, tmp_path, "--max_steps", "1", "--dataloader_num_workers", "0"))
     ck = tmp_path / "checkpoints" / "step-00000001"
@@ -111,7 +111,7 @@ def test_disk_full_names_enospc_removes_the_partial_copy_and_keeps_the_previous(
         assert r.returncode == 1, r.stderr[-3000:]
         assert err.startswith("error: No space left on device writing a checkpoint to ") and err.endswith(
             "removed the partial .tmp-step-00000004; step-00000002 is intact"), err
-        from pipeline.checkpoint import verify
+        from pipeline.training.checkpoint import verify
 
         root = out / "checkpoints"
         assert not list(root.glob(".tmp-*")) and verify(root / "step-00000002") is None
@@ -145,9 +145,9 @@ def test_truncated_shard_is_an_error_naming_it_before_the_model_loads(shards, tm
 def test_samples_lost_in_a_broken_shard_are_counted_as_samples(shards, tmp_path):
     """A tar that breaks mid-read (replaced while training, or shards without a size check) loses the samples the
     manifest promised; they count toward --max_bad_sample_fraction, not as a single read error."""
-    from pipeline.chat import VicunaTemplate
-    from pipeline.data import Preprocess, ShardStream, resolve_shards
-    from pipeline.models import build_tiny
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.data.stream import Preprocess, ShardStream, resolve_shards
+    from pipeline.demo.tiny import build_tiny
     from pipeline.train import UsageError, check_bad_samples, parse_args
 
     d = _copy_shards(shards, tmp_path)
@@ -180,7 +180,7 @@ def test_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(shards, tm
     """Before: both runs exited 0 with interleaved metrics and overwritten checkpoints."""
     import socket
 
-    from pipeline.run_control import OutputLock
+    from pipeline.training.run_control import OutputLock
 
     lock = OutputLock(tmp_path)
     lock.acquire()  # what a live run holds
@@ -199,7 +199,7 @@ def test_second_run_on_a_busy_output_dir_is_refused_naming_the_holder(shards, tm
 
 # --------------------------------------------------------------------------------------- checks before any work
 def _llava_config_only(d: Path) -> Path:
-    from pipeline.models import build_tiny
+    from pipeline.demo.tiny import build_tiny
 
     build_tiny().model.config.save_pretrained(d)
     return d
@@ -256,8 +256,8 @@ def test_broken_deepspeed_config_is_named(shards, tmp_path, capsys):
 
 def test_init_adapter_with_conflicting_method_flags_is_an_error(shards, tmp_path, capsys):
     """Before: it trained 10/10 prompts while config.json recorded the flags' 5/3."""
-    from pipeline.m2pt import M2PTConfig, attach_m2pt, save_adapter
-    from pipeline.models import build_tiny
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
+    from pipeline.demo.tiny import build_tiny
     from pipeline.train import main
 
     save_adapter(attach_m2pt(build_tiny().model, M2PTConfig()), tmp_path / "adapter")
@@ -278,7 +278,7 @@ def test_a_stop_request_arriving_after_the_run_does_not_kill_the_rank():
     the restored default action killed that rank ("task 1: User defined signal 1") and the job was not requeued.
     SIGTERM still ends a process after the run (one stuck at exit must die of it)."""
     code = ("import os, signal, time\n"
-            "from pipeline.run_control import StopFlag\n"
+            "from pipeline.training.run_control import StopFlag\n"
             "flag = StopFlag().install(False)\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\n"
             "assert flag.poll() == 'SIGUSR1'\n"
@@ -323,7 +323,7 @@ def test_stopping_the_deepspeed_launcher_checkpoints_on_every_rank(shards, tmp_p
     assert "killed by signal" not in log and not re.search(r'File ".*/pipeline/', log), log[-4000:]
     state = json.loads((out / "run_state.json").read_text())
     assert state["state"] == "stopped", log[-3000:]
-    from pipeline.checkpoint import verify
+    from pipeline.training.checkpoint import verify
 
     ck = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert verify(ck) is None and {p.name for p in ck.glob("rank-*.json")} == {"rank-00000.json", "rank-00001.json"}

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from pipeline import scenes
-from pipeline.sample_data import HELDOUT_TASKS, TRAIN_TASKS, build
+from pipeline.demo import scenes
+from pipeline.demo.sample_data import HELDOUT_TASKS, TRAIN_TASKS, build
 
 
 def test_captions_name_every_attribute_in_a_fixed_order():

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.build_shards import main as build_main
-from pipeline.sample_data import build as make_sample
+from pipeline.demo.sample_data import build as make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_SLURM = shutil.which("slurmctld") is not None and os.geteuid() == 0

@@ -1,12 +1,13 @@
-"""The training forward (pipeline/step.py) does less work than the stock model and computes the same thing:
+"""The training forward (pipeline/core/step.py) does less work than the stock model and computes the same thing:
 supervised-only logits, the index splice, the vision tower cut after its deepest feature layer."""
 
 import pytest
 import torch
 
-from pipeline.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens, vision_core
-from pipeline.models import build_tiny, skip_unused_vision_layers
-from pipeline.step import image_features, linear_cross_entropy, splice, supervised_rows, token_loss
+from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens, vision_core
+from pipeline.core.models import skip_unused_vision_layers
+from pipeline.demo.tiny import build_tiny
+from pipeline.core.step import image_features, linear_cross_entropy, splice, supervised_rows, token_loss
 
 
 def full_logits_loss(model, b):
@@ -47,7 +48,7 @@ def _grads(model):
 @pytest.mark.parametrize("layout", ["right", "left"])
 @pytest.mark.parametrize("images", [True, False])
 def test_supervised_only_loss_and_gradients_equal_the_full_logits_path(monkeypatch, tune_lm_head, layout, images):
-    monkeypatch.setattr("pipeline.step.CHUNK_ROWS", 2)  # several chunks, the last one short
+    monkeypatch.setattr("pipeline.core.step.CHUNK_ROWS", 2)  # several chunks, the last one short
     model = attach_m2pt(build_tiny().model, M2PTConfig(tune_lm_head=tune_lm_head)).train()
     skip_unused_vision_layers(model)
     b = _batch(model, layout, images)
@@ -124,7 +125,7 @@ def test_vision_tower_stops_after_its_deepest_feature_layer_with_the_same_featur
 
 
 def test_flop_formula_matches_a_hand_count_on_the_tiny_config():
-    from pipeline.flops import FlopModel, batch_flops
+    from pipeline.core.flops import FlopModel, batch_flops
 
     model = attach_m2pt(build_tiny().model, M2PTConfig())  # pv = pt = 10, official mode, projector trains
     fm = FlopModel.from_model(model)

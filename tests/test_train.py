@@ -22,8 +22,8 @@ def _metrics(out):
 
 
 def test_trains_freezes_base_and_writes_trainables_only(shards, tmp_path):
-    from pipeline.m2pt import M2PTConfig, attach_m2pt
-    from pipeline.models import build_tiny
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt
+    from pipeline.demo.tiny import build_tiny
 
     res = run_inprocess(train_args(shards, tmp_path, "--max_steps", "8", "--dataloader_num_workers", "0"))
     trained = dict(res["engine"].module.named_parameters())
@@ -182,7 +182,7 @@ def test_deepspeed_launcher_over_uneven_shards(shards, tmp_path, nprocs):
 
 
 def _fake_checkpoint(d: Path, marker: bool = True) -> Path:
-    from pipeline.checkpoint import REQUIRED, _write_marker
+    from pipeline.training.checkpoint import REQUIRED, _write_marker
 
     for f in REQUIRED:
         (d / f).parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def _fake_checkpoint(d: Path, marker: bool = True) -> Path:
 
 
 def test_find_resume_takes_only_verified_checkpoints(tmp_path):
-    from pipeline.checkpoint import find_resume
+    from pipeline.training.checkpoint import find_resume
 
     root = tmp_path / "checkpoints"
     ok = _fake_checkpoint(root / "step-00000010")
@@ -273,7 +273,7 @@ def test_the_default_run_ends_with_the_zero_shot_table(tmp_path):
 
 
 def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
-    from pipeline import dist
+    from pipeline.training import dist
 
     monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

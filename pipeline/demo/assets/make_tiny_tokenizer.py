@@ -4,7 +4,7 @@ A byte-level BPE (never an unknown byte) trained with the `tokenizers` library o
 template, the words of the embedded sample set's task templates, and digits/punctuation. Output is committed so
 every machine loads the same file; BPE training itself is not guaranteed deterministic across processes.
 
-    python pipeline/assets/make_tiny_tokenizer.py
+    python pipeline/demo/assets/make_tiny_tokenizer.py
 """
 
 from pathlib import Path

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.chat import IGNORE, ConversationError, VicunaTemplate
+from pipeline.core.chat import IGNORE, ConversationError, VicunaTemplate
 from pipeline.files import open_rgb, sha256_file
 
 log = logging.getLogger(__name__)

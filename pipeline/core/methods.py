@@ -1,7 +1,7 @@
 """Training methods in one pipeline, so they can be compared on the same data, engine and evaluation.
 
   --method   what trains                                            artifact (OUTPUT/adapter)
-  m2pt       deep visual + textual prompts, the projector           M2PT adapter (pipeline.m2pt)
+  m2pt       deep visual + textual prompts, the projector           M2PT adapter (pipeline.core.m2pt)
   visual     deep visual prompts only (pt = 0; VPT-style), proj.    M2PT adapter
   text       deep textual prompts only (pv = 0; PTUM-style), proj.  M2PT adapter
   projector  the projector only (more LLaVA stage-1 alignment)      M2PT adapter
@@ -59,7 +59,7 @@ def _lora_config(s: LoraSettings):
 def apply(model, method: str, m2pt_cfg, lora: LoraSettings | None = None):
     """Attach `method` to a stock LLaVA model and set its trainable set. Returns the module to train (for `lora`,
     a PeftModel wrapping `model`)."""
-    from pipeline.m2pt import _feature_layers, attach_m2pt, vision_core
+    from pipeline.core.m2pt import _feature_layers, attach_m2pt, vision_core
 
     if method in PROMPT_METHODS:
         return attach_m2pt(model, m2pt_cfg)
@@ -81,7 +81,7 @@ def apply(model, method: str, m2pt_cfg, lora: LoraSettings | None = None):
 
 def artifact_tensors(module, method: str) -> dict:
     """The tensors the artifact holds, by name (Parameters, so a caller can map them to fp32 masters by identity)."""
-    from pipeline.m2pt import adapter_state_dict
+    from pipeline.core.m2pt import adapter_state_dict
 
     if method in PROMPT_METHODS:
         return adapter_state_dict(module)
@@ -93,7 +93,7 @@ def artifact_tensors(module, method: str) -> dict:
 def save_artifact(module, path, method: str, tensors: dict, base_name: str = "", base=None) -> Path:
     """Write the method's artifact to `path`. `base` (tokenizer + image processor) makes a `full` folder loadable on
     its own."""
-    from pipeline.m2pt import save_adapter
+    from pipeline.core.m2pt import save_adapter
 
     path = Path(path)
     if method in PROMPT_METHODS:
@@ -111,7 +111,7 @@ def save_artifact(module, path, method: str, tensors: dict, base_name: str = "",
 def read_artifact(path) -> dict:
     """{"training_method", "kind": m2pt | lora | full, "config": ...} of an artifact folder; a clear error for a
     folder that is none of them."""
-    from pipeline.m2pt import read_adapter_config
+    from pipeline.core.m2pt import read_adapter_config
 
     path = Path(path)
     cfg_file = path / "adapter_config.json"
@@ -129,7 +129,7 @@ def read_artifact(path) -> dict:
 
 def load_artifact(base_model, path, kind: str):
     """The base model with the artifact applied, as a stock LlavaForConditionalGeneration for evaluation."""
-    from pipeline.m2pt import load_adapter
+    from pipeline.core.m2pt import load_adapter
 
     if kind == "m2pt":
         return load_adapter(base_model, path)

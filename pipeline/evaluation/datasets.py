@@ -274,7 +274,7 @@ def _load_heldout_shards(task: str, folder: Path) -> list[dict]:
     """Samples read the way training reads them (webdataset's tar reader, the trainer's image extensions)."""
     import webdataset as wds
 
-    from pipeline.data import IMAGE_EXTS
+    from pipeline.data.stream import IMAGE_EXTS
 
     man = _need(folder / "manifest.json", "a held-out shard folder needs the manifest.json of data_prep.build_shards")
     items = []

@@ -1,7 +1,7 @@
 """Build the embedded sample set: Vision-Flan-style JSON + an image folder, offline and deterministic.
 
-Every record is a question about a scene of the embedded world (`pipeline.scenes`: shapes, counts, real handwritten
-digits from scikit-learn, printed words), the world the shipped base (`pipeline.pretrain_base`) was pretrained to
+Every record is a question about a scene of the embedded world (`pipeline.demo.scenes`: shapes, counts, real handwritten
+digits from scikit-learn, printed words), the world the shipped base (`pipeline.demo.pretrain_base`) was pretrained to
 caption and to answer text-only questions about. Training task types and held-out task types (reserved for
 zero-shot evaluation) are disjoint:
 
@@ -27,7 +27,7 @@ import logging
 import random
 from pathlib import Path
 
-from pipeline import scenes
+from pipeline.demo import scenes
 
 log = logging.getLogger("make_sample")
 

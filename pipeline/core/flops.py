@@ -64,7 +64,7 @@ class FlopModel:
     def from_model(cls, model) -> "FlopModel":
         from torch import nn
 
-        from pipeline.m2pt import _feature_layers, language_model, num_patches, num_visual_tokens, projector
+        from pipeline.core.m2pt import _feature_layers, language_model, num_patches, num_visual_tokens, projector
 
         vc, tc = model.config.vision_config, model.config.text_config
         m2 = getattr(model, "m2pt_config", None)
@@ -116,7 +116,7 @@ class FlopModel:
 
 
 def batch_flops(fm: FlopModel, batch: dict) -> int:
-    """Model FLOPs of one training micro-batch as `pipeline.step.token_loss` runs it."""
+    """Model FLOPs of one training micro-batch as `pipeline.core.step.token_loss` runs it."""
     rows = batch["attention_mask"].sum(1).tolist()
     images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
     sup = int((batch["labels"][:, 1:] != -100).sum())

@@ -177,7 +177,7 @@ def _any_failed(error: str | None) -> bool:
     """Collective: did any rank fail? (NCCL reduces on the GPU only, hence the device.)"""
     import deepspeed.comm as dist
 
-    from pipeline.dist import device
+    from pipeline.training.dist import device
 
     failed = torch.tensor([0.0 if error is None else 1.0], device=device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)

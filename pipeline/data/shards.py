@@ -84,7 +84,7 @@ class ShardBuildConfig:
 
 
 def _m2pt_default(name: str):
-    from pipeline.m2pt import M2PTConfig
+    from pipeline.core.m2pt import M2PTConfig
 
     return getattr(M2PTConfig(), name)
 
@@ -175,8 +175,8 @@ def _init_worker(image_root: str, max_pixels: int, model: str | None, image_toke
         # the next step" flag, so Pool.terminate() (SIGTERM) would wait forever for workers that never die.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    from pipeline.chat import VicunaTemplate
-    from pipeline.models import load_text_side
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.defaults import load_text_side
 
     Image.MAX_IMAGE_PIXELS = None  # our own header check below is the guard; PIL's would raise a bare error
     tok, cfg = load_text_side(model)
@@ -264,7 +264,7 @@ class Processed:
 
 def process(job: Job) -> Processed:
     """Validate and encode one record. Runs in a worker process."""
-    from pipeline.chat import ConversationError, check_conversation
+    from pipeline.core.chat import ConversationError, check_conversation
 
     try:
         rec = job.record
@@ -354,8 +354,8 @@ def _fingerprint(args, jobs_files: list[str]) -> str:
 def _image_tokens(args) -> int:
     if args.image_tokens:
         return args.image_tokens
-    from pipeline.m2pt import M2PTConfig, count_visual_tokens
-    from pipeline.models import load_text_side
+    from pipeline.core.m2pt import M2PTConfig, count_visual_tokens
+    from pipeline.defaults import load_text_side
 
     _, cfg = load_text_side(args.model)
     return count_visual_tokens(cfg, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
@@ -546,7 +546,7 @@ def _manifest(args, fp, state, read, written, rejected_by, seconds) -> dict:
 
 def build_sample_shards(sample: Path, output: Path, visual_prompt_length: int = 10,
                         visual_token_mode: str = "official", model_max_length: int = 2048) -> Path:
-    """Shards of the embedded sample set's train.json, as the trainer's default run and pipeline.compare train on
+    """Shards of the embedded sample set's train.json, as the trainer's default run and pipeline.demo.compare train on
     them (256 samples per shard, shuffled). A complete build of this very input returns at once; shards of an older
     sample set (other train.json) in `output` are replaced, as the folder belongs to the embedded default. The
     visual-prompt settings only set the token count the lengths are measured with; the records and their order do

@@ -1,12 +1,12 @@
-"""Base models: the three ways to get a stock `LlavaForConditionalGeneration` (+ tokenizer + image processor).
+"""Base models: the two ways to get a stock `LlavaForConditionalGeneration` (+ tokenizer + image processor)
+from files on disk.
 
 (a) a Hugging Face llava directory (`llava-hf/*` layout)             -> `load_base(model=DIR)`
 (b) LLaVA-v1 parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin`
                                                                         -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
-(c) the embedded tiny default, built offline and deterministically     -> `load_base()` / `load_base(model="tiny")`
-    "tiny" is the shipped pretrained base (pipeline/assets/tiny_base.safetensors, made by `python -m
-    pipeline.pretrain_base --eval_every 2000`, checked against the sha256 recorded beside it); "tiny-random" is the same
-    architecture at its seeded random init (what pretraining starts from).
+
+The embedded demo model ("tiny", "tiny-random") is not loaded here: `pipeline.defaults.load_base` routes those
+names to pipeline/demo/tiny.py and everything else to this module.
 """
 
 from __future__ import annotations
@@ -19,17 +19,6 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-TINY = "tiny"
-TINY_RANDOM = "tiny-random"
-TINY_NAMES = (None, "", TINY, TINY_RANDOM)  # every name that means the embedded model
-ASSETS = Path(__file__).resolve().parent / "assets"
-TINY_WEIGHTS = ASSETS / "tiny_base.safetensors"  # + tiny_base.json: command, seed, sha256, losses, scores
-
-
-class BaseWeightsError(ValueError):
-    """The shipped base's weight file is missing, altered or does not fit the tiny architecture."""
-
 
 @dataclass
 class Base:
@@ -52,104 +41,11 @@ def pick_attn_implementation(requested: str | None = None) -> str:
     return "sdpa"
 
 
-def _image_processor(size: int, **kw):
+def clip_image_processor(size: int, **kw):
     # The PIL backend needs no torchvision (PyPI's torchvision does not import beside the pinned torch build).
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **kw)
-
-
-def tiny_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(ASSETS / "tiny_tokenizer.json"),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=512,
-    )
-
-
-def tiny_config(tokenizer, attn: str = "sdpa"):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        image_size=32, patch_size=8, projection_dim=64,
-    )
-    # initializer_range 0.1 (not 0.02): the base stays frozen and random, and with 0.02 its LM head's rows are so
-    # short (|w| ~ 0.23) that no prompt can move a logit by more than ~2.6 - the loss would plateau near ln(vocab)
-    # and the default run would demonstrate nothing. Measured (600 steps, lr 7e-4): 0.02 -> 5.48, 0.1 -> 1.78.
-    text = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        initializer_range=0.1,
-        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = attn
-    return cfg
-
-
-def build_tiny(seed: int = 0, attn: str = "sdpa", pretrained: bool = True, weights: Path = TINY_WEIGHTS) -> Base:
-    """The embedded default: CLIP-style tower (3 x 64, 32 px / 8 px patches) + Llama-style LM (4 x 128) with
-    a committed 640-token byte-level BPE. `pretrained`: the shipped weights (`weights`, hash-checked); else a seeded
-    random init, the same in every process without any file on disk."""
-    from transformers import LlavaForConditionalGeneration
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config(tok, attn)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(cfg)
-    if pretrained:
-        load_tiny_weights(model, weights)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.m2pt_base = TINY if pretrained else TINY_RANDOM
-    return Base(model, tok, _image_processor(32), model.m2pt_base)
-
-
-def tiny_record(path: Path = TINY_WEIGHTS) -> dict:
-    """The record written beside the shipped base by `pipeline.pretrain_base`: command, sha256, losses, scores."""
-    import json
-
-    record = Path(path).with_suffix(".json")
-    if not Path(path).is_file() or not record.is_file():
-        raise BaseWeightsError(f"the embedded base {path} (or its record {record.name}) is missing: it ships with "
-                               "the repository; rebuild it with `python -m pipeline.pretrain_base` (about an hour)")
-    return json.loads(record.read_text())
-
-
-def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
-    """Fill `model` with the shipped base after checking the file against the sha256 recorded beside it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pipeline.files import sha256_file
-
-    path, record = Path(path), Path(path).with_suffix(".json")
-    want = tiny_record(path).get("sha256")
-    got = sha256_file(path)
-    if got != want:
-        raise BaseWeightsError(f"the embedded base {path} has sha256 {got}, but {record.name} records {want}: the "
-                               "file was altered or replaced (restore it with git, or rebuild it with "
-                               "`python -m pipeline.pretrain_base`)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise BaseWeightsError(f"the embedded base {path}: unreadable safetensors file ({e})") from None
-    own = model.state_dict()
-    bad = sorted(set(own) ^ set(state)) + sorted(k for k in own if k in state and own[k].shape != state[k].shape)
-    if bad:
-        raise BaseWeightsError(f"the embedded base {path} does not fit the tiny architecture: {len(bad)} "
-                               f"missing, unexpected or differently shaped tensor(s), e.g. {bad[0]!r}")
-    model.load_state_dict(state)
 
 
 def _check_dir(path, what: str) -> Path:
@@ -200,7 +96,7 @@ def check_model_source(model: str | None = None, llm=None, vision=None, mm_proje
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if llm or vision or mm_projector:
-        if not (llm and vision and mm_projector) or model not in TINY_NAMES:
+        if not (llm and vision and mm_projector) or model:
             raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
         p = _check_dir(llm, "--model_llm")
         mt = _read_config(p, "--model_llm").get("model_type")
@@ -217,8 +113,8 @@ def check_model_source(model: str | None = None, llm=None, vision=None, mm_proje
         if not Path(mm_projector).is_file():
             raise FileNotFoundError(f"--mm_projector {mm_projector}: no such file")
         return
-    if model in TINY_NAMES:
-        return
+    if not model:
+        raise ValueError("no model given: --model FOLDER, or --model_llm, --model_vision and --mm_projector")
     p = _check_dir(model, "--model")
     mt = _read_config(p, "--model").get("model_type")
     if mt not in LLAVA_MODEL_TYPES:
@@ -302,7 +198,7 @@ def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: st
     model.config.text_config.vocab_size = model.lm_head.out_features
     model.generation_config = lm.generation_config
     _ensure_pad(tok, model)
-    ip = _image_processor(vis_cfg.image_size)
+    ip = clip_image_processor(vis_cfg.image_size)
     model.m2pt_base = f"llava-v1 parts: {llm_dir} + {vis_dir} + {proj_file}"
     return Base(model, tok, ip, model.m2pt_base)
 
@@ -323,24 +219,25 @@ def _load_v1_projector(path: Path, d_in: int, d_out: int, dtype) -> nn.Linear:
 
 
 def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None, dtype=torch.float32,
-              attn: str | None = None, seed: int = 0) -> Base:
+              attn: str | None = None) -> Base:
+    """A Hugging Face llava folder (`model`) or LLaVA-v1 parts, checked first (`check_model_source`); the vision
+    layers after the deepest feature layer are skipped (`skip_unused_vision_layers`)."""
     check_model_source(model, llm, vision, mm_projector)
     attn = pick_attn_implementation(attn)
     log.info("attention implementation: %s", attn)
     if llm or vision or mm_projector:
-        if not (llm and vision and mm_projector) or model not in TINY_NAMES:
-            raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
         base = load_llava_v1_parts(llm, vision, mm_projector, dtype=dtype, attn=attn)
-    elif model in TINY_NAMES:
-        base = build_tiny(seed=seed, attn=attn, pretrained=model != TINY_RANDOM)
-        base.model.to(dtype)
     else:
         base = load_hf_llava(model, dtype=dtype, attn=attn)
-    n = skip_unused_vision_layers(base.model)
+    log_skipped_vision_layers(base.model)
+    return base
+
+
+def log_skipped_vision_layers(model) -> None:
+    n = skip_unused_vision_layers(model)
     if n:
         log.info("vision tower: the last %d layer(s) feed no feature layer (vision_feature_layer %s) and are skipped",
-                 n, base.model.config.vision_feature_layer)
-    return base
+                 n, model.config.vision_feature_layer)
 
 
 def _passthrough(hidden_states, *args, **kwargs):
@@ -355,7 +252,7 @@ def skip_unused_vision_layers(model) -> int:
     tower still records num_layers + 1 hidden states, so every index (-2, a list of layers, official-mode prompt
     reads) selects the same tensor as before, and no modeling file is forked. Only the tower's `last_hidden_state`
     (and pooled output) change, which LLaVA never reads. Returns the number of layers skipped."""
-    from pipeline.m2pt import _feature_layers, vision_core
+    from pipeline.core.m2pt import _feature_layers, vision_core
 
     layers = vision_core(model).encoder.layers
     deepest = max(_feature_layers(model))  # hidden state d = output of layer d-1 = what layer d would read
@@ -366,9 +263,6 @@ def skip_unused_vision_layers(model) -> int:
 
 def load_text_side(model: str | None = None):
     """(tokenizer, LlavaConfig) without loading any weights: what the shard builder needs to measure lengths."""
-    if model in TINY_NAMES:
-        tok = tiny_tokenizer()
-        return tok, tiny_config(tok)
     from transformers import AutoConfig, AutoTokenizer
 
     p = _check_dir(model, "--model")
