@@ -67,3 +67,43 @@ def load_text_side(model=None):
     from pipeline.core.models import load_text_side as load
 
     return load(model)
+
+
+# ------------------------------------------------------------------------------------ data and tasks
+def demo_sample() -> Path:
+    """The embedded sample set under $M2PT_DATA (./data), built on first use."""
+    from pipeline.demo.sample_data import ensure_sample
+
+    return ensure_sample(DATA_HOME / "sample")
+
+
+def demo_shards_dir(visual_tokens: int) -> Path:
+    """Where the sample set's training shards live: one folder per visual-token count their lengths were measured
+    with (a run with other prompt settings must not reuse them)."""
+    return DATA_HOME / f"sample_shards-vt{visual_tokens}"
+
+
+def build_demo_shards(folder: Path, visual_prompt_length: int, visual_token_mode: str, model_max_length: int):
+    from pipeline.demo.sample_data import build_sample_shards
+
+    return build_sample_shards(demo_sample(), folder, visual_prompt_length, visual_token_mode, model_max_length)
+
+
+def known_tasks(spec: str | None) -> dict:
+    """The tasks `--tasks` may name: the benchmarks, plus the demo's held-out tasks when the spec is the default
+    (None) or names a task that is not a benchmark (a typo still gets the benchmarks' list in its error)."""
+    from pipeline.evaluation.datasets import BENCHMARKS
+
+    names = [e.split("=")[0].strip() for e in (spec or "").split(",") if e.strip() and "=" not in e]
+    if spec is not None and all(n in BENCHMARKS or Path(n).suffix or Path(n).exists() for n in names):
+        return BENCHMARKS
+    from pipeline.demo.sample_data import SAMPLE_TASKS
+
+    return BENCHMARKS | SAMPLE_TASKS
+
+
+def demo_task_spec() -> str:
+    from pipeline.demo.sample_data import DEFAULT_TASKS
+
+    return DEFAULT_TASKS
+

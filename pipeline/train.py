@@ -32,10 +32,8 @@ from pipeline.cli import add_config_flags
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.core.m2pt import M2PTConfig
 from pipeline.core.methods import METHODS, LoraSettings
-from pipeline.defaults import DEMO_MODELS
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))
+from pipeline import defaults
+from pipeline.defaults import REPO
 log = logging.getLogger("m2pt.train")
 
 
@@ -220,23 +218,12 @@ def ds_config(path: str, args, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- start-up checks
-def sample_shards_dir(args, m2pt) -> Path:
-    """Where the embedded sample set's shards for this run live: one folder per visual-token count their lengths
-    were measured with (26 for the tiny model with 10 visual prompts in official mode: `sample_shards`)."""
+def demo_shards(args, m2pt) -> Path:
+    """The embedded sample set's shards for this run (built on first use, rank 0 only), measured with this
+    model's visual-token count."""
     from pipeline.core.m2pt import count_visual_tokens
-    from pipeline.defaults import load_text_side
 
-    n = count_visual_tokens(load_text_side(args.model)[1], m2pt)
-    return DATA_HOME / ("sample_shards" if n == 26 else f"sample_shards-vt{n}")
-
-
-def build_sample_shards(args, m2pt, shards: Path) -> None:
-    """The embedded sample set and its shards under $M2PT_DATA (./data), built on first use (rank 0 only)."""
-    from pipeline.demo.sample_data import ensure_sample
-    from pipeline.data.shards import build_sample_shards as build
-
-    build(ensure_sample(DATA_HOME / "sample"), shards, m2pt.visual_prompt_length, m2pt.visual_token_mode,
-          args.model_max_length)
+    return defaults.demo_shards_dir(count_visual_tokens(defaults.load_text_side(args.model)[1], m2pt))
 
 
 def _fix_method_lengths(args) -> dict:
@@ -339,8 +326,9 @@ def start_up_checks(args, rank: int, world: int, lock) -> dict:
     cfg, m2pt = _agree(local, dist)
     spec = args.train_shards
     if not spec:
-        folder = sample_shards_dir(args, m2pt)
-        _agree(lambda: build_sample_shards(args, m2pt, folder) if rank == 0 else None, dist)
+        folder = demo_shards(args, m2pt)
+        _agree(lambda: defaults.build_demo_shards(folder, m2pt.visual_prompt_length, m2pt.visual_token_mode,
+                                                  args.model_max_length) if rank == 0 else None, dist)
         spec = str(folder)
     shards = _agree(lambda: resolve_shards(spec, verify_sha256=args.verify_shards and rank == 0), dist)
     return {"deepspeed_config": cfg, "m2pt": m2pt, "shards": shards}
@@ -807,15 +795,10 @@ def finish(r: Run) -> None:
     print(f"trained {counts['samples']:,} samples ({counts['tokens']:,} tokens) in {r.progress.step} steps; skipped "
           f"{counts['skipped']:,}" + (f" {skipped}" if skipped else ""), flush=True)
     print(f"adapter ({size / 2**20:.2f} MiB) written to {adapter_dir}", flush=True)
-    if not r.args.train_shards and r.args.model in DEMO_MODELS and not r.args.no_final_eval:
-        from pipeline import evaluate
+    if not r.args.train_shards and r.args.model in defaults.DEMO_MODELS and not r.args.no_final_eval:
+        from pipeline.demo.sample_data import closing_table
 
-        sample = DATA_HOME / "sample"
-        res = evaluate.evaluate(evaluate.EvalConfig(
-            adapter=[str(adapter_dir)], with_base=True, data_root=sample, output_dir=r.out / "eval",
-            tasks=f"{evaluate.SAMPLE_DEFAULT},sample_train_val={sample / 'val.json'}"))
-        print("zero-shot on the held-out task types of the sample set (and the training task types' validation "
-              "records, for comparison):\n" + evaluate.markdown_table(res), end="")
+        print(closing_table(adapter_dir, r.out / "eval"), end="")
 
 
 def train(args, plan: dict, rank: int, world: int, stop) -> dict:

@@ -82,10 +82,11 @@ def test_mme_image_without_two_questions_is_an_error():
 def test_limit_keeps_mme_pairs_whole():
     from pipeline.evaluate import limit_items
 
-    items = [{"category": "c", "image_id": str(i // 2), "qid": str(i)} for i in range(10)]
-    assert [it["qid"] for it in limit_items("mme", items, 3)] == ["0", "1", "2", "3"]
-    assert [it["qid"] for it in limit_items("mme", items, 4)] == ["0", "1", "2", "3"]
-    assert len(limit_items("mme", items, 99)) == 10 and len(limit_items("pope", items, 3)) == 3
+    items = [{"scoring": "mme", "category": "c", "image_id": str(i // 2), "qid": str(i)} for i in range(10)]
+    assert [it["qid"] for it in limit_items(items, 3)] == ["0", "1", "2", "3"]
+    assert [it["qid"] for it in limit_items(items, 4)] == ["0", "1", "2", "3"]
+    pope = [it | {"scoring": "yes_no"} for it in items]
+    assert len(limit_items(items, 99)) == 10 and len(limit_items(pope, 3)) == 3
 
 
 def test_vqa_accuracy_and_label_match():
@@ -268,7 +269,7 @@ def test_batched_and_shuffled_generation_equal_sequential(eval_root):
     import torch
 
     from pipeline.core.chat import VicunaTemplate
-    from pipeline.evaluate import generate
+    from pipeline.evaluation.generate import generate
     from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens
     from pipeline.demo.tiny import build_tiny
 
@@ -296,7 +297,8 @@ def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
     with each record; its replies are parsed to verdicts and scored."""
     import torch
 
-    from pipeline.evaluate import JUDGE_PROMPT, Judge, score
+    from pipeline.evaluation.generate import JUDGE_PROMPT, Judge
+    from pipeline.evaluation.scoring import score
     from pipeline.demo.tiny import tiny_tokenizer
 
     replies = iter(["Yes, it is.", "No.", "yes"])
@@ -324,7 +326,8 @@ def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
 def test_judge_loads_a_local_causal_lm(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from pipeline.evaluate import Judge, score
+    from pipeline.evaluation.generate import Judge
+    from pipeline.evaluation.scoring import score
     from pipeline.demo.tiny import build_tiny
 
     base = build_tiny()
@@ -340,10 +343,11 @@ def test_judge_loads_a_local_causal_lm(tmp_path):
 
 
 def test_majority_baseline_answers_each_task_with_its_most_frequent_target():
-    from pipeline.evaluate import majority_baseline
+    from pipeline.evaluation.scoring import majority_baseline
 
     items = {
-        "sample_pope": [{"task": "sample_pope", "category": "random", "question": "q", "target": t, "qid": i}
+        "sample_pope": [{"task": "sample_pope", "scoring": "yes_no", "category": "random", "question": "q",
+                         "target": t, "qid": i}
                         for i, t in enumerate(["yes", "no", "no", "no"])],
         "sample_mnist": [{"task": "sample_mnist", "category": "sample_mnist", "question": "q", "target": t, "qid": i}
                          for i, t in enumerate(["1", "7", "7"])],

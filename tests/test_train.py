@@ -290,14 +290,14 @@ def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
 
 
 def test_embedded_shards_are_kept_per_visual_token_count():
-    """Before: every run on the embedded default read data/sample_shards, so --visual_prompt_length 20 (36 tokens per
-    image) was refused against shards measured for 26."""
-    from pipeline.train import DATA_HOME, method_config, parse_args, sample_shards_dir
+    """One shared folder would make --visual_prompt_length 20 (36 tokens per image) refuse shards measured for 26."""
+    from pipeline.defaults import DATA_HOME
+    from pipeline.train import demo_shards, method_config, parse_args
 
     def folder(*flags):
         args = parse_args(["--output_dir", "/tmp/unused", *flags])
-        return sample_shards_dir(args, method_config(args))
+        return demo_shards(args, method_config(args))
 
-    assert folder() == DATA_HOME / "sample_shards"
+    assert folder() == DATA_HOME / "sample_shards-vt26"
     assert folder("--visual_prompt_length", "20") == DATA_HOME / "sample_shards-vt36"
     assert folder("--method", "lora") == DATA_HOME / "sample_shards-vt16"

@@ -542,17 +542,3 @@ def _manifest(args, fp, state, read, written, rejected_by, seconds) -> dict:
                    "rejected_by_reason": dict(sorted(rejected_by.items()))},
         "seconds": round(seconds, 2),
     }
-
-
-def build_sample_shards(sample: Path, output: Path, visual_prompt_length: int = 10,
-                        visual_token_mode: str = "official", model_max_length: int = 2048) -> Path:
-    """Shards of the embedded sample set's train.json, as the trainer's default run and pipeline.demo.compare train on
-    them (256 samples per shard, shuffled). A complete build of this very input returns at once; shards of an older
-    sample set (other train.json) in `output` are replaced, as the folder belongs to the embedded default. The
-    visual-prompt settings only set the token count the lengths are measured with; the records and their order do
-    not change."""
-    build(ShardBuildConfig(input=[str(Path(sample) / "train.json")], image_root=str(sample), output=str(output),
-                           samples_per_shard=256, shuffle=True, workers=2, model_max_length=model_max_length,
-                           quiet=True, visual_prompt_length=visual_prompt_length, visual_token_mode=visual_token_mode,
-                           overwrite=True))
-    return Path(output)

@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from pipeline.evaluation.datasets import SAMPLE_TASKS
+from pipeline.demo.sample_data import HELDOUT_NAMES, SCORING, VAL_TASK
 from pipeline.files import atomic_write_json
 
 from pipeline.defaults import REPO
@@ -49,8 +49,8 @@ LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e
 # default's.
 VISUAL_PROMPT_METHODS = ("m2pt", "visual")
 DEFAULT_TOKEN_MODE = "official"
-HELDOUT = tuple(SAMPLE_TASKS)  # the embedded set's held-out task types
-VAL = "sample_train_val"
+HELDOUT = tuple(HELDOUT_NAMES)  # the embedded set's held-out task types
+VAL = VAL_TASK
 COLUMN_NAMES = {"sample_mnist": "digits", "sample_pope": "existence", "sample_bigger": "bigger's colour",
                 "sample_shape": "shape of colour", VAL: "training tasks (val)"}
 
@@ -289,11 +289,11 @@ def _base_and_majority(base_cell: Path, base: list[dict]) -> tuple[dict, dict]:
     """Per question: did the un-tuned base (its prediction records `base`), and the majority answer (as evaluate chose
     and scored it), get it right. The majority is re-scored on the base's records, so both cover exactly the questions
     every cell answers."""
-    from pipeline.evaluate import MAJORITY, mark_correct
+    from pipeline.evaluation.scoring import MAJORITY, mark_correct
 
     answers = json.loads((base_cell / "eval" / "results.json").read_text())[MAJORITY]["provenance"]["answers"]
     majority = [r | {"prediction": answers[r["task"]]} for r in base]
-    mark_correct(majority)
+    mark_correct(majority, SCORING)
     return _per_question([base]), _per_question([majority])
 
 

@@ -195,7 +195,7 @@ def score_base(base, n: int, seed: int, batch_size: int = 64) -> dict:
     caption accuracy on held-out digit images, and the text-QA questions asked about the image instead (never
     trained: what the base answers about an image before any tuning)."""
     from pipeline.core.chat import VicunaTemplate
-    from pipeline.evaluate import generate
+    from pipeline.evaluation.generate import generate
     from pipeline.core.m2pt import num_visual_tokens
 
     tok, model = base.tokenizer, base.model.eval()

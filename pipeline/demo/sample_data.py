@@ -28,6 +28,7 @@ import random
 from pathlib import Path
 
 from pipeline.demo import scenes
+from pipeline.evaluation.datasets import LayoutError, Task
 
 log = logging.getLogger("make_sample")
 
@@ -111,3 +112,71 @@ def ensure_sample(output: Path, seed: int = 0) -> Path:
         shutil.rmtree(output / "images", ignore_errors=True)
         build(output, per_task=300, text_only=40, heldout_per_task=200, seed=seed)
     return output
+
+
+def build_sample_shards(sample: Path, output: Path, visual_prompt_length: int = 10,
+                        visual_token_mode: str = "official", model_max_length: int = 2048) -> Path:
+    """Shards of the sample set's train.json, as the trainer's default run and pipeline.demo.compare train on them
+    (256 samples per shard, shuffled). A complete build of this very input returns at once; shards of an older
+    sample set (other train.json) in `output` are replaced, as the folder belongs to the embedded default. The
+    visual-prompt settings only set the token count the lengths are measured with; the records and their order do
+    not change."""
+    from pipeline.data.shards import ShardBuildConfig, build
+
+    build(ShardBuildConfig(input=[str(Path(sample) / "train.json")], image_root=str(sample), output=str(output),
+                           samples_per_shard=256, shuffle=True, workers=2, model_max_length=model_max_length,
+                           quiet=True, visual_prompt_length=visual_prompt_length, visual_token_mode=visual_token_mode,
+                           overwrite=True))
+    return Path(output)
+
+
+# ----------------------------------------------------------------- the held-out task types, as evaluation tasks
+HELDOUT_NAMES = {"sample_mnist": "digit_recognition", "sample_pope": "object_existence",
+                 "sample_bigger": "bigger_colour", "sample_shape": "shape_of_colour"}  # task -> task_name in eval.json
+VAL_TASK = "sample_train_val"  # fresh records of the training task types (val.json), a held-out set by path
+DEFAULT_TASKS = ",".join(HELDOUT_NAMES)
+TITLES = {"sample_mnist": "sample digits", "sample_pope": "sample existence (acc)",
+          "sample_bigger": "sample bigger's colour", "sample_shape": "sample shape of colour",
+          VAL_TASK: "training tasks (val)"}
+
+
+def load_sample(task: str, data_root: Path) -> list[dict]:
+    """One held-out task type of the sample set at `data_root` (eval.json beside its images) as evaluation items."""
+    f = data_root / "eval.json"
+    if not f.is_file():
+        raise LayoutError(f"{f}: not found (the embedded sample set's held-out records; python -m "
+                          "data_prep.make_sample)")
+    want = HELDOUT_NAMES[task]
+    items = []
+    for r in json.loads(f.read_text()):
+        if r["task_name"] != want:
+            continue
+        q = r["conversations"][0]["value"].replace("<image>", "").strip()
+        items.append({"task": task, "category": "random" if task == "sample_pope" else task, "image_id": r["id"],
+                      "qid": r["id"], "question": q, "target": r["conversations"][1]["value"],
+                      "image": str(data_root / r["image"])})
+    if not items:
+        raise LayoutError(f"{f}: no {want!r} records for {task} (a sample set of an older version? rebuild it: "
+                          "python -m data_prep.make_sample)")
+    return items
+
+
+# Existence is asked as yes/no and scored as POPE is; the others by label match.
+SAMPLE_TASKS = {name: Task(name, "yes_no" if name == "sample_pope" else "accuracy",
+                           lambda root, coco, name=name: load_sample(name, root), TITLES[name])
+                for name in HELDOUT_NAMES}
+SCORING = {name: t.scoring for name, t in SAMPLE_TASKS.items()}
+
+
+def closing_table(adapter: Path, output_dir: Path) -> str:
+    """The table that ends a training run on the embedded default: the majority answer, the un-tuned base and the
+    new adapter on the held-out task types (zero-shot) and on fresh records of the training task types."""
+    from pipeline import defaults
+    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.evaluation.scoring import markdown_table
+
+    sample = defaults.demo_sample()
+    res = evaluate(EvalConfig(adapter=[str(adapter)], with_base=True, data_root=sample, output_dir=output_dir,
+                              tasks=f"{DEFAULT_TASKS},{VAL_TASK}={sample / 'val.json'}"))
+    return ("zero-shot on the held-out task types of the sample set (and the training task types' validation "
+            "records, for comparison):\n" + markdown_table(res, TITLES))

@@ -14,27 +14,25 @@ Layouts under --data_root (each task looks in its own sub-folder or file):
               the reference / MixLoRA form: unique_id, image_path (relative to the file's folder), prompt, target
               (+ optional `answers`, a list, for TextVQA); names: text_vqa, visual_spatial_reasoning,
               snli_ve_classification, cifar_10, cifar_100, mnist
-  sample_mnist, sample_pope, sample_bigger, sample_shape
-              held-out task types of the embedded sample set (eval.json beside its images), used by default:
-              digit recognition, object existence (yes/no, POPE-scored), colour of the bigger object, shape of
-              the object of a given colour
 
 Your own held-out set, by path (`--tasks path/to/heldout.json` or `--tasks name=path`): a LLaVA / Vision-Flan JSON
 list or JSONL (`id`, `image` relative to the file's folder, `conversations`: the first human turn is the question,
 the first gpt turn the target), or a shard folder written by data_prep.build_shards. Scored by normalised label
 match; its name (the file's stem, the folder's name, or `name=`) is its column in the results table.
+
+Each built-in task is a `Task`: its name, how it is scored (pipeline/evaluation/scoring.py) and its loader. An app
+may pass more (the embedded demo's held-out tasks are pipeline/demo/sample_data.py's `SAMPLE_TASKS`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 JSONL_NAMES = {"textvqa": "text_vqa", "vsr": "visual_spatial_reasoning", "snli_ve": "snli_ve_classification",
                "cifar10": "cifar_10", "cifar100": "cifar_100", "mnist": "mnist"}
-SAMPLE_TASKS = {"sample_mnist": "digit_recognition", "sample_pope": "object_existence",
-                "sample_bigger": "bigger_colour", "sample_shape": "shape_of_colour"}  # name -> task_name in eval.json
-TASKS = ("mme", "pope", *JSONL_NAMES, *SAMPLE_TASKS)
 YES_NO = " Please answer yes or no."
 
 
@@ -42,24 +40,47 @@ class LayoutError(FileNotFoundError):
     """The evaluation data is not where or not in the form a loader expects (names the file or column)."""
 
 
-def parse_tasks(spec: str) -> dict[str, Path | None]:
-    """`--tasks` -> {name: None for a built-in task | path of a held-out set}. Entries: a built-in name, `name=path`,
-    or a path (named after its stem / folder)."""
+@dataclass(frozen=True)
+class Task:
+    """A built-in evaluation task: its scoring rule ("mme", "yes_no" or "accuracy"; pipeline/evaluation/scoring.py),
+    its loader, (data_root, coco_root) -> items, and its column title in the results table (default: the name)."""
+
+    name: str
+    scoring: str
+    load: Callable
+    title: str | None = None
+
+
+def _builtin_tasks() -> dict[str, Task]:
+    tasks = {"mme": Task("mme", "mme", lambda root, coco: load_mme(root / "mme")),
+             "pope": Task("pope", "yes_no", lambda root, coco: load_pope(root / "pope", coco))}
+    for name in JSONL_NAMES:
+        tasks[name] = Task(name, "accuracy", lambda root, coco, name=name: load_jsonl_task(name, root))
+    return tasks
+
+
+BENCHMARKS = _builtin_tasks()
+TASKS = tuple(BENCHMARKS)
+
+
+def parse_tasks(spec: str, known: dict[str, Task] = BENCHMARKS) -> dict[str, Path | None]:
+    """`--tasks` -> {name: None for a built-in task | path of a held-out set}. Entries: a built-in name (of
+    `known`), `name=path`, or a path (named after its stem / folder)."""
     out: dict[str, Path | None] = {}
     for entry in [e.strip() for e in spec.split(",") if e.strip()]:
         if "=" in entry:
             name, path = entry.split("=", 1)
             name, path = name.strip(), Path(path.strip())
-        elif entry in TASKS:
+        elif entry in known:
             name, path = entry, None
         elif Path(entry).suffix in (".json", ".jsonl") or Path(entry).exists():
             path = Path(entry)
             name = path.stem if path.suffix else path.name
         else:
-            raise ValueError(f"--tasks: unknown task {entry!r}; built-in: {', '.join(TASKS)}; or give a held-out "
+            raise ValueError(f"--tasks: unknown task {entry!r}; built-in: {', '.join(known)}; or give a held-out "
                              "set as a path (.json / .jsonl / shard folder) or name=path")
         if path is not None:
-            if name in TASKS:
+            if name in known:
                 raise ValueError(f"--tasks {entry}: {name!r} is a built-in task with its own scoring; name your "
                                  "set differently (name=path)")
             if not path.exists():
@@ -72,18 +93,19 @@ def parse_tasks(spec: str) -> dict[str, Path | None]:
     return out
 
 
-def load_task(task: str, data_root: Path, coco_root: Path | None = None, path: Path | None = None) -> list[dict]:
+def load_task(task: str, data_root: Path, coco_root: Path | None = None, path: Path | None = None,
+              known: dict[str, Task] = BENCHMARKS) -> list[dict]:
+    """The items of one task, each carrying its scoring rule: a held-out set by path (label match), or a
+    built-in task of `known` read from under `data_root`."""
     if path is not None:
-        return load_heldout(task, path)
-    if task == "mme":
-        return load_mme(data_root / "mme")
-    if task == "pope":
-        return load_pope(data_root / "pope", coco_root)
-    if task in JSONL_NAMES:
-        return load_jsonl_task(task, data_root)
-    if task in SAMPLE_TASKS:
-        return load_sample(task, data_root)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        items, rule = load_heldout(task, path), "accuracy"
+    elif task in known:
+        items, rule = known[task].load(data_root, coco_root), known[task].scoring
+    else:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(known)}")
+    for it in items:
+        it["scoring"] = rule
+    return items
 
 
 def _need(path: Path, what: str) -> Path:
@@ -207,24 +229,6 @@ def load_jsonl_task(task: str, data_root: Path) -> list[dict]:
         items.append({"task": task, "category": task, "image_id": str(r["unique_id"]), "qid": str(r["unique_id"]),
                       "question": r["prompt"].replace("[Options]", "Options"), "target": str(r["target"]),
                       "answers": r.get("answers"), "image": str(img if img.is_absolute() else f.parent / img)})
-    return items
-
-
-# ---------------------------------------------------------------------------- embedded sample (held out)
-def load_sample(task: str, data_root: Path) -> list[dict]:
-    f = _need(data_root / "eval.json", "the embedded sample set's held-out records (python -m data_prep.make_sample)")
-    want = SAMPLE_TASKS[task]
-    items = []
-    for r in json.loads(f.read_text()):
-        if r["task_name"] != want:
-            continue
-        q = r["conversations"][0]["value"].replace("<image>", "").strip()
-        items.append({"task": task, "category": "random" if task == "sample_pope" else task, "image_id": r["id"],
-                      "qid": r["id"], "question": q, "target": r["conversations"][1]["value"],
-                      "image": str(data_root / r["image"])})
-    if not items:
-        raise LayoutError(f"{f}: no {want!r} records for {task} (a sample set of an older version? rebuild it: "
-                          "python -m data_prep.make_sample)")
     return items
 
 

@@ -1,0 +1,88 @@
+"""Generation for evaluation: batched, left-padded, KV-cached, with the training chat template; and the
+reference's LLM judge.
+
+Greedy decoding gives the same answers at any batch size (tests/test_evaluate.py). Sampled decoding
+(temperature > 0) is seeded per batch, so its answers depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from pipeline.files import open_rgb
+
+JUDGE_PROMPT = ("Please decide if the prediction is correct given the question and the answer.\n"
+                "Questions: {question}\nAnswer: {target}\nPrediction: {prediction}\n"
+                "Your response should only be Yes or No.")
+
+
+def _load_image(image, image_processor):
+    if image is None:
+        return None
+    if not hasattr(image, "convert"):  # bytes or a path, not an in-memory PIL image
+        image = open_rgb(image)
+    return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+def generate(model, tokenizer, image_processor, template, items: list[dict], batch_size: int, max_new_tokens: int,
+             temperature: float = 0.0, seed: int = 0, show_progress: bool = True) -> list[str]:
+    """Predictions for `items`, in order. Left-padded batches; greedy unless temperature > 0 (then seeded
+    sampling, as the reference's T = 0.2). Batched greedy output equals one-by-one output (tests)."""
+    import torch
+    from tqdm import tqdm
+
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    gen = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        gen.update(do_sample=True, temperature=temperature, top_p=None, top_k=None)
+    else:
+        gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    for s in tqdm(range(0, len(items), batch_size), desc="generate", unit="batch", disable=not show_progress):
+        chunk = items[s:s + batch_size]
+        prompts = [template.prompt(("<image>\n" if it["image"] is not None else "") + it["question"]) for it in chunk]
+        n = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        px = [_load_image(it["image"], image_processor) for it in chunk]
+        px = [p for p in px if p is not None]
+        # A batch without any image must not pass pixel_values=None: transformers 5.23's generate runs the vision
+        # tower for any pixel_values key it is given.
+        images = {"pixel_values": torch.stack(px).to(dev, dtype)} if px else {}
+        if temperature > 0:
+            torch.manual_seed(seed + s)
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids, attention_mask=mask, **images, **gen)
+        out += [tokenizer.decode(q[n:], skip_special_tokens=True).strip() for q in seqs]
+    return out
+
+
+class Judge:
+    """The reference's LLM judge (it used vicuna-13b-v1.5): any local HF causal LM is asked, in the Vicuna chat
+    format, whether the prediction is correct; "yes" in its (<= 5 token) reply counts as correct."""
+
+    def __init__(self, path: str, device="cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.core.chat import SYSTEM
+        from pipeline.core.models import ensure_pad_token
+
+        self.tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device == "cpu" else torch.float16)
+        self.model.to(device).eval()
+        self.system, self.device = SYSTEM, device
+
+    def __call__(self, records: list[dict]) -> list[bool]:
+        import torch
+
+        out = []
+        for r in records:
+            text = f"{self.system} USER: {JUDGE_PROMPT.format(**r)} ASSISTANT:"
+            enc = self.tok(text, return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                seq = self.model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=self.tok.pad_token_id)
+            out.append("yes" in self.tok.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).lower())
+        return out
+
+
