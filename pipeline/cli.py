@@ -3,8 +3,10 @@ help) - PEFT's config-dataclass style, with argparse.
 
     add_config_flags(group, M2PTConfig, exclude=("seed",), aliases={"text_prompt_length": ["--PT_len_llm"]})
 
-Field metadata: "help" (required), "choices", "nargs", "type" (for fields whose default is None). A bool field
-becomes `--name` when it defaults to False and `--no_name` when it defaults to True. Spelling is Hugging Face's:
+Field metadata: "help" (required), "choices", "nargs", "type" (for fields whose default is None), "group" (which
+--help section lists it; read by the app, not passed to argparse). A bool field becomes `--name` when it defaults
+to False, and `--no_name` when it defaults to True: then "no_help" (required) says what `--no_name` does, since the
+field's own help describes the behaviour it turns off. Spelling is Hugging Face's:
 underscores. The old kebab-case spellings still parse, with a warning (`normalize_kebab_flags`).
 """
 
@@ -20,6 +22,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return h  # a switch: its help says what giving it does
         if ("%(default)" in h or action.default is None or action.default is False
                 or action.default == argparse.SUPPRESS or not action.option_strings):
             return h
@@ -32,14 +36,19 @@ def add_config_flags(parser, cls, include=None, exclude=(), aliases=None) -> Non
         if (include is not None and f.name not in include) or f.name in exclude:
             continue
         meta = dict(f.metadata)
+        meta.pop("group", None)
         kw = {"help": meta.pop("help"), "dest": f.name}
+        no_help = meta.pop("no_help", None)
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         names = [f"--{f.name}", *aliases.get(f.name, [])]
         if isinstance(default, bool):
             if default:
+                if no_help is None:
+                    raise TypeError(f"{cls.__name__}.{f.name} defaults to True: its flag is --no_{f.name}, and its "
+                                    "metadata needs a 'no_help' saying what --no_{f.name} does")
                 names = [f"--no_{f.name}", *aliases.get(f.name, [])]
-                kw.update(action="store_false", default=True)
+                kw.update(action="store_false", default=True, help=no_help)
             else:
                 kw.update(action="store_true", default=False)
         else:

@@ -148,7 +148,8 @@ def test_samples_lost_in_a_broken_shard_are_counted_as_samples(shards, tmp_path)
     from pipeline.core.chat import VicunaTemplate
     from pipeline.data.stream import Preprocess, ShardStream, resolve_shards
     from pipeline.demo.tiny import build_tiny
-    from pipeline.train import UsageError, check_bad_samples, parse_args
+    from pipeline.errors import UsageError
+    from pipeline.training.records import check_bad_samples
 
     d = _copy_shards(shards, tmp_path)
     found = resolve_shards(str(d / "shards"))
@@ -169,9 +170,9 @@ def test_samples_lost_in_a_broken_shard_are_counted_as_samples(shards, tmp_path)
     assert read + sum(v for k, v in skipped.items() if k != "tar_read_errors") == 170 and lost >= 6, (read, skipped)
     n_skipped = 170 - read  # 8 of 170 = 4.7 %
     counts = {"samples": read, "skipped": n_skipped, "skipped_lost_in_broken_shard": lost}
-    check_bad_samples(counts, parse_args(["--max_bad_sample_fraction", "0.05"]), 170)  # within the limit
+    check_bad_samples(counts, 0.05, 170)  # within the limit
     with pytest.raises(UsageError, match=rf"{n_skipped} of 170 samples read so far were skipped .*lost_in_broken_sh"):
-        check_bad_samples(counts, parse_args(["--max_bad_sample_fraction", "0.04"]), 170)
+        check_bad_samples(counts, 0.04, 170)
 
 
 # --------------------------------------------------------------------------------------------- the output folder

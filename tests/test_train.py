@@ -215,7 +215,8 @@ def test_find_resume_takes_only_verified_checkpoints(tmp_path):
 
 
 def test_ds_config_autofill_and_conflicts(tmp_path):
-    from pipeline.train import ds_config, parse_args
+    from pipeline.train import parse_args
+    from pipeline.training.engine import ds_config
 
     args = parse_args(["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2", "--bf16"])
     cfg = ds_config(str(REPO / "ds_configs" / "zero2.json"), args, world=4)
@@ -231,7 +232,7 @@ def test_ds_config_autofill_and_conflicts(tmp_path):
 
 
 def test_training_progress_round_trips_through_json_with_int_slots():
-    from pipeline.train import TrainingProgress
+    from pipeline.training.checkpoint import TrainingProgress
 
     p = TrainingProgress()
     p.consumed({"cursor": (3, 1, 17), "skipped": {"too_long": 2, "tar_read_errors": 1}})
@@ -292,11 +293,11 @@ def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
 def test_embedded_shards_are_kept_per_visual_token_count():
     """One shared folder would make --visual_prompt_length 20 (36 tokens per image) refuse shards measured for 26."""
     from pipeline.defaults import DATA_HOME
-    from pipeline.train import demo_shards, method_config, parse_args
+    from pipeline.train import demo_shards, parse_args, resolve_m2pt_config
 
     def folder(*flags):
         args = parse_args(["--output_dir", "/tmp/unused", *flags])
-        return demo_shards(args, method_config(args))
+        return demo_shards(args, resolve_m2pt_config(args))
 
     assert folder() == DATA_HOME / "sample_shards-vt26"
     assert folder("--visual_prompt_length", "20") == DATA_HOME / "sample_shards-vt36"

@@ -57,7 +57,8 @@ class M2PTConfig:
             "'clean': drop prompt slots and CLS (standard LLaVA patches: N visual tokens)."
         },
     )
-    tune_projector: bool = field(default=True, metadata={"help": "Train the vision->language projector."})
+    tune_projector: bool = field(default=True, metadata={
+        "help": "Train the vision->language projector.", "no_help": "Keep the vision->language projector frozen."})
     tune_lm_head: bool = field(default=False, metadata={"help": "Also train the LM head (reference launch script)."})
     seed: int = field(default=0, metadata={"help": "Seed of the prompt initialisation."})
 

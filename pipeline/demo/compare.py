@@ -72,7 +72,7 @@ def build_shards(data: Path, out: Path, lengths) -> Path:
     """One shard set of `data`/train.json for every cell, built here before any cell starts (parallel cells must
     not race to build the same folder). Lengths are measured with the largest visual-prompt length any cell uses:
     the trainer accepts shards measured for more visual tokens than a run needs, never fewer."""
-    from pipeline.data.shards import build_sample_shards
+    from pipeline.demo.sample_data import build_sample_shards
 
     return build_sample_shards(data, out / "shards", visual_prompt_length=max([10, *lengths]))
 

@@ -278,7 +278,8 @@ STAGE_SETTINGS["joint"] = STAGE_SETTINGS["alignment"] + ("steps", "text_share", 
 
 
 # The modules whose code a stage runs: the model, the chat template, the scene generator and the stages themselves.
-STAGE_CODE = ("pipeline.demo.pretrain_base", "pipeline.demo.scenes", "pipeline.core.chat", "pipeline.core.models")
+STAGE_CODE = ("pipeline.demo.pretrain_base", "pipeline.demo.scenes", "pipeline.core.chat", "pipeline.core.models",
+              "pipeline.demo.tiny")
 
 
 def code_fingerprint(modules=STAGE_CODE) -> str:

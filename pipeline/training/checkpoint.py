@@ -35,6 +35,8 @@ import pickle
 import random
 import re
 import shutil
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -282,3 +284,69 @@ def load(engine, ckpt: Path, rank: int, world: int) -> tuple[dict, dict]:
     # Our own file, written by this pipeline (never user input): safe to unpickle.
     _set_rng_state(pickle.loads(base64.b64decode(rank_state.pop("rng"))))
     return state, rank_state
+
+
+# ----------------------------------------------------------------------------- the recipe's view of a checkpoint
+@dataclass
+class TrainingProgress:
+    """Where a rank is: optimizer steps taken, what it consumed (samples, tokens, skips per reason) and each loader
+    slot's position in its shard stream. Saved per rank in every checkpoint; JSON keys are strings, in memory the
+    slot ids are ints (torchtune's TrainingProgress pattern)."""
+
+    step: int = 0
+    totals: Counter = field(default_factory=Counter)
+    cursors: dict = field(default_factory=dict)  # slot -> [epoch, raw consumed in it(, group batches done, size)]
+
+    def state_dict(self) -> dict:
+        return {"totals": dict(self.totals), "cursors": {str(k): list(v) for k, v in self.cursors.items()}}
+
+    def load_state_dict(self, d: dict, step: int) -> None:
+        self.step = step
+        self.totals = Counter(d["totals"])
+        self.cursors = {int(k): list(v) for k, v in d["cursors"].items()}
+
+    def consumed(self, batch: dict) -> None:
+        """Record a batch taken from the loader: its slot's new position and the samples skipped before it."""
+        from pipeline.data.stream import READ_ERRORS
+
+        slot, *position = batch["cursor"]
+        self.cursors[slot] = position
+        for k, v in batch["skipped"].items():
+            self.totals[k if k == READ_ERRORS else "skipped_" + k] += v
+
+
+class Checkpointer:
+    """Save / restore everything a resume needs for this run's engine (the layout and its guarantees are at the
+    top of this module)."""
+
+    def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str):
+        self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
+        self.method, self.base_name = method, base_name
+        self._trainable = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def adapter_tensors(self) -> dict:
+        """fp32 master copies of the trainables (ZeRO 1-3 safe; a gather under ZeRO-3) under the artifact's names."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from pipeline.core.methods import artifact_tensors
+
+        by_id = {id(p): safe_get_full_fp32_param(p) for p in self._trainable}
+        return {k: by_id.get(id(v), v) for k, v in artifact_tensors(self.engine.module, self.method).items()}
+
+    def write_adapter(self, path: Path, tensors: dict, base=None) -> Path:
+        from pipeline.core.methods import save_artifact
+
+        return save_artifact(self.engine.module, path, self.method, tensors, self.base_name, base)
+
+    def resume(self, resume: str | None, progress: TrainingProgress) -> Path | None:
+        ckpt = find_resume(self.out, resume)
+        if ckpt is not None:
+            state, rank_state = load(self.engine, ckpt, self.rank, self.world)
+            progress.load_state_dict(rank_state, step=state["step"])
+            log.info("resumed from %s at step %d", ckpt, progress.step)
+        return ckpt
+
+    def save(self, progress: TrainingProgress, reason: str) -> None:
+        d = save(self.engine, self.write_adapter, self.out, progress.step, self.rank, self.world,
+                 {"reason": reason, **dict(progress.totals)}, progress.state_dict(), self.adapter_tensors, self.keep)
+        log.info("checkpoint (%s) -> %s", reason, d)

@@ -95,3 +95,31 @@ def local_world_size() -> int:
         if v.isdigit() and int(v) > 0:
             return int(v)
     return 1
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (a stop signal may reach only some ranks)."""
+    import deepspeed.comm as dist
+    import torch
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device())  # NCCL reduces on the GPU only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def agree_on(fn):
+    """Run one start-up check on every rank; if any rank failed, every rank stops (the failing one with its own
+    error) instead of the others hanging in the next collective. Returns fn's result."""
+    from pipeline.errors import UsageError
+
+    error, result = None, None
+    try:
+        result = fn()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        error = e
+    failed = any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError("another rank failed its start-up checks (its error is above)")
+    return result

@@ -1,0 +1,197 @@
+"""The training recipe's settings. Every field of `TrainConfig` is a flag of pipeline/train.py, generated as
+EvalConfig's and ShardBuildConfig's are (pipeline/cli.py), in Hugging Face TrainingArguments spelling; the
+method's own flags come from `M2PTConfig` and `LoraSettings`.
+
+    cfg = parse_args(["--learning_rate", "1e-3"])      # -> TrainConfig; cfg.m2pt and cfg.lora hold the method flags
+
+`parse_args` checks values no run can use (one `error:` line, exit 2) and records which flags were given
+(`cfg.explicit`), so a start-up check can tell a flag the user set from a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from pipeline.cli import HelpFormatter, add_config_flags
+from pipeline.core.m2pt import M2PTConfig
+from pipeline.core.methods import METHODS, LoraSettings
+from pipeline.defaults import REPO, TRAIN_OUTPUT
+
+M2PT_FLAGS = tuple(f.name for f in fields(M2PTConfig) if f.name != "seed")  # the prompt init is seeded by --seed
+M2PT_ALIASES = {"visual_prompt_length": ["--PT_len_vision_encoder"], "text_prompt_length": ["--PT_len_llm"]}
+GROUPS = {
+    "model": "model (one of: --model, or the three LLaVA-v1 parts; default: the embedded demo model)",
+    "method": "method (pipeline/core/methods.py)",
+    "data": "data",
+    "optim": "optimisation (Hugging Face TrainingArguments spelling)",
+    "logging": "logging and checkpoints",
+}
+
+
+def _f(group: str, default, help: str, **meta):
+    """A flag field: its --help group, default, help text and any add_argument extras (choices, type, no_help)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"group": group, "help": help, **meta})
+    return field(default=default, metadata={"group": group, "help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """One training run (pipeline/train.py); `m2pt`, `lora` and `explicit` are filled by `parse_args`."""
+
+    # model
+    model: str = _f("model", "tiny", "Hugging Face llava folder (llava-hf layout), 'tiny' (the embedded demo's "
+                    "pretrained base) or 'tiny-random' (the same architecture, random weights)")
+    model_llm: str | None = _f("model", None, "LLaVA-v1 parts: Vicuna/Llama folder")
+    model_vision: str | None = _f("model", None, "LLaVA-v1 parts: CLIP vision tower folder")
+    mm_projector: str | None = _f("model", None, "LLaVA-v1 parts: stage-1 mm_projector.bin (linear projector)")
+    attn_implementation: str = _f("model", "auto", "auto: flash_attention_2 when CUDA + flash-attn are present, "
+                                  "else sdpa", choices=("auto", "flash_attention_2", "sdpa", "eager"))
+    init_adapter: str | None = _f("model", None, "start from this adapter's prompts/projector (and its config)")
+    # method
+    method: str = _f("method", "m2pt", "m2pt: visual + textual prompts + projector; visual: visual prompts + "
+                     "projector; text: textual prompts + projector; projector: projector only; lora: peft LoRA on "
+                     "the LLM + projector; full: every weight", choices=METHODS)
+    # data
+    train_shards: str | None = _f("data", None, "shard folder with manifest.json, brace pattern or glob "
+                                  "(comma-separated for several); default: the embedded sample set, built under "
+                                  "$M2PT_DATA (./data) if missing")
+    model_max_length: int = _f("data", 2048, "max tokens per sample after <image> expansion (text prompts not "
+                               "counted); longer samples are skipped and counted, never truncated")
+    group_by_length: bool = _f("data", False, "batch samples of similar token length: each loader worker sorts "
+                               "--length_group_batches batches' worth of samples by length and emits them as "
+                               "batches in a seeded random order (less padding; resume stays exact)")
+    length_group_batches: int = _f("data", 16, "with --group_by_length: batches per length group (larger: less "
+                                   "padding, less mixing)")
+    dataloader_num_workers: int = _f("data", 1, "loader processes per rank")
+    shuffle_buffer: int = _f("data", 1000, "samples in each worker's shuffle buffer")
+    max_bad_sample_fraction: float = _f("data", 0.05, "abort when more than this share of samples read so far was "
+                                        "skipped (corrupt, too long, no supervised token, lost in a broken shard, "
+                                        "...); checked once 200 samples (or one epoch, if smaller) were read")
+    verify_shards: bool = _f("data", False, "also compare every shard's sha256 with manifest.json at start-up "
+                             "(sizes are always compared); reads all the data once")
+    # optimisation
+    deepspeed: str = _f("optim", str(REPO / "ds_configs" / "zero2.json"),
+                        "DeepSpeed JSON config; 'auto' values are filled from these flags")
+    output_dir: str = _f("optim", str(TRAIN_OUTPUT), "checkpoints, logs and the adapter")
+    per_device_train_batch_size: int = _f("optim", 4, "micro-batch per rank")
+    gradient_accumulation_steps: int = _f("optim", 1, "micro-batches per optimizer step")
+    learning_rate: float = _f("optim", 7e-4, "peak learning rate (reference recipe)")
+    num_train_epochs: float = _f("optim", 3.0, "epochs over the shards' sample count")
+    max_steps: int = _f("optim", -1, "if > 0: optimizer steps to run (overrides epochs)")
+    warmup_ratio: float = _f("optim", 0.03, "share of steps for linear warm-up")
+    lr_scheduler_type: str = _f("optim", "cosine", "transformers scheduler name: cosine, linear, constant, "
+                                "constant_with_warmup, ...")
+    weight_decay: float = _f("optim", 0.0, "AdamW weight decay (not applied to biases)")
+    adam_beta1: float = _f("optim", 0.9, "AdamW beta1")
+    adam_beta2: float = _f("optim", 0.999, "AdamW beta2")
+    max_grad_norm: float = _f("optim", 1.0, "gradient clipping (DeepSpeed gradient_clipping)")
+    bf16: bool = _f("optim", False, "bfloat16 training (fp32 master weights of the trainables)")
+    fp16: bool = _f("optim", False, "float16 training (GPU only)")
+    gradient_checkpointing: bool = _f("optim", False, "non-reentrant activation checkpointing")
+    seed: int = _f("optim", 42, "seed of prompts, data order and dropout")
+    peak_tflops: float | None = _f("optim", None, "peak TFLOP/s of one device for the 'mfu' metric (default: the "
+                                   "GPU's dense bf16 datasheet value, or on CPU a short fp32 GEMM probe at "
+                                   "start-up; formula in pipeline/core/flops.py)", type=float)
+    num_threads: int | None = _f("optim", None, "intra-op threads per rank (default: OMP_NUM_THREADS if set, else "
+                                 "this rank's share of the node's cores, lowered when the machine is already busy; "
+                                 "the embedded default run uses 1, so its numbers do not depend on the machine's "
+                                 "load; logged at start-up)", type=int)
+    # logging and checkpoints
+    logging_steps: int = _f("logging", 10, "log every N optimizer steps")
+    save_steps: int = _f("logging", 500, "checkpoint every N optimizer steps (0: only at end)")
+    save_total_limit: int = _f("logging", 2, "keep at most this many checkpoints (0: all)")
+    resume: str | None = _f("logging", "auto", "'auto': continue from the newest complete checkpoint in "
+                            "--output_dir if there is one; a checkpoint path; or 'none'")
+    report_to: str = _f("logging", "tensorboard", "also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always "
+                        "written", choices=("tensorboard", "none"))
+    dist_timeout: int = _f("logging", int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
+                           "seconds before a stuck collective fails instead of hanging")
+    final_eval: bool = _f("logging", True, "end a run on the embedded default data with the zero-shot table (base "
+                          "vs the new adapter on the held-out task types)",
+                          no_help="skip the zero-shot table that ends a run on the embedded default data")
+    local_rank: int = _f("logging", -1, argparse.SUPPRESS)  # passed by the deepspeed launcher
+    # filled by parse_args, not flags
+    m2pt: M2PTConfig = field(default_factory=M2PTConfig, metadata={"group": None})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"group": None})
+    explicit: tuple = field(default=(), metadata={"group": None})
+
+    def record(self, m2pt: M2PTConfig | None = None) -> dict:
+        """The flags as one flat dict (config.json's "args"), with the method flags of `m2pt` (the resolved config;
+        default: as given)."""
+        m2pt = m2pt or self.m2pt
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group")}
+        return flat | {k: getattr(m2pt, k) for k in M2PT_FLAGS} | vars(self.lora) | {"explicit": list(self.explicit)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other start-up error, not usage + "train.py: error:"
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    ap = _Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    for key, title in GROUPS.items():
+        g = ap.add_argument_group(title)
+        add_config_flags(g, TrainConfig, include=[f.name for f in fields(TrainConfig) if f.metadata["group"] == key])
+        if key == "method":
+            add_config_flags(g, LoraSettings)
+            g = ap.add_argument_group("M2PT (pipeline.core.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
+            add_config_flags(g, M2PTConfig, exclude=("seed",), aliases=M2PT_ALIASES)
+    return ap
+
+
+def _explicit(argv) -> tuple:
+    """Which flags were given (a parse with every default suppressed): --init_adapter and --method must not
+    silently override a flag the user set."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return tuple(sorted(vars(probe.parse_args(argv))))
+
+
+def flag_problems(c: TrainConfig) -> list[str]:
+    """Values no run can use (a batch of 0 would surface as a ZeroDivisionError traceback after a step)."""
+    rules = [
+        (c.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
+        (c.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (c.logging_steps >= 1, "--logging_steps must be >= 1"),
+        (c.save_steps >= 0, "--save_steps must be >= 0 (0: only at the end)"),
+        (c.save_total_limit >= 0, "--save_total_limit must be >= 0 (0: keep all)"),
+        (c.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+        (c.shuffle_buffer >= 0, "--shuffle_buffer must be >= 0"),
+        (c.model_max_length >= 1, "--model_max_length must be >= 1"),
+        (0 <= c.max_bad_sample_fraction <= 1, "--max_bad_sample_fraction must be within [0, 1]"),
+        (c.learning_rate > 0, "--learning_rate must be > 0"),
+        (c.max_steps > 0 or c.num_train_epochs > 0, "--num_train_epochs must be > 0 (or set --max_steps)"),
+        (0 <= c.warmup_ratio < 1, "--warmup_ratio must be within [0, 1)"),
+        (c.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (0 <= c.adam_beta1 < 1 and 0 <= c.adam_beta2 < 1, "--adam_beta1 / --adam_beta2 must be within [0, 1)"),
+        (c.max_grad_norm >= 0, "--max_grad_norm must be >= 0"),
+        (c.dist_timeout >= 1, "--dist_timeout must be >= 1"),
+        (c.num_threads is None or c.num_threads >= 1, "--num_threads must be >= 1"),
+        (c.peak_tflops is None or c.peak_tflops > 0, "--peak_tflops must be > 0"),
+        (c.length_group_batches >= 1, "--length_group_batches must be >= 1"),
+        (not (c.bf16 and c.fp16), "choose one of --bf16 / --fp16"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def parse_args(argv=None, description: str | None = None) -> TrainConfig:
+    ap = build_parser(description)
+    values = vars(ap.parse_args(argv))
+    m2pt = {k: values.pop(k) for k in M2PT_FLAGS}
+    lora = LoraSettings(**{f.name: values.pop(f.name) for f in fields(LoraSettings)})
+    try:
+        m2pt = M2PTConfig(**m2pt, seed=values["seed"])
+    except ValueError as e:
+        ap.error(str(e))
+    cfg = TrainConfig(**values, m2pt=m2pt, lora=lora, explicit=_explicit(argv))
+    if cfg.resume == "none":
+        cfg.resume = None
+    problems = flag_problems(cfg)
+    if problems:
+        ap.error("; ".join(problems))
+    return cfg

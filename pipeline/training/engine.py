@@ -1,0 +1,81 @@
+"""The DeepSpeed side of the recipe: the JSON config with its "auto" values filled from the flags, and the engine
+over the trainable parameters (AdamW groups, the transformers scheduler)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.errors import UsageError
+
+
+def _read_json(path: str) -> dict:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--deepspeed {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--deepspeed {path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--deepspeed {path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--deepspeed {path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def ds_config(path: str, train, world: int) -> dict:
+    """Read the DeepSpeed config and fill its "auto" values from the flags of `train` (a TrainConfig). The command
+    line is the one source of truth: a concrete value that disagrees with a flag is an error, not a silent
+    override."""
+    cfg = _read_json(path)
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise ValueError(f"{path}: remove the '{section}' section; set it with --learning_rate / "
+                             "--lr_scheduler_type / --warmup_ratio / --weight_decay instead")
+    want = {
+        "train_micro_batch_size_per_gpu": train.per_device_train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.per_device_train_batch_size * train.gradient_accumulation_steps * world,
+        "gradient_clipping": train.max_grad_norm,
+    }
+    for k, v in want.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+        elif cfg[k] != v:
+            raise ValueError(f"{path}: {k} = {cfg[k]} but the flags say {v}; set it to \"auto\"")
+    for k, flag in (("bf16", train.bf16), ("fp16", train.fp16)):
+        sec = cfg.setdefault(k, {})
+        if sec.get("enabled", "auto") == "auto":
+            sec["enabled"] = flag
+        elif bool(sec["enabled"]) != flag:
+            raise ValueError(f"{path}: {k}.enabled = {sec['enabled']} but --{k} is {'on' if flag else 'off'}")
+    return cfg
+
+
+def build_engine(train, ds_cfg: dict, model, total_steps: int):
+    """(engine, scheduler) over the parameters that require gradients: AdamW with weight decay on matrices only,
+    the --lr_scheduler_type schedule with --warmup_ratio of `total_steps` to warm up."""
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": train.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    betas = (train.adam_beta1, train.adam_beta2)
+    if ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload requires DeepSpeed's CPU Adam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=train.learning_rate, betas=betas, adamw_mode=True)
+    else:
+        # torch AdamW: no JIT compile (DeepSpeed's FusedAdam would build C++ for minutes); its fused kernel exists
+        # for CUDA and CPU parameters alike.
+        optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas, fused=True)
+    scheduler = get_scheduler(train.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(train.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine, scheduler
