@@ -74,6 +74,11 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     rec = json.loads(cells[0].read_text())
     cells[0].write_text(json.dumps(dict(rec, base_sha256="0" * 64)))
     assert main(argv) == 1
+    # ... nor one recorded without the data's sha256 (an older version's cell): refused, naming why.
+    cells[0].write_text(json.dumps({k: v for k, v in rec.items() if k != "data_sha256"}))
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "recorded without the sample data's sha256" in capsys.readouterr().err
     cells[0].write_text(json.dumps(rec))
     # ... nor one of other sample data: the same records with one image redrawn.
     data = shutil.copytree(shards / "sample", tmp_path / "sample")
@@ -142,6 +147,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     from argparse import Namespace
 
     from pipeline.demo import compare
+    from pipeline.demo.compare import stats
 
     args = Namespace(methods=["m2pt", "text"], seeds=2, first_seed=0, lrs={"*": (1e-3, 3e-3)},
                      visual_token_modes=["official", "clean"], max_steps=5, batch_size=4, output=tmp_path,
@@ -150,8 +156,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     m2pt = [f"m2pt/{mode}lr{lr}/seed{s}" for mode in ("", "clean/") for lr in ("0.001", "0.003") for s in (0, 1)]
     assert sorted(cells) == sorted(["base", *m2pt, *[f"text/lr{lr}/seed{s}" for lr in ("0.001", "0.003")
                                                      for s in (0, 1)]])
-    # clean adds the trainer flag; official is the trainer's default, so cells finished before the mode was a grid
-    # dimension keep their names and flags
+    # clean adds the trainer flag; official is the trainer's default, which adds neither a folder nor a flag
     assert cells["m2pt/clean/lr0.003/seed1"] == [*cells["m2pt/lr0.003/seed1"], "--visual_token_mode", "clean"]
     assert [n for n, f in cells.items() if f and "--visual_token_mode" in f] == [n for n in m2pt if "clean" in n]
 
@@ -165,11 +170,11 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     res = {n: record(val[n.rsplit("/", 1)[0]] + int(n[-1])) for n in cells if n != "base"}
     res["base"] = dict(record(55.0), majority={t: 10.0 for t in (*compare.HELDOUT, compare.VAL)})
     q = {t: {"q1": 1.0, "q2": 0.0} for t in compare.HELDOUT}
-    monkeypatch.setattr(compare, "_base_and_majority", lambda cell, records: (q, q))
-    monkeypatch.setattr(compare, "_records", lambda cell: [  # every cell: q1 right, q2 wrong, per task (= q)
+    monkeypatch.setattr(stats, "_base_and_majority", lambda cell, records: (q, q))
+    monkeypatch.setattr(stats, "_records", lambda cell: [  # every cell: q1 right, q2 wrong, per task (= q)
         {"task": t, "qid": qid, "target": "a", "prediction": p, "correct": p == "a"}
         for t in compare.HELDOUT for qid, p in (("q1", "a"), ("q2", "b"))])
-    monkeypatch.setattr(compare, "answer_sources", lambda seeds, targets: {
+    monkeypatch.setattr(stats, "answer_sources", lambda seeds, targets: {
         t: {"off_task": 1.0, "top_wrong": "x", "top_wrong_share": 2.0} for t in compare.HELDOUT})
     s = compare.summarise(args, res)
     assert (s["methods"]["m2pt"]["visual_token_mode"], s["methods"]["m2pt"]["lr"]) == ("clean", 1e-3)
@@ -178,7 +183,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     assert len(s["methods"]["m2pt"]["val_by_setting"]) == 4
 
     asked = {}
-    monkeypatch.setattr(compare, "run_cells", lambda todo, *a: asked.update(todo) or {n: record(60.0) for n in todo})
+    monkeypatch.setattr(stats, "run_cells", lambda todo, *a: asked.update(todo) or {n: record(60.0) for n in todo})
     args.data, args.jobs = tmp_path, 1
     abl = compare.ablation(args, s, res, {})
     assert abl["reused"] == {"pv10-pt10": "m2pt/clean/lr0.001/seed0", "pv0-pt10": "text/lr0.001/seed0"}
@@ -229,22 +234,20 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
     assert compare.main(["--first_seed", "-1"]) == 2
 
 
-def test_the_report_counts_the_runs_that_made_its_cells_from_the_log_and_keeps_a_legacy_history(tmp_path):
+def test_the_report_counts_the_runs_that_made_its_cells_from_the_log(tmp_path):
     from pipeline.demo import compare
 
-    # A folder from before the log: results.json kept the history, without the cells.
-    legacy = [{"wall_seconds": 100, "jobs": 2, "cells_run": 5}, {"wall_seconds": 7, "jobs": 1, "cells_run": 1}]
-    (tmp_path / "results.json").write_text(json.dumps({"summary": {"invocations": legacy}}))
-    assert compare.read_invocations(tmp_path) == [dict(e, cells=None) for e in legacy]
+    assert compare.read_invocations(tmp_path) == []
     compare.log_invocation(tmp_path, {"wall_seconds": 30, "jobs": 2, "command": "c", "cells": ["a", "b"]})
     compare.log_invocation(tmp_path, {"wall_seconds": 9, "jobs": 2, "command": "d", "cells": ["b", "z"]})
     log = compare.read_invocations(tmp_path)
-    assert [e["wall_seconds"] for e in log] == [100, 7, 30, 9]  # the legacy history is written first, once
-    # b was re-run by the last invocation: it counts there; "old" was made before the log, so the legacy entries stand
+    assert [e["wall_seconds"] for e in log] == [30, 9]
+    # b was re-run by the last invocation: it counts there; "old" was made by no logged run (one entry, no wall time)
     assert compare.report_invocations(log, {"a", "b", "old"}) == [
-        *legacy, {"wall_seconds": 30, "jobs": 2, "command": "c", "cells_run": 1},
+        {"cells_run": 1, "wall_seconds": None, "jobs": None},
+        {"wall_seconds": 30, "jobs": 2, "command": "c", "cells_run": 1},
         {"wall_seconds": 9, "jobs": 2, "command": "d", "cells_run": 1}]
-    assert [e["command"] for e in compare.report_invocations(log, {"a", "z"})] == ["c", "d"]  # no legacy entries
+    assert [e["command"] for e in compare.report_invocations(log, {"a", "z"})] == ["c", "d"]
     assert compare.report_invocations([], {"x"}) == [{"cells_run": 1, "wall_seconds": None, "jobs": None}]
 
 

@@ -397,7 +397,7 @@ def main(argv=None) -> int:
               "--stop_after >= 0, --text_share and --copy_share in [0, 1], --lookup_weight > 0, --joint_lr >= 0",
               file=sys.stderr)
         return 2
-    command = "python -m pipeline.demo.pretrain_base " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m pipeline.pretrain_base " + " ".join(argv if argv is not None else sys.argv[1:])
     rec = pretrain(cfg, command.strip())
     if cfg.stop_after:
         print(json.dumps(rec["losses"]))

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.demo.compare.app import main
+
+sys.exit(main())
