@@ -1,6 +1,6 @@
 """Pretrain the embedded tiny base, so that prompts and adapters have something to expose.
 
-    python -m pipeline.demo.pretrain_base --eval_every 2000   # the shipped pipeline/demo/assets/tiny_base.safetensors (~2.3 h)
+    python -m pipeline.pretrain_base --eval_every 2000   # the shipped pipeline/demo/assets/tiny_base.safetensors (~2.3 h)
 
 A random base cannot show what M²PT buys: prompts, LoRA and the projector steer what a frozen model knows, they do
 not teach it concepts. This builds, from the seeded random init (`--model tiny-random`), a base that knows the
@@ -19,13 +19,8 @@ each other form. Every sample weighs the same in the loss (the mean of its own t
 average a one-word answer would be 2 of ~25 supervised tokens beside a caption and QA would barely train.
 
 The shipped base runs all three (the defaults: 6,000 + 8,000 + 8,000 steps, the joint one at the low --joint_lr).
-Why staged: trained jointly from scratch (--language_steps 0 --align_steps 0 --joint_lr 0, the previous base), the
-LLM learns to caption from visual tokens with circuits of its own, apart from the ones that answer questions about a
-description - asked about an image, it answered 1.2 % of the never-trained image questions, and no tuning method
-transferred from it. With the LLM frozen (stage 2 after 1), the only way the vision side can make it caption is to
-hand it visual tokens it reads like the description it restated in stage 1 (39.4 % of those questions). A low-rate
-joint stage then lifts captions to the target without undoing that (56.8 %); at --joint_lr 2e-3 it did undo it.
-Measurements: docs/base_experiments.md.
+Why staged: with the LLM frozen while the vision side learns to caption, the vision side must hand it tokens it reads
+like the descriptions it learned to answer questions about (docs/base_experiments.md §2-6 has the measurements).
 
 A finished stage's weights are kept in --work_dir: a re-run whose settings for that stage and every earlier one are
 the same, with the same code (comments and docstrings aside) and torch version, starts after it (the result of a
@@ -53,14 +48,13 @@ from pathlib import Path
 import torch
 
 from pipeline.demo import scenes
-from pipeline.files import sha256_file
 from pipeline.demo.tiny import ASSETS
+from pipeline.files import sha256_file
 
 log = logging.getLogger("m2pt.pretrain_base")
 FIRST_LOSSES = 20  # every step's loss is recorded up to here (the reproduction test runs a few of them)
-# Forms answered by finding the asked colour among the described objects. At weight 1 (each ~4 % of samples)
-# existence stayed at chance for 8,000 steps while every other form reached 100 %; a separate 400-step run on
-# existence alone only moved it from 57 % to 72 %: the look-up is learned slowly and needs more examples.
+# Forms answered by finding the asked colour among the described objects: drawn more often (--lookup_weight), as
+# look-ups are learned slowly (docs/base_experiments.md).
 LOOKUP_FORMS = ("object_existence", "shape_of_colour")
 
 
@@ -190,48 +184,74 @@ def lr_at(step: int, steps: int, peak: float, cfg: PretrainConfig) -> float:
 
 # ---- the scores --------------------------------------------------------------------------------------------------
 
-def score_base(base, n: int, seed: int, batch_size: int = 64) -> dict:
-    """Greedy caption exact match and text-QA accuracy on `n` fresh samples each (per kind / per task too),
-    caption accuracy on held-out digit images, and the text-QA questions asked about the image instead (never
-    trained: what the base answers about an image before any tuning)."""
-    from pipeline.core.chat import VicunaTemplate
-    from pipeline.evaluation.generate import generate
-    from pipeline.core.m2pt import num_visual_tokens
-
-    tok, model = base.tokenizer, base.model.eval()
-    template = VicunaTemplate(tok, model.config.image_token_id, num_visual_tokens(model))
+def _score_items(n: int, seed: int) -> list[dict]:
+    """Fresh samples from their own random stream: captions, text QA, captions of held-out digit images, and the
+    text-QA questions asked about the image instead."""
     rng = random.Random(f"{seed}/eval")
     caps = [scenes.random_scene(rng, scenes.SCENE_KINDS[k % len(scenes.SCENE_KINDS)]) for k in range(n)]
     tasks = [list(scenes.QUESTIONS)[k % len(scenes.QUESTIONS)] for k in range(n)]
     qas = [scenes.ask(t, rng) for t in tasks]
     held = [scenes.digit_scene(rng, "heldout") for _ in range(n // 5)]
-    items = ([{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s), "kind": s.kind
-               + (str(len(s.objects)) if s.kind == "objects" else "")} for s in caps]
-             + [{"image": None, "question": scenes.scene_text(s) + "\n" + q, "target": a, "kind": t}
-                for t, (s, q, a) in zip(tasks, qas)]
-             + [{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s),
-                 "kind": "heldout_digit"} for s in held]
-             + [{"image": scenes.render(s), "question": "<image>\n" + q, "target": a, "kind": "image:" + t}
-                for t, (s, q, a) in zip(tasks, qas)])
+    return ([{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s), "kind": s.kind
+              + (str(len(s.objects)) if s.kind == "objects" else "")} for s in caps]
+            + [{"image": None, "question": scenes.scene_text(s) + "\n" + q, "target": a, "kind": t}
+               for t, (s, q, a) in zip(tasks, qas)]
+            + [{"image": scenes.render(s), "question": scenes.DESCRIBE, "target": scenes.caption(s),
+                "kind": "heldout_digit"} for s in held]
+            + [{"image": scenes.render(s), "question": "<image>\n" + q, "target": a, "kind": "image:" + t}
+               for t, (s, q, a) in zip(tasks, qas)])
+
+
+def _share(hits: list[bool]) -> float:
+    return round(100 * sum(hits) / len(hits), 2)
+
+
+def score_base(base, n: int, seed: int, batch_size: int = 64) -> dict:
+    """Greedy caption exact match and text-QA accuracy on `n` fresh samples each (per kind / per task too),
+    caption accuracy on held-out digit images, and the text-QA questions asked about the image instead (never
+    trained: what the base answers about an image before any tuning)."""
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.core.m2pt import num_visual_tokens
+    from pipeline.evaluation.generate import generate
+
+    tok, model = base.tokenizer, base.model.eval()
+    template = VicunaTemplate(tok, model.config.image_token_id, num_visual_tokens(model))
+    items = _score_items(n, seed)
     preds = generate(model, tok, base.image_processor, template, items, batch_size, max_new_tokens=32,
                      show_progress=False)
     by: dict[str, list[bool]] = {}
-    wrong = []
     for it, p in zip(items, preds):
         by.setdefault(it["kind"], []).append(p.strip() == it["target"])
-        if not by[it["kind"]][-1] and len(wrong) < 6 and it["image"] is not None:
-            wrong.append(f"{p.strip()!r} for {it['target']!r}")
+    wrong = [f"{p.strip()!r} for {it['target']!r}" for it, p in zip(items, preds)
+             if p.strip() != it["target"] and it["image"] is not None][:6]
     log.info("e.g. wrong: %s", "; ".join(wrong))
-    pct = {k: round(100 * sum(v) / len(v), 2) for k, v in by.items()}
     cap = [x for k, v in by.items() if k in scenes.SCENE_KINDS for x in v]
     qa = [x for k, v in by.items() if k in scenes.QUESTIONS for x in v]
     img = [x for k, v in by.items() if k.startswith("image:") for x in v]
-    return {"caption_exact_match": round(100 * sum(cap) / len(cap), 2), "text_qa": round(100 * sum(qa) / len(qa), 2),
-            "heldout_digit_caption": pct.get("heldout_digit"), "image_qa_untrained": round(100 * sum(img) / len(img), 2),
+    pct = {k: _share(v) for k, v in by.items()}
+    return {"caption_exact_match": _share(cap), "text_qa": _share(qa),
+            "heldout_digit_caption": pct.get("heldout_digit"), "image_qa_untrained": _share(img),
             "by_kind": pct, "samples": {"caption": len(cap), "text_qa": len(qa)}}
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
+
+def _stage_optimizer(model, params: list, cfg: PretrainConfig):
+    """Freeze every weight but `params`; AdamW with weight decay on their matrices only."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def _keeps_loss(k: int, step: int, last: int, cfg: PretrainConfig) -> bool:
+    """Which losses the record keeps: every one of the first FIRST_LOSSES, then every --log_every-th, and the last."""
+    return k < FIRST_LOSSES or (step + 1) % cfg.log_every == 0 or step + 1 == last
+
 
 def run_stage(base, stage: str, params: list, steps: int, first: int, cfg: PretrainConfig, template,
               losses: dict) -> None:
@@ -240,32 +260,26 @@ def run_stage(base, stage: str, params: list, steps: int, first: int, cfg: Pretr
     from tqdm import tqdm
 
     model = base.model.train()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    opt = _stage_optimizer(model, params, cfg)
     last = min(steps, cfg.stop_after - first) if cfg.stop_after else steps
+    peak = (cfg.joint_lr or cfg.lr) if stage == "joint" else cfg.lr
+    evals = cfg.eval_every if stage != "language" else 0
     loader = torch.utils.data.DataLoader(
         _Batches(stage, last, cfg, template, base.image_processor, base.tokenizer.pad_token_id),
         batch_size=None, num_workers=1, prefetch_factor=4)
     bar = tqdm(loader, total=last, desc=stage, unit="step", mininterval=5)
     for step, batch in enumerate(bar):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, (cfg.joint_lr or cfg.lr) if stage == "joint" else cfg.lr, cfg)
+            g["lr"] = lr_at(step, steps, peak, cfg)
         loss = sample_mean_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        k = first + step
-        if k < FIRST_LOSSES or (step + 1) % cfg.log_every == 0 or step + 1 == last:
-            losses[k] = loss.item()
-            bar.set_postfix(loss=f"{losses[k]:.4f}")
-        if stage != "language" and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < last:
+        if _keeps_loss(first + step, step, last, cfg):
+            losses[first + step] = loss.item()
+            bar.set_postfix(loss=f"{losses[first + step]:.4f}")
+        if evals and (step + 1) % evals == 0 and step + 1 < last:
             log.info("%s step %d: %s", stage, step + 1, json.dumps(score_base(base, 100, cfg.seed)))
             model.train()
 
@@ -342,37 +356,35 @@ def keep_stage(base, cfg: PretrainConfig, stage: str, losses: dict, code: str) -
     atomic_write_json(cfg.work_dir / f"{stage}.json", {"settings": _stage_key(cfg, stage, code), "losses": losses})
 
 
-def pretrain(cfg: PretrainConfig, command: str) -> dict:
-    from pipeline.core.chat import VicunaTemplate
-    from pipeline.core.m2pt import num_visual_tokens
-    from pipeline.demo.tiny import build_tiny
-
-    torch.set_num_threads(cfg.threads)
-    base = build_tiny(seed=cfg.seed, pretrained=False)
-    template = VicunaTemplate(base.tokenizer, base.model.config.image_token_id, num_visual_tokens(base.model))
-    named = list(base.model.named_parameters())
+def _sides(model) -> tuple[list, list, list]:
+    """(LLM parameters, vision-side parameters, all) of the tiny model."""
+    named = list(model.named_parameters())
     llm = [p for n, p in named if n.startswith(("model.language_model.", "lm_head."))]
     vision = [p for n, p in named if n.startswith(("model.vision_tower.", "model.multi_modal_projector."))]
     if len(llm) + len(vision) != len(named) or not llm or not vision:
         raise RuntimeError("the tiny model's parameters do not split into LLM and vision side as expected")
-    losses, t0, first = {}, time.time(), 0
+    return llm, vision, [p for _, p in named]
+
+
+def run_stages(base, cfg: PretrainConfig, template, losses: dict) -> None:
+    """language -> alignment -> joint, each skipped at 0 steps; a finished stage made with these settings and this
+    code is loaded instead of trained (except in a --stop_after reproduction check, which keeps nothing)."""
+    llm, vision, every = _sides(base.model)
     code = code_fingerprint()  # once per run: it parses every module in STAGE_CODE
+    first = 0
     for stage, params, steps in (("language", llm, cfg.language_steps), ("alignment", vision, cfg.align_steps),
-                                 ("joint", [p for _, p in named], cfg.steps)):
+                                 ("joint", every, cfg.steps)):
         if steps and not (cfg.stop_after and first >= cfg.stop_after):
-            if cfg.stop_after:  # a reproduction check: from the start, nothing kept
+            if cfg.stop_after:
                 run_stage(base, stage, params, steps, first, cfg, template, losses)
             elif not resume_stage(base, cfg, stage, losses, code):
                 run_stage(base, stage, params, steps, first, cfg, template, losses)
                 keep_stage(base, cfg, stage, losses, code)
         first += steps
-    record = {"command": command, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-              "torch": torch.__version__, "losses": losses, "seconds": round(time.time() - t0)}
-    if cfg.stop_after:
-        return record
-    if cfg.eval_samples:
-        record["scores"] = score_base(base, cfg.eval_samples, cfg.seed)
-        log.info("scores: %s", json.dumps(record["scores"]))
+
+
+def save_base(base, cfg: PretrainConfig, record: dict) -> None:
+    """OUTPUT.safetensors (every weight, fp32) and OUTPUT.json (the record, with the file's sha256)."""
     from safetensors.torch import save_file
 
     out = cfg.output.with_suffix(".safetensors")
@@ -383,6 +395,26 @@ def pretrain(cfg: PretrainConfig, command: str) -> dict:
               metadata={"format": "pt"})
     record["file"], record["sha256"] = out.name, sha256_file(out)
     cfg.output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def pretrain(cfg: PretrainConfig, command: str) -> dict:
+    from pipeline.core.chat import VicunaTemplate
+    from pipeline.core.m2pt import num_visual_tokens
+    from pipeline.demo.tiny import build_tiny
+
+    torch.set_num_threads(cfg.threads)
+    base = build_tiny(seed=cfg.seed, pretrained=False)
+    template = VicunaTemplate(base.tokenizer, base.model.config.image_token_id, num_visual_tokens(base.model))
+    losses, t0 = {}, time.time()
+    run_stages(base, cfg, template, losses)
+    record = {"command": command, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+              "torch": torch.__version__, "losses": losses, "seconds": round(time.time() - t0)}
+    if cfg.stop_after:
+        return record
+    if cfg.eval_samples:
+        record["scores"] = score_base(base, cfg.eval_samples, cfg.seed)
+        log.info("scores: %s", json.dumps(record["scores"]))
+    save_base(base, cfg, record)
     return record
 
 
