@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 def embedded_lengths() -> list[int]:
     from pipeline.core.chat import VicunaTemplate
-    from pipeline.demo.tiny import tiny_tokenizer
     from pipeline.demo.sample_data import build as make_sample
+    from pipeline.demo.tiny import tiny_tokenizer
 
     path = REPO / "data" / "sample" / "train.json"
     if not path.is_file():

@@ -6,7 +6,8 @@
 Every input record ends up either in a shard or as one line of rejected.jsonl with its file, index, id and a
 reason code, so `read = written + rejected` always holds. Output depends only on the input and the arguments, not on
 --workers. An interrupted build re-run with the same arguments keeps the completed shards and redoes the rest.
-How: pipeline/data/shards.py. Flags are spelled with underscores; the old kebab-case spellings still work, with a warning.
+How: pipeline/data/shards.py. Flags are spelled with underscores; the old kebab-case spellings still work, with a
+warning.
 
 Exit status: 0 when at least one sample was written (rejections are normal and summarised), 1 when nothing could
 be written, 2 when the input itself is unreadable or the arguments are wrong.

@@ -231,7 +231,8 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
         "base_model": base.name, "adapter": adapter,
         "method": adapter_config["training_method"] if adapter_config else "base",
         "adapter_config": _artifact_config(adapter_config),
-        "data_root": str(plan.data_root) if plan.data_root else None, "tasks": list(plan.items), "max_new_tokens": cfg.max_new_tokens,
+        "data_root": str(plan.data_root) if plan.data_root else None, "tasks": list(plan.items),
+        "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
         "seconds": round(time.time() - t0, 1)}}
 
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     random.seed(args.seed)
     try:
-        results = run(args)
+        run(args)
     except (LayoutError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _launcher_env_restored():
-    """In-process training fills RANK / WORLD_SIZE / MASTER_PORT into os.environ (pipeline.training.dist): don't let them
-    leak into later tests' subprocesses (a Slurm job would inherit 'rank 0 of 1' and a used port)."""
+    """In-process training fills RANK / WORLD_SIZE / MASTER_PORT into os.environ (pipeline.training.dist): don't let
+    them leak into later tests' subprocesses (a Slurm job would inherit 'rank 0 of 1' and a used port)."""
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     yield

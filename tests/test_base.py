@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-
 from helpers import ENV, REPO
-from pipeline.files import sha256_file
+
 from pipeline.defaults import load_base
 from pipeline.demo.tiny import TINY_WEIGHTS, BaseWeightsError, build_tiny
+from pipeline.files import sha256_file
 
 RECORD = json.loads(TINY_WEIGHTS.with_suffix(".json").read_text())
 
@@ -114,8 +114,8 @@ def test_a_rebuild_writes_the_same_bytes(tmp_path):
     shas = []
     for k in range(2):
         out = tmp_path / f"b{k}"
-        assert main(["--language_steps", "0", "--align_steps", "0", "--steps", "2", "--warmup", "1", "--batch_size", "2",
-                     "--eval_samples", "0",
+        assert main(["--language_steps", "0", "--align_steps", "0", "--steps", "2", "--warmup", "1",
+                     "--batch_size", "2", "--eval_samples", "0",
                      "--output", str(out), "--work_dir", str(tmp_path / f"stages{k}")]) == 0  # both from scratch
         shas.append(sha256_file(out.with_suffix(".safetensors")))
         with safe_open(str(out.with_suffix(".safetensors")), "pt") as f:

@@ -3,7 +3,6 @@
 import subprocess
 
 import pytest
-
 from helpers import ENV, deepspeed_cmd, read_metrics, train_args
 
 BS, GROUP = 2, 3  # 6 samples per length group

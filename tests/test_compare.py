@@ -211,8 +211,8 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
     # own, so the grid's cells are neither reused nor clash.
     from argparse import Namespace
 
-    from pipeline.demo import compare
     from pipeline.core.methods import METHODS
+    from pipeline.demo import compare
 
     lrs = compare.parse_lrs("m2pt=1e-3, visual=3e-3,lora=1e-3", METHODS)
     assert lrs == {"m2pt": (1e-3,), "visual": (3e-3,), "lora": (1e-3,)}

@@ -123,8 +123,8 @@ def test_bad_inputs_rejected_with_reasons_and_good_ones_round_trip(corpus, capsy
     assert set(samples) == {"good-png", "good-gif", "good-jpg", "good/text only.1"}
     assert samples["good/text only.1"]["__key__"].startswith("good_text_only_1_")  # sanitised + hashed
     # pixels identical: PNG stored as-is, GIF re-encoded losslessly, JPEG bytes stored untouched
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(samples["good-png"]["png"])).convert("RGB")), good["good-png"])
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(samples["good-gif"]["png"])).convert("RGB")), good["good-gif"])
+    for name in ("good-png", "good-gif"):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(samples[name]["png"])).convert("RGB")), good[name])
     assert samples["good-jpg"]["jpg"] == jpg.read_bytes()
     meta = json.loads(samples["good-png"]["json"])
     assert meta["conversations"] == _conv() and (meta["width"], meta["height"]) == (40, 30)
@@ -174,7 +174,8 @@ def test_same_shards_for_1_and_2_workers(sample, tmp_path):
     for w in (1, 2):
         out = tmp_path / f"w{w}"
         assert build_main(["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out),
-                           "--workers", str(w), "--shuffle", "--seed", "3", "--samples_per_shard", "40", "--quiet"]) == 0
+                           "--workers", str(w), "--shuffle", "--seed", "3", "--samples_per_shard", "40",
+                           "--quiet"]) == 0
         outs.append(_hashes(out))
     assert outs[0] == outs[1] and len(outs[0]) == 13  # 490 records / 40
 
@@ -243,8 +244,8 @@ def test_overwrite_removes_the_previous_builds_tars_whatever_their_prefix(sample
     """Before: `--overwrite --prefix other` left the old shard-*.tar beside the new build, so a *.tar glob mixed two
     builds. Now the old manifest's tars go; a file the tool never wrote stays."""
     out = tmp_path / "s"
-    common = ["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out), "--workers", "1",
-              "--quiet"]
+    common = ["--input", str(sample / "train.json"), "--image_root", str(sample), "--output", str(out),
+              "--workers", "1", "--quiet"]
     assert build_main([*common, "--samples_per_shard", "100"]) == 0
     old = sorted(p.name for p in out.glob("*.tar"))
     assert len(old) == 5 and all(n.startswith("shard-") for n in old)

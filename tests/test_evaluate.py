@@ -168,8 +168,9 @@ def test_loaders_parquet_layouts(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, "PNG")
     img = {"bytes": buf.getvalue(), "path": None}
     (tmp_path / "mme").mkdir()
-    datasets.Dataset.from_list([{"question_id": "count/1.png", "image": img, "question": "Two? Please answer yes or no.",
-                                 "answer": "Yes", "category": "count"}]).to_parquet(str(tmp_path / "mme" / "t.parquet"))
+    datasets.Dataset.from_list([{"question_id": "count/1.png", "image": img,
+                                 "question": "Two? Please answer yes or no.", "answer": "Yes",
+                                 "category": "count"}]).to_parquet(str(tmp_path / "mme" / "t.parquet"))
     (tmp_path / "pope").mkdir()
     datasets.Dataset.from_list([{"question_id": "1", "question": "Is there a dog?", "answer": "no",
                                  "image_source": "COCO_1", "image": img, "category": "random"}]).to_parquet(
@@ -269,9 +270,9 @@ def test_batched_and_shuffled_generation_equal_sequential(eval_root):
     import torch
 
     from pipeline.core.chat import VicunaTemplate
-    from pipeline.evaluation.generate import generate
     from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens
     from pipeline.demo.tiny import build_tiny
+    from pipeline.evaluation.generate import generate
 
     base = build_tiny()
     m = attach_m2pt(base.model, M2PTConfig(seed=1)).eval()
@@ -297,9 +298,9 @@ def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
     with each record; its replies are parsed to verdicts and scored."""
     import torch
 
+    from pipeline.demo.tiny import tiny_tokenizer
     from pipeline.evaluation.generate import JUDGE_PROMPT, Judge
     from pipeline.evaluation.scoring import score
-    from pipeline.demo.tiny import tiny_tokenizer
 
     replies = iter(["Yes, it is.", "No.", "yes"])
     seen = []
@@ -326,9 +327,9 @@ def test_judge_prompt_and_verdict_parsing_with_a_stub_model():
 def test_judge_loads_a_local_causal_lm(tmp_path):
     from transformers import LlamaForCausalLM
 
+    from pipeline.demo.tiny import build_tiny
     from pipeline.evaluation.generate import Judge
     from pipeline.evaluation.scoring import score
-    from pipeline.demo.tiny import build_tiny
 
     base = build_tiny()
     LlamaForCausalLM(base.model.config.text_config).save_pretrained(tmp_path / "judge")

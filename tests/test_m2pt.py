@@ -7,7 +7,12 @@ from torch import nn
 
 from pipeline.core.chat import VicunaTemplate
 from pipeline.core.m2pt import (
-    M2PTConfig, attach_m2pt, load_adapter, num_visual_tokens, save_adapter, trainable_parameters,
+    M2PTConfig,
+    attach_m2pt,
+    load_adapter,
+    num_visual_tokens,
+    save_adapter,
+    trainable_parameters,
 )
 from pipeline.demo.tiny import build_tiny
 
@@ -221,7 +226,8 @@ def test_adapter_on_other_base_names_key_and_shapes(tmp_path, tiny):
     save_adapter(attach_m2pt(tiny.model, M2PTConfig()), tmp_path / "a")
     cfg = tiny_config(tiny.tokenizer)
     cfg.text_config.hidden_size = 96
-    with pytest.raises(ValueError, match=r"made for 'tiny'.*'text_prompts\.0': adapter \(10, 128\) vs model \(10, 96\)"):
+    want = r"made for 'tiny'.*'text_prompts\.0': adapter \(10, 128\) vs model \(10, 96\)"
+    with pytest.raises(ValueError, match=want):
         load_adapter(LlavaForConditionalGeneration(cfg), tmp_path / "a")
     cfg = tiny_config(tiny.tokenizer)
     cfg.text_config.num_hidden_layers = 2

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import ENV, deepspeed_cmd, read_metrics, run_inprocess, train_args
 
 PROJ = {f"model.multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}

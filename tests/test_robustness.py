@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from helpers import ENV, REPO, deepspeed_cmd, read_metrics, run_inprocess, train_args, train_cmd
 
 
@@ -40,8 +39,8 @@ def test_resave_killed_while_deleting_the_old_copy_stays_resumable(shards, tmp_p
     """A finished run launched again re-saves its last step. Before: the old folder was deleted while `latest`
     still named it, and a kill in that window left COMPLETE beside a half-deleted folder - every later resume died
     in DeepSpeed. Reproduced deterministically: the deletion 'dies' halfway."""
-    from pipeline.training import checkpoint
     from pipeline.core.m2pt import adapter_state_dict, save_adapter
+    from pipeline.training import checkpoint
 
     res = run_inprocess(train_args(shards, tmp_path, "--max_steps", "2", "--dataloader_num_workers", "0"))
     engine, root = res["engine"], tmp_path / "checkpoints"

@@ -13,7 +13,8 @@ from pipeline.demo.sample_data import HELDOUT_TASKS, TRAIN_TASKS, build
 def test_captions_name_every_attribute_in_a_fixed_order():
     s = scenes.Scene("objects", background="gray", objects=(scenes.Obj("red", "circle", "big", "left"),
                                                             scenes.Obj("blue", "square", "small", "right")))
-    assert scenes.caption(s) == "a big red circle on the left and a small blue square on the right, on a gray background"
+    assert scenes.caption(s) == ("a big red circle on the left and a small blue square on the right, on a gray "
+                                 "background")
     assert scenes.caption(scenes.Scene("count", background="pink", count=1, shape="triangle", colour="cyan")) == \
         "one cyan triangle, on a pink background"
     assert scenes.caption(scenes.Scene("count", count=3, shape="square", colour="white")) == \

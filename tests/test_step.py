@@ -6,8 +6,8 @@ import torch
 
 from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens, vision_core
 from pipeline.core.models import skip_unused_vision_layers
-from pipeline.demo.tiny import build_tiny
 from pipeline.core.step import image_features, linear_cross_entropy, splice, supervised_rows, token_loss
+from pipeline.demo.tiny import build_tiny
 
 
 def full_logits_loss(model, b):

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, REPO, TINY_TRAINABLE, deepspeed_cmd, read_metrics, run_inprocess, train_args, train_cmd
 from safetensors.torch import load_file
 
 from data_prep.build_shards import main as build_main
-
-from helpers import ENV, REPO, TINY_TRAINABLE, deepspeed_cmd, read_metrics, run_inprocess, train_args, train_cmd
 
 
 def _metrics(out):
@@ -148,7 +147,8 @@ def test_resume_equals_uninterrupted_run_and_sigterm_saves(shards, tmp_path):
     (out / "checkpoints" / ".tmp-step-99999998").mkdir()
     (out / "checkpoints" / "latest").write_text("step-99999999\n")
 
-    r = subprocess.run(train_cmd(*train_args(shards, out, *common)), env=ENV, timeout=600, capture_output=True, text=True)
+    r = subprocess.run(train_cmd(*train_args(shards, out, *common)), env=ENV, timeout=600, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {ckpts[0]} at step {stopped_at}" in r.stderr
 

@@ -109,7 +109,8 @@ class VicunaTemplate:
         ids, labels = self._bos(), []
         labels += [IGNORE] * len(ids)
         for i in range(0, len(conversations), 2):
-            head = (self.system + " " if i == 0 else "") + "USER: " + _user_text(conversations[i]["value"]) + " ASSISTANT:"
+            system = self.system + " " if i == 0 else ""
+            head = system + "USER: " + _user_text(conversations[i]["value"]) + " ASSISTANT:"
             p = self._text(head)
             a = self.tok.encode(" " + conversations[i + 1]["value"].strip(), add_special_tokens=False, verbose=False)
             a.append(self.tok.eos_token_id)

@@ -380,7 +380,8 @@ def _adapter_meta(model, cfg: M2PTConfig, base_name: str | None) -> dict:
         "vision_feature_layer": model.config.vision_feature_layer,
         "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
         "num_visual_tokens": num_visual_tokens(model),
-        "versions": {"m2pt_pipeline": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "versions": {"m2pt_pipeline": __version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
     }
 
 

@@ -1,9 +1,9 @@
 """Base models: the two ways to get a stock `LlavaForConditionalGeneration` (+ tokenizer + image processor)
 from files on disk.
 
-(a) a Hugging Face llava directory (`llava-hf/*` layout)             -> `load_base(model=DIR)`
+(a) a Hugging Face llava directory (`llava-hf/*` layout)     -> `load_base(model=DIR)`
 (b) LLaVA-v1 parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin`
-                                                                        -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
+                                                               -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
 
 The embedded demo model ("tiny", "tiny-random") is not loaded here: `pipeline.defaults.load_base` routes those
 names to pipeline/demo/tiny.py and everything else to this module.
@@ -97,7 +97,8 @@ def check_model_source(model: str | None = None, llm=None, vision=None, mm_proje
 
     if llm or vision or mm_projector:
         if not (llm and vision and mm_projector) or model:
-            raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no --model)")
+            raise ValueError("LLaVA-v1 parts need all of --model_llm, --model_vision and --mm_projector (and no "
+                             "--model)")
         p = _check_dir(llm, "--model_llm")
         mt = _read_config(p, "--model_llm").get("model_type")
         if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in LLAVA_MODEL_TYPES:
@@ -160,7 +161,12 @@ def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: st
     never matters: LLaVA overwrites those positions with image features); the LM head keeps the LLM's vocabulary,
     so the model can never emit the placeholder and the trainable count with --tune_lm_head stays the LLM's."""
     from transformers import (
-        AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration,
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
     )
 
     llm_dir, vis_dir = _check_dir(llm, "--model_llm"), _check_dir(vision, "--model_vision")
@@ -210,7 +216,8 @@ def _load_v1_projector(path: Path, d_in: int, d_out: int, dtype) -> nn.Linear:
         if k not in sd:
             raise ValueError(f"{path}: key {k!r} missing (has {sorted(sd)[:6]}); expected a LLaVA-v1 linear projector")
         if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} (vision {d_in} -> LLM {d_out})")
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} (vision {d_in} -> "
+                             f"LLM {d_out})")
     proj = nn.Linear(d_in, d_out, dtype=dtype)
     with torch.no_grad():
         proj.weight.copy_(sd["model.mm_projector.weight"])

@@ -1,6 +1,6 @@
 """Pretrain the embedded tiny base, so that prompts and adapters have something to expose.
 
-    python -m pipeline.pretrain_base --eval_every 2000   # the shipped pipeline/demo/assets/tiny_base.safetensors (~2.3 h)
+    python -m pipeline.pretrain_base --eval_every 2000   # the shipped demo/assets/tiny_base.safetensors (~2.3 h)
 
 A random base cannot show what M²PT buys: prompts, LoRA and the projector steer what a frozen model knows, they do
 not teach it concepts. This builds, from the seeded random init (`--model tiny-random`), a base that knows the
@@ -124,8 +124,8 @@ def restate_sample(rng: random.Random) -> tuple[list[dict], None]:
 def caption_sample(rng: random.Random) -> tuple[list[dict], object]:
     """The caption of a rendered scene."""
     scene = scenes.random_scene(rng, rng.choice(scenes.SCENE_KINDS))
-    return ([{"from": "human", "value": "<image>\n" + scenes.DESCRIBE}, {"from": "gpt", "value": scenes.caption(scene)}],
-            scenes.render(scene))
+    conv = [{"from": "human", "value": "<image>\n" + scenes.DESCRIBE}, {"from": "gpt", "value": scenes.caption(scene)}]
+    return conv, scenes.render(scene)
 
 
 def draw_sample(stage: str, rng: random.Random, cfg: PretrainConfig) -> tuple[list[dict], object]:

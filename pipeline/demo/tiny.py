@@ -84,7 +84,7 @@ def tiny_record(path: Path = TINY_WEIGHTS) -> dict:
     record = Path(path).with_suffix(".json")
     if not Path(path).is_file() or not record.is_file():
         raise BaseWeightsError(f"the embedded base {path} (or its record {record.name}) is missing: it ships with "
-                               "the repository; rebuild it with `python -m pipeline.demo.pretrain_base` (about an hour)")
+                               "the repository; rebuild it with `python -m pipeline.pretrain_base` (about an hour)")
     return json.loads(record.read_text())
 
 
@@ -101,7 +101,7 @@ def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
     if got != want:
         raise BaseWeightsError(f"the embedded base {path} has sha256 {got}, but {record.name} records {want}: the "
                                "file was altered or replaced (restore it with git, or rebuild it with "
-                               "`python -m pipeline.demo.pretrain_base`)")
+                               "`python -m pipeline.pretrain_base`)")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -210,8 +210,9 @@ def load_pope(root: Path, coco_root: Path | None = None) -> list[dict]:
     for split in ("adversarial", "popular", "random"):
         f = _need(root / f"coco_pope_{split}.json", "official POPE question file")
         for _, r in read_jsonl(f, {"question_id", "image", "text", "label"}):
-            items.append({"task": "pope", "category": split, "image_id": r["image"], "qid": f"{split}#{r['question_id']}",
-                          "question": r["text"] + YES_NO, "target": r["label"], "image": str(images / r["image"])})
+            items.append({"task": "pope", "category": split, "image_id": r["image"],
+                          "qid": f"{split}#{r['question_id']}", "question": r["text"] + YES_NO,
+                          "target": r["label"], "image": str(images / r["image"])})
     return items
 
 

@@ -69,7 +69,8 @@ class Judge:
         from pipeline.core.models import ensure_pad_token
 
         self.tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device == "cpu" else torch.float16)
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.model.to(device).eval()
         self.system, self.device = SYSTEM, device
 

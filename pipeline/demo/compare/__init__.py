@@ -21,13 +21,33 @@ folder (cell.json), so an interrupted comparison resumes where it stopped and a 
 """
 
 from pipeline.demo.compare.cells import (  # noqa: E402  (the docstring above is the app's --help)
-    COLUMN_NAMES, HELDOUT, VAL, CellError, check_finished, finished_cells, log_invocation, parse_lrs, plan,
-    read_invocations, report_invocations, run_cells,
+    COLUMN_NAMES,
+    HELDOUT,
+    VAL,
+    CellError,
+    check_finished,
+    finished_cells,
+    log_invocation,
+    parse_lrs,
+    plan,
+    read_invocations,
+    report_invocations,
+    run_cells,
 )
 from pipeline.demo.compare.report import markdown, verdict  # noqa: E402
 from pipeline.demo.compare.stats import (  # noqa: E402
-    _difference, _predictions, _records, ablation, answer_sets, answer_sources, summarise,
+    _difference,
+    _predictions,
+    _records,
+    ablation,
+    answer_sets,
+    answer_sources,
+    summarise,
 )
+
+__all__ = ["COLUMN_NAMES", "HELDOUT", "VAL", "CellError", "_difference", "_predictions", "_records", "ablation",
+           "answer_sets", "answer_sources", "check_finished", "finished_cells", "log_invocation", "main", "markdown",
+           "parse_lrs", "plan", "read_invocations", "report_invocations", "run_cells", "summarise", "verdict"]
 
 
 def main(argv=None) -> int:

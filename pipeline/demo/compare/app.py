@@ -13,8 +13,16 @@ from pathlib import Path
 from pipeline.defaults import REPO
 from pipeline.demo.compare import __doc__ as DESCRIPTION
 from pipeline.demo.compare.cells import (
-    CellError, build_shards, cell_origin, finished_cells, log_invocation, parse_lrs, plan, read_invocations,
-    report_invocations, run_cells,
+    CellError,
+    build_shards,
+    cell_origin,
+    finished_cells,
+    log_invocation,
+    parse_lrs,
+    plan,
+    read_invocations,
+    report_invocations,
+    run_cells,
 )
 from pipeline.demo.compare.report import markdown, plots
 from pipeline.demo.compare.stats import ablation, summarise

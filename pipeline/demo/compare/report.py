@@ -98,7 +98,8 @@ def base_description() -> str:
             f"text-only QA {sc.get('text_qa')} %"
             + (f"; the same questions asked about the image, never trained: {untrained} %" if untrained is not None
                else "")
-            + "). Every method starts from it; all but `full` keep it frozen. Its pretraining: " + "; then ".join(stages)
+            + "). Every method starts from it; all but `full` keep it frozen. Its pretraining: "
+            + "; then ".join(stages)
             + ". The text QA covered every question form, the held-out ones included, but it never saw a question "
             "about an image.")
 

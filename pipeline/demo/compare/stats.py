@@ -9,8 +9,18 @@ import statistics
 from pathlib import Path
 
 from pipeline.demo.compare.cells import (
-    DEFAULT_TOKEN_MODE, HELDOUT, LR_GRID, VAL, CellError, _common, _mode_flags, _mode_folder, _seeds, _settings,
-    cell_name, run_cells,
+    DEFAULT_TOKEN_MODE,
+    HELDOUT,
+    LR_GRID,
+    VAL,
+    CellError,
+    _common,
+    _mode_flags,
+    _mode_folder,
+    _seeds,
+    _settings,
+    cell_name,
+    run_cells,
 )
 from pipeline.demo.sample_data import SCORING
 
