@@ -61,7 +61,7 @@ def test_an_altered_weight_file_is_refused_naming_both_hashes(tmp_path):
 
 
 def test_a_missing_weight_file_is_refused_saying_how_to_rebuild_it(tmp_path):
-    with pytest.raises(BaseWeightsError, match="missing.*python -m pipeline.demo.pretrain_base"):
+    with pytest.raises(BaseWeightsError, match="missing.*python -m pipeline.pretrain_base"):
         build_tiny(weights=tmp_path / "tiny_base.safetensors")
 
 
