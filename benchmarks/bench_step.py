@@ -5,8 +5,8 @@
 Variants (each in its own process, built from the same seed, so the weights are identical):
   project  attach_m2pt (pv = pt = 10, official mode) + the trainer's forward (pipeline/core/step.py: supervised-only
            logits, index splice, vision tower cut after its feature layer) + backward + fused AdamW step
-  before   the same prompts through the stock forward (all logits, masked_scatter, full tower): what the trainer did
-           before issue #10
+  before   the same prompts through the stock forward (all logits, masked_scatter, full tower): the trainer's forward
+           before supervised-only logits and the tower cut
   floor    the stock model with no prompts and every weight frozen, `pixel_values.requires_grad_(True)` so the
            backward runs through both towers, loss from `labels=`: the least a prompt method can cost with stock
            transformers

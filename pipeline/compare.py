@@ -1,5 +1,5 @@
 """`python -m pipeline.compare` (the command recorded in docs/results.md): the method comparison lives in
-pipeline/demo/compare.py."""
+pipeline/demo/compare/."""
 
 import sys
 

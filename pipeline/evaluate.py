@@ -136,7 +136,7 @@ def write_outputs(out: Path, results: dict, titles: dict | None = None) -> None:
 
 
 @dataclass
-class Plan:
+class EvalPlan:
     """What an evaluation will do, checked before any model loads."""
 
     runs: list  # [(row name, adapter | None, what methods.read_artifact says of it | None)]
@@ -145,7 +145,7 @@ class Plan:
     titles: dict  # task -> column title
 
 
-def plan_runs(cfg: EvalConfig) -> Plan:
+def plan_runs(cfg: EvalConfig) -> EvalPlan:
     """Rows and items, everything checked before any model loads (adapter configs, task files, MME pairs). With
     neither --tasks nor --data_root: the embedded sample set's held-out task types."""
     from pipeline.core.methods import read_artifact
@@ -168,7 +168,7 @@ def plan_runs(cfg: EvalConfig) -> Plan:
              for t, p in task_paths.items()}
     if "mme" in items:
         metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
-    return Plan(runs, items, data_root, _titles(known))
+    return EvalPlan(runs, items, data_root, _titles(known))
 
 
 def load_row_model(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
@@ -216,7 +216,7 @@ def _artifact_config(adapter_config: dict | None):
     return adapter_config["config"] if kind == "lora" else None
 
 
-def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, plan: Plan,
+def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, plan: EvalPlan,
                  judge) -> dict:
     """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
     t0 = time.time()

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pipeline import defaults
-from pipeline.core.m2pt import M2PTConfig, count_visual_tokens, num_visual_tokens
+from pipeline.core.m2pt import M2PTConfig, num_visual_tokens, visual_tokens_for_config
 from pipeline.core.methods import FIXED_LENGTHS, PROMPT_METHODS, LoraSettings, unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
@@ -64,7 +64,7 @@ def _method_fixes(cfg: TrainConfig) -> dict:
         if cfg.init_adapter:
             raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {cfg.method} cannot use one")
     fixed = {k: v for k, v in fixed.items() if v is not None}
-    clash = [f"--{k}" for k, v in fixed.items() if k in cfg.explicit and getattr(cfg.m2pt, k) != v]
+    clash = [f"--{k}" for k, v in fixed.items() if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != v]
     if cfg.method != "lora":
         clash += [f"--{f.name}" for f in fields(LoraSettings) if f.name in cfg.explicit]
     if clash:
@@ -77,17 +77,17 @@ def _adapter_m2pt_config(cfg: TrainConfig, fixed: dict) -> M2PTConfig:
     """--init_adapter's config; an explicit method flag that disagrees with it is an error."""
     from pipeline.core.m2pt import read_adapter_config
 
-    m2pt = M2PTConfig.from_dict(read_adapter_config(cfg.init_adapter)["m2pt_config"])
-    wrong = [f"{k} {getattr(m2pt, k)}" for k, v in fixed.items() if getattr(m2pt, k) != v]
+    m2pt_config = M2PTConfig.from_dict(read_adapter_config(cfg.init_adapter)["m2pt_config"])
+    wrong = [f"{k} {getattr(m2pt_config, k)}" for k, v in fixed.items() if getattr(m2pt_config, k) != v]
     if wrong:
         raise UsageError(f"--init_adapter {cfg.init_adapter} has {', '.join(wrong)}, which --method {cfg.method} "
                          "does not train")
-    clash = [f"--{k} {getattr(cfg.m2pt, k)} (adapter: {getattr(m2pt, k)})" for k in M2PT_FLAGS
-             if k in cfg.explicit and getattr(cfg.m2pt, k) != getattr(m2pt, k)]
+    clash = [f"--{k} {getattr(cfg.m2pt_flags, k)} (adapter: {getattr(m2pt_config, k)})" for k in M2PT_FLAGS
+             if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != getattr(m2pt_config, k)]
     if clash:
         raise UsageError(f"--init_adapter {cfg.init_adapter} fixes the method's shape; conflicting flag(s): "
                          + ", ".join(clash) + ". Drop them, or start without --init_adapter")
-    return m2pt
+    return m2pt_config
 
 
 def resolve_m2pt_config(cfg: TrainConfig) -> M2PTConfig:
@@ -96,17 +96,18 @@ def resolve_m2pt_config(cfg: TrainConfig) -> M2PTConfig:
     fixed = _method_fixes(cfg)
     if cfg.init_adapter:
         return _adapter_m2pt_config(cfg, fixed)
-    m2pt = dataclasses.replace(cfg.m2pt, **fixed)
-    trains = m2pt.visual_prompt_length or m2pt.text_prompt_length or m2pt.tune_projector or m2pt.tune_lm_head
+    m2pt_config = dataclasses.replace(cfg.m2pt_flags, **fixed)
+    c = m2pt_config
+    trains = c.visual_prompt_length or c.text_prompt_length or c.tune_projector or c.tune_lm_head
     if cfg.method in PROMPT_METHODS and not trains:
         raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
                          "is not tuned")
-    return m2pt
+    return m2pt_config
 
 
-def demo_shards(cfg: TrainConfig, m2pt: M2PTConfig) -> Path:
+def demo_shards(cfg: TrainConfig, m2pt_config: M2PTConfig) -> Path:
     """The embedded sample set's shards for this run, measured with this model's visual-token count."""
-    return defaults.demo_shards_dir(count_visual_tokens(defaults.load_text_side(cfg.model)[1], m2pt))
+    return defaults.demo_shards_dir(visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
 
 
 @dataclass
@@ -114,7 +115,7 @@ class RunPlan:
     """What the start-up checks resolved: the filled DeepSpeed config, the method's config, the shards."""
 
     ds_config: dict
-    m2pt: M2PTConfig
+    m2pt_config: M2PTConfig
     shards: object  # pipeline.data.stream.ShardSet
 
 
@@ -143,15 +144,16 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
             lock.acquire()
         return _check_flags_against_files(cfg, world)
 
-    ds_cfg, m2pt = pdist.agree_on(local)
+    ds_cfg, m2pt_config = pdist.agree_on(local)
     spec = cfg.train_shards
     if not spec:
-        folder = demo_shards(cfg, m2pt)
-        pdist.agree_on(lambda: defaults.build_demo_shards(folder, m2pt.visual_prompt_length, m2pt.visual_token_mode,
-                                                          cfg.model_max_length) if rank == 0 else None)
+        folder = demo_shards(cfg, m2pt_config)
+        pdist.agree_on(lambda: defaults.build_demo_shards(
+            folder, m2pt_config.visual_prompt_length, m2pt_config.visual_token_mode, cfg.model_max_length)
+            if rank == 0 else None)
         spec = str(folder)
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
-    return RunPlan(ds_cfg, m2pt, shards)
+    return RunPlan(ds_cfg, m2pt_config, shards)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -165,7 +167,7 @@ def _log_parameters(model, method: str, n_train: int, n_total: int) -> None:
     log.info("method %s, trainable parameters:\n%s", method, "\n".join(lines))
 
 
-def build_model(cfg: TrainConfig, m2pt: M2PTConfig, rank: int):
+def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     """(base, the model with the method applied, trainable count, total count)."""
     from pipeline.core import methods
     from pipeline.core.m2pt import load_adapter
@@ -173,7 +175,7 @@ def build_model(cfg: TrainConfig, m2pt: M2PTConfig, rank: int):
     base = defaults.load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
                               attn=cfg.attn_implementation)
     model = (load_adapter(base.model, cfg.init_adapter) if cfg.init_adapter
-             else methods.apply(base.model, cfg.method, m2pt, cfg.lora))
+             else methods.apply(base.model, cfg.method, m2pt_config, cfg.lora))
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -199,7 +201,7 @@ def check_visual_tokens(shards, model) -> None:
                          "--model, or train with the settings they were built for")
 
 
-def plan_steps(cfg: TrainConfig, n_samples: int, world: int) -> tuple[int, int]:
+def count_steps(cfg: TrainConfig, n_samples: int, world: int) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps)."""
     per_step = world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     steps_per_epoch = n_samples // per_step
@@ -241,7 +243,8 @@ class TrainState:
 def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_total: int) -> None:
     """OUTPUT/config.json: the flags as resolved (the method's settings as they really train), the filled
     DeepSpeed config and what the run planned."""
-    resolved = {"args": state.cfg.record(plan.m2pt), "deepspeed_config": plan.ds_config, "world_size": state.world,
+    resolved = {"args": state.cfg.record(plan.m2pt_config), "deepspeed_config": plan.ds_config,
+                "world_size": state.world,
                 "samples": state.n_samples, "shards": len(plan.shards.paths),
                 "steps_per_epoch": state.steps_per_epoch, "total_steps": state.total_steps,
                 "method": state.cfg.method, "num_visual_tokens": num_visual_tokens(model),
@@ -273,7 +276,7 @@ def _announce(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_tot
                     run_id=state.run_id)
     state.metrics.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                          "step": state.progress.step, "resumed_from": str(ckpt) if ckpt else None,
-                         "world_size": state.world, "args": cfg.record(plan.m2pt)})
+                         "world_size": state.world, "args": cfg.record(plan.m2pt_config)})
     log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps", state.n_samples,
              len(plan.shards.paths), state.world, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
              state.steps_per_epoch, state.total_steps)
@@ -291,11 +294,11 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    base, trained, n_train, n_total = build_model(cfg, plan.m2pt, rank)
+    base, trained, n_train, n_total = build_model(cfg, plan.m2pt_config, rank)
     model = unwrap(trained)  # the LlavaForConditionalGeneration (under a PeftModel for --method lora)
     check_visual_tokens(plan.shards, model)
     n_samples = plan.shards.total if plan.shards.total is not None else count_samples(plan.shards.paths)
-    steps_per_epoch, total_steps = plan_steps(cfg, n_samples, world)
+    steps_per_epoch, total_steps = count_steps(cfg, n_samples, world)
     engine, scheduler = build_engine(cfg, plan.ds_config, trained, total_steps)
     checkpointer = Checkpointer(engine, out, rank, world, cfg.save_total_limit, cfg.method, base.name)
     progress = TrainingProgress()
@@ -397,35 +400,35 @@ def log_window(state: TrainState) -> None:
 # ------------------------------------------------------------------------------------------------ the loop
 def _stop(state: TrainState, stop) -> None:
     """A stop request agreed by every rank: checkpoint, log how to resume, run_state "stopped"."""
-    p = state.progress
-    state.checkpointer.save(p, f"stop: {stop.reason or 'requested on another rank'}")
-    log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank", p.step,
+    progress = state.progress
+    state.checkpointer.save(progress, f"stop: {stop.reason or 'requested on another rank'}")
+    log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank", progress.step,
              state.total_steps)
     if state.rank == 0:
-        write_run_state(state.out, state="stopped", step=p.step, total_steps=state.total_steps, run_id=state.run_id,
-                        signal=stop.reason)
+        write_run_state(state.out, state="stopped", step=progress.step, total_steps=state.total_steps,
+                        run_id=state.run_id, signal=stop.reason)
 
 
 def train_loop(state: TrainState, stop) -> bool:
     """Steps until the planned total or a stop request (then a checkpoint); True when it was stopped."""
-    cfg, p = state.cfg, state.progress
-    while p.step < state.total_steps:
+    cfg, progress = state.cfg, state.progress
+    while progress.step < state.total_steps:
         t0 = time.time()
         micro = [next(state.loader) for _ in range(cfg.gradient_accumulation_steps)]
         for b in micro:
-            p.consumed(b)
+            progress.consumed(b)
         t_data = time.time() - t0
         loss_sum = train_step(state, micro)
-        p.step += 1
+        progress.step += 1
         state.bar.update()
         state.window.update(loss_sum=loss_sum, steps=1, t_data=t_data, t_step=time.time() - t0)
-        if p.step % cfg.logging_steps == 0 or p.step == state.total_steps:
+        if progress.step % cfg.logging_steps == 0 or progress.step == state.total_steps:
             log_window(state)
         if pdist.any_rank(stop.poll()):  # every rank stops at the same step (a signal may reach only some)
             _stop(state, stop)
             return True
-        if cfg.save_steps > 0 and p.step % cfg.save_steps == 0 and p.step < state.total_steps:
-            state.checkpointer.save(p, "periodic")
+        if cfg.save_steps > 0 and progress.step % cfg.save_steps == 0 and progress.step < state.total_steps:
+            state.checkpointer.save(progress, "periodic")
     return False
 
 

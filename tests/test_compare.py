@@ -152,7 +152,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     args = Namespace(methods=["m2pt", "text"], seeds=2, first_seed=0, lrs={"*": (1e-3, 3e-3)},
                      visual_token_modes=["official", "clean"], max_steps=5, batch_size=4, output=tmp_path,
                      ablation_lengths=[0, 10])
-    cells = compare.plan(args)
+    cells = compare.plan_cells(args)
     m2pt = [f"m2pt/{mode}lr{lr}/seed{s}" for mode in ("", "clean/") for lr in ("0.001", "0.003") for s in (0, 1)]
     assert sorted(cells) == sorted(["base", *m2pt, *[f"text/lr{lr}/seed{s}" for lr in ("0.001", "0.003")
                                                      for s in (0, 1)]])
@@ -218,7 +218,7 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
     assert lrs == {"m2pt": (1e-3,), "visual": (3e-3,), "lora": (1e-3,)}
     args = Namespace(methods=["m2pt", "visual", "lora", "text"], seeds=2, first_seed=6, lrs=lrs,
                      visual_token_modes=["clean"], max_steps=5, batch_size=4, output=tmp_path)
-    cells = compare.plan(args)
+    cells = compare.plan_cells(args)
     assert sorted(cells) == sorted(["base", "m2pt/clean/lr0.001/seed6", "m2pt/clean/lr0.001/seed7",
                                     "visual/clean/lr0.003/seed6", "visual/clean/lr0.003/seed7",
                                     "lora/lr0.001/seed6", "lora/lr0.001/seed7",

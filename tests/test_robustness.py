@@ -1,4 +1,4 @@
-"""Runs that can't be lost or silently corrupted (issue 9): each test is a fault a user or a cluster inflicts, and
+"""Runs that can't be lost or silently corrupted: each test is a fault a user or a cluster inflicts, and
 each failed before its fix - the re-save kill window, a truncated shard, two runs on one folder, a Llama folder as
 --model, SIGTERM to the deepspeed launcher, a full disk, zero-valued flags, a broken config file."""
 

@@ -298,7 +298,7 @@ def attach_m2pt(model, cfg: M2PTConfig):
     return model
 
 
-def count_visual_tokens(llava_config, cfg: M2PTConfig | None) -> int:
+def visual_tokens_for_config(llava_config, cfg: M2PTConfig | None) -> int:
     """Visual tokens per image for a LLaVA config with (or without: cfg=None) M2PT attached."""
     n = num_patches(llava_config.vision_config)
     n += 0 if llava_config.vision_feature_select_strategy == "default" else 1  # "full" keeps CLS
@@ -309,7 +309,7 @@ def count_visual_tokens(llava_config, cfg: M2PTConfig | None) -> int:
 
 def num_visual_tokens(model) -> int:
     """Visual tokens per image the LLM receives (what one `<image>` placeholder must expand to)."""
-    return count_visual_tokens(model.config, getattr(model, "m2pt_config", None))
+    return visual_tokens_for_config(model.config, getattr(model, "m2pt_config", None))
 
 
 def trainable_parameters(model) -> dict[str, nn.Parameter]:
@@ -344,7 +344,8 @@ def parameter_table(model) -> list[tuple[str, int, int]]:
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Adapter tensors under their adapter-file names (DESIGN §2). Only trainables; nothing frozen."""
+    """Adapter tensors under their adapter-file names (the layout: `save_adapter`'s docstring). Only trainables;
+    nothing frozen."""
     cfg: M2PTConfig = model.m2pt_config
     out = {}
     for i, p in enumerate(model.m2pt.vision_prompts):

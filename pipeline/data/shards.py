@@ -161,7 +161,7 @@ def _read_hf(p: Path):
 
 
 # --------------------------------------------------------------------------------------- per-record work
-_W: dict = {}  # worker state, set by _init_worker
+_worker: dict = {}  # worker state, set by _init_worker
 
 
 def _init_worker(image_root: str, max_pixels: int, model: str | None, image_tokens: int, max_length: int,
@@ -180,7 +180,7 @@ def _init_worker(image_root: str, max_pixels: int, model: str | None, image_toke
 
     Image.MAX_IMAGE_PIXELS = None  # our own header check below is the guard; PIL's would raise a bare error
     tok, cfg = load_text_side(model)
-    _W.update(
+    _worker.update(
         root=os.path.realpath(image_root) if image_root else None, max_pixels=max_pixels, max_length=max_length,
         template=VicunaTemplate(tok, cfg.image_token_id, image_tokens),
     )
@@ -211,7 +211,7 @@ def _read_record_image(image) -> bytes:
         return data
     if not isinstance(image, str):
         raise Rejected("bad_record", f"'image' must be a relative path, got {type(image).__name__}")
-    root = _W["root"]
+    root = _worker["root"]
     if root is None:
         raise Rejected("missing_image", "record has an image but no --image_root was given")
     if os.path.isabs(image):
@@ -239,8 +239,8 @@ def _check_image(data: bytes):
         w, h = im.size
     except Exception as e:
         raise Rejected("undecodable_image", f"not an image ({type(e).__name__}: {e})") from None
-    if w * h > _W["max_pixels"]:
-        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > --max_image_pixels {_W['max_pixels']}")
+    if w * h > _worker["max_pixels"]:
+        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > --max_image_pixels {_worker['max_pixels']}")
     try:
         im.load()
         rgb = im.convert("RGB")
@@ -284,9 +284,9 @@ def process(job: Job) -> Processed:
             check_conversation(convs, has_image)
         except ConversationError as e:
             raise Rejected(e.reason, str(e)) from None
-        n_tokens = _W["template"].length(convs)
-        if n_tokens > _W["max_length"]:
-            raise Rejected("too_long", f"{n_tokens} tokens after image expansion > --model_max_length {_W['max_length']}")
+        n_tokens = _worker["template"].length(convs)
+        if n_tokens > _worker["max_length"]:
+            raise Rejected("too_long", f"{n_tokens} tokens after image expansion > --model_max_length {_worker['max_length']}")
         meta = {"id": rid, "task_name": rec.get("task_name"), "conversations": convs,
                 "source": f"{job.file}:{job.index}", "width": None, "height": None}
         sample = {"__key__": sample_key(rid)}
@@ -354,11 +354,11 @@ def _fingerprint(args, jobs_files: list[str]) -> str:
 def _image_tokens(args) -> int:
     if args.image_tokens:
         return args.image_tokens
-    from pipeline.core.m2pt import M2PTConfig, count_visual_tokens
+    from pipeline.core.m2pt import M2PTConfig, visual_tokens_for_config
     from pipeline.defaults import load_text_side
 
     _, cfg = load_text_side(args.model)
-    return count_visual_tokens(cfg, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
+    return visual_tokens_for_config(cfg, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
                                                visual_token_mode=args.visual_token_mode))
 
 

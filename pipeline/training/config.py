@@ -2,7 +2,7 @@
 EvalConfig's and ShardBuildConfig's are (pipeline/cli.py), in Hugging Face TrainingArguments spelling; the
 method's own flags come from `M2PTConfig` and `LoraSettings`.
 
-    cfg = parse_args(["--learning_rate", "1e-3"])      # -> TrainConfig; cfg.m2pt and cfg.lora hold the method flags
+    cfg = parse_args(["--learning_rate", "1e-3"])      # -> TrainConfig; cfg.m2pt_flags, cfg.lora: the method flags
 
 `parse_args` checks values no run can use (one `error:` line, exit 2) and records which flags were given
 (`cfg.explicit`), so a start-up check can tell a flag the user set from a default.
@@ -39,7 +39,8 @@ def _f(group: str, default, help: str, **meta):
 
 @dataclass
 class TrainConfig:
-    """One training run (pipeline/train.py); `m2pt`, `lora` and `explicit` are filled by `parse_args`."""
+    """One training run (pipeline/train.py); `m2pt_flags` (the M2PT flags as given), `lora` and `explicit` are
+    filled by `parse_args`."""
 
     # model
     model: str = _f("model", "tiny", "Hugging Face llava folder (llava-hf layout), 'tiny' (the embedded demo's "
@@ -114,16 +115,17 @@ class TrainConfig:
                           no_help="skip the zero-shot table that ends a run on the embedded default data")
     local_rank: int = _f("logging", -1, argparse.SUPPRESS)  # passed by the deepspeed launcher
     # filled by parse_args, not flags
-    m2pt: M2PTConfig = field(default_factory=M2PTConfig, metadata={"group": None})
+    m2pt_flags: M2PTConfig = field(default_factory=M2PTConfig, metadata={"group": None})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"group": None})
     explicit: tuple = field(default=(), metadata={"group": None})
 
-    def record(self, m2pt: M2PTConfig | None = None) -> dict:
-        """The flags as one flat dict (config.json's "args"), with the method flags of `m2pt` (the resolved config;
-        default: as given)."""
-        m2pt = m2pt or self.m2pt
+    def record(self, m2pt_config: M2PTConfig | None = None) -> dict:
+        """The flags as one flat dict (config.json's "args"), with the method flags of `m2pt_config` (the resolved
+        config; default: as given)."""
+        m2pt_config = m2pt_config or self.m2pt_flags
         flat = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("group")}
-        return flat | {k: getattr(m2pt, k) for k in M2PT_FLAGS} | vars(self.lora) | {"explicit": list(self.explicit)}
+        method = {k: getattr(m2pt_config, k) for k in M2PT_FLAGS} | vars(self.lora)
+        return flat | method | {"explicit": list(self.explicit)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,10 +187,10 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     m2pt = {k: values.pop(k) for k in M2PT_FLAGS}
     lora = LoraSettings(**{f.name: values.pop(f.name) for f in fields(LoraSettings)})
     try:
-        m2pt = M2PTConfig(**m2pt, seed=values["seed"])
+        m2pt_flags = M2PTConfig(**m2pt, seed=values["seed"])
     except ValueError as e:
         ap.error(str(e))
-    cfg = TrainConfig(**values, m2pt=m2pt, lora=lora, explicit=_explicit(argv))
+    cfg = TrainConfig(**values, m2pt_flags=m2pt_flags, lora=lora, explicit=_explicit(argv))
     if cfg.resume == "none":
         cfg.resume = None
     problems = flag_problems(cfg)

@@ -29,7 +29,7 @@ from pipeline.demo.compare.cells import (  # noqa: E402  (the docstring above is
     finished_cells,
     log_invocation,
     parse_lrs,
-    plan,
+    plan_cells,
     read_invocations,
     report_invocations,
     run_cells,
@@ -47,7 +47,7 @@ from pipeline.demo.compare.stats import (  # noqa: E402
 
 __all__ = ["COLUMN_NAMES", "HELDOUT", "VAL", "CellError", "_difference", "_predictions", "_records", "ablation",
            "answer_sets", "answer_sources", "check_finished", "finished_cells", "log_invocation", "main", "markdown",
-           "parse_lrs", "plan", "read_invocations", "report_invocations", "run_cells", "summarise", "verdict"]
+           "parse_lrs", "plan_cells", "read_invocations", "report_invocations", "run_cells", "summarise", "verdict"]
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ from pipeline.demo.compare.cells import (
     finished_cells,
     log_invocation,
     parse_lrs,
-    plan,
+    plan_cells,
     read_invocations,
     report_invocations,
     run_cells,
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "prompts and projector 1e-3,3e-3,7e-3; lora 1e-4,3e-4,1e-3; full 1e-5,3e-5,1e-4")
     ap.add_argument("--max_steps", type=int, default=1200,
                     help="optimizer steps per run (1200 x batch 4 is two epochs of the sample set's 2,440 training "
-                         "records; at 400 steps the training types reached only 34-52 %% on validation)")
+                         "records; why not fewer: docs/base_experiments.md)")
     ap.add_argument("--batch_size", type=int, default=4, help="per-device batch size of every run")
     ap.add_argument("--ablation_lengths", default="0,5,10,20",
                     help="prompt lengths of the pv x pt ablation (comma-separated; empty: no ablation)")
@@ -98,7 +98,7 @@ def run_all(args, command: str) -> tuple[dict, dict | None, dict]:
     build_shards(args.data, args.output, args.ablation_lengths)
     try:
         origin = cell_origin(args.data)
-        res = run_cells(plan(args), args.output, args.data, args.jobs, origin)
+        res = run_cells(plan_cells(args), args.output, args.data, args.jobs, origin)
         summary = summarise(args, res)
         summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
         abl = ablation(args, summary, res, origin) if args.ablation_lengths else None

@@ -180,7 +180,7 @@ def setting_label(mode: str | None, lr: float) -> str:
     return f"{lr:g}" + (f" ({mode})" if mode else "")
 
 
-def plan(args) -> dict:
+def plan_cells(args) -> dict:
     """{cell name: train flags (None: the un-tuned base)} for the method grid."""
     cells = {"base": None}
     common = _common(args)
@@ -192,7 +192,7 @@ def plan(args) -> dict:
     return cells
 
 
-def _settings_of(flags: list[str] | None) -> list[str] | None:
+def _flags_for_reuse(flags: list[str] | None) -> list[str] | None:
     """A cell's train flags less where its output folder lies: --train_shards is always OUTPUT/shards, built from --data
     (whose sha256 the cell records), so a moved or copied output folder keeps its cells."""
     if flags is None or "--train_shards" not in flags:
@@ -211,7 +211,7 @@ def check_reusable(folder: Path, rec: dict, flags, data: Path, made_from: dict) 
     """A finished cell's record, if it may stand for this comparison's cell: the same flags, started from the same
     base and trained and scored on the same sample data. Anything else is an error naming the difference."""
     hint = "use another --output (or delete that folder)"
-    if _settings_of(rec.get("flags")) != _settings_of(flags):  # never reuse a result of other settings
+    if _flags_for_reuse(rec.get("flags")) != _flags_for_reuse(flags):  # never reuse a result of other settings
         raise CellError(f"{folder}: finished with {rec.get('flags')}, but this comparison asks for {flags}; {hint}")
     if rec.get("base_sha256") != made_from["base_sha256"]:  # nor one trained from another base
         raise CellError(f"{folder}: finished on the base with sha256 {rec.get('base_sha256')}, but the shipped base "
