@@ -23,7 +23,6 @@ mistake (one line starting "error:", before any work); 1 anything else (run_stat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -32,18 +31,18 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline import defaults
 from pipeline.core.m2pt import M2PTConfig, num_visual_tokens, visual_tokens_for_config
-from pipeline.core.methods import FIXED_LENGTHS, PROMPT_METHODS, LoraSettings, unwrap
+from pipeline.core.methods import unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
-from pipeline.training.config import M2PT_FLAGS, TrainConfig
+from pipeline.training.config import TrainConfig, resolve_m2pt_config
 from pipeline.training.config import parse_args as _parse_args
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
 
@@ -55,56 +54,6 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- start-up checks
-def _method_fixes(cfg: TrainConfig) -> dict:
-    """What --method fixes (prompt lengths; lora / full also the projector and LM head). An explicit flag that
-    disagrees, or a LoRA flag for another method, is an error."""
-    fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(cfg.method, (0, 0))))
-    if cfg.method not in PROMPT_METHODS:
-        fixed.update(tune_lm_head=False, tune_projector=True)
-        if cfg.init_adapter:
-            raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {cfg.method} cannot use one")
-    fixed = {k: v for k, v in fixed.items() if v is not None}
-    clash = [f"--{k}" for k, v in fixed.items() if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != v]
-    if cfg.method != "lora":
-        clash += [f"--{f.name}" for f in fields(LoraSettings) if f.name in cfg.explicit]
-    if clash:
-        raise UsageError(f"--method {cfg.method} fixes or ignores {', '.join(clash)}: drop the flag(s) or choose "
-                         "another method")
-    return fixed
-
-
-def _adapter_m2pt_config(cfg: TrainConfig, fixed: dict) -> M2PTConfig:
-    """--init_adapter's config; an explicit method flag that disagrees with it is an error."""
-    from pipeline.core.m2pt import read_adapter_config
-
-    m2pt_config = M2PTConfig.from_dict(read_adapter_config(cfg.init_adapter)["m2pt_config"])
-    wrong = [f"{k} {getattr(m2pt_config, k)}" for k, v in fixed.items() if getattr(m2pt_config, k) != v]
-    if wrong:
-        raise UsageError(f"--init_adapter {cfg.init_adapter} has {', '.join(wrong)}, which --method {cfg.method} "
-                         "does not train")
-    clash = [f"--{k} {getattr(cfg.m2pt_flags, k)} (adapter: {getattr(m2pt_config, k)})" for k in M2PT_FLAGS
-             if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != getattr(m2pt_config, k)]
-    if clash:
-        raise UsageError(f"--init_adapter {cfg.init_adapter} fixes the method's shape; conflicting flag(s): "
-                         + ", ".join(clash) + ". Drop them, or start without --init_adapter")
-    return m2pt_config
-
-
-def resolve_m2pt_config(cfg: TrainConfig) -> M2PTConfig:
-    """The prompt / projector settings this run really trains: the flags with what --method fixes, or
-    --init_adapter's. For lora / full: prompt lengths 0 (no prompts; the visual-token count is the stock one)."""
-    fixed = _method_fixes(cfg)
-    if cfg.init_adapter:
-        return _adapter_m2pt_config(cfg, fixed)
-    m2pt_config = dataclasses.replace(cfg.m2pt_flags, **fixed)
-    c = m2pt_config
-    trains = c.visual_prompt_length or c.text_prompt_length or c.tune_projector or c.tune_lm_head
-    if cfg.method in PROMPT_METHODS and not trains:
-        raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
-                         "is not tuned")
-    return m2pt_config
-
-
 def demo_shards(cfg: TrainConfig, m2pt_config: M2PTConfig) -> Path:
     """The embedded sample set's shards for this run, measured with this model's visual-token count."""
     return defaults.demo_shards_dir(visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
@@ -157,16 +106,6 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
 
 
 # ------------------------------------------------------------------------------------------------- the model
-def _log_parameters(model, method: str, n_train: int, n_total: int) -> None:
-    from pipeline.core.m2pt import parameter_table
-
-    lines = [f"{'module':<16}{'trainable':>14}{'total':>16}{'share':>9}"]
-    for name, t, tot in parameter_table(model):
-        lines.append(f"{name:<16}{t:>14,}{tot:>16,}{100 * t / tot:>8.3f}%")
-    lines.append(f"{'all':<16}{n_train:>14,}{n_total:>16,}{100 * n_train / n_total:>8.3f}%")
-    log.info("method %s, trainable parameters:\n%s", method, "\n".join(lines))
-
-
 def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     """(base, the model with the method applied, trainable count, total count)."""
     from pipeline.core import methods
@@ -184,7 +123,9 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     if n_train == 0:
         raise UsageError("nothing is trainable (prompt lengths 0, projector frozen, no LM head)")
     if rank == 0:
-        _log_parameters(model, cfg.method, n_train, n_total)
+        from pipeline.core.m2pt import format_parameter_table
+
+        log.info("method %s, trainable parameters:\n%s", cfg.method, format_parameter_table(model))
     return base, model, n_train, n_total
 
 
@@ -330,22 +271,12 @@ def backprop_scale(n_tok_step: float, world: int, accumulation: int) -> float:
     return world * accumulation / n_tok_step
 
 
-def vision_keepalive(model, dtype, device):
-    """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
-    vc = model.config.vision_config
-    px = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
-    feats = model.model.get_image_features(
-        pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
-    return sum(f.float().sum() for f in feats) * 0.0
-
-
 def train_step(state: TrainState, micro: list[dict]) -> float:
     """Forward + backward over the step's micro-batches; returns the summed token loss (this rank)."""
     import deepspeed.comm as dist
 
     from pipeline.core.flops import batch_flops
-    from pipeline.core.step import token_loss
+    from pipeline.core.step import token_loss, vision_keepalive
 
     n_tok = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in micro))], device=state.device)
     dist.all_reduce(n_tok)

@@ -343,6 +343,17 @@ def parameter_table(model) -> list[tuple[str, int, int]]:
     return [(k, t, tot) for k, (t, tot) in rows.items() if tot]
 
 
+def format_parameter_table(model) -> str:
+    """`parameter_table` as the aligned text the trainer logs, with the total row."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    lines = [f"{'module':<16}{'trainable':>14}{'total':>16}{'share':>9}"]
+    for name, t, tot in parameter_table(model):
+        lines.append(f"{name:<16}{t:>14,}{tot:>16,}{100 * t / tot:>8.3f}%")
+    lines.append(f"{'all':<16}{n_train:>14,}{n_total:>16,}{100 * n_train / n_total:>8.3f}%")
+    return "\n".join(lines)
+
+
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Adapter tensors under their adapter-file names (the layout: `save_adapter`'s docstring). Only trainables;
     nothing frozen."""

@@ -121,3 +121,13 @@ def token_loss(engine, model, batch: dict, device, dtype) -> torch.Tensor:
                  logits_to_keep=torch.zeros_like(keep), output_hidden_states=-1)
     hidden = out.hidden_states[-1]  # the LLM's last hidden state, after its final norm
     return linear_cross_entropy(hidden[keep], model.get_output_embeddings(), targets)
+
+
+def vision_keepalive(model, dtype, device):
+    """0 x (vision tower + projector on one blank image): a graph edge to every visual trainable."""
+    vc = model.config.vision_config
+    px = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    feats = model.model.get_image_features(
+        pixel_values=px, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    return sum(f.float().sum() for f in feats) * 0.0

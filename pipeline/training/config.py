@@ -11,13 +11,15 @@ method's own flags come from `M2PTConfig` and `LoraSettings`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
 from pipeline.cli import HelpFormatter, add_config_flags
 from pipeline.core.m2pt import M2PTConfig
-from pipeline.core.methods import METHODS, LoraSettings
+from pipeline.core.methods import FIXED_LENGTHS, METHODS, PROMPT_METHODS, LoraSettings
 from pipeline.defaults import REPO, TRAIN_OUTPUT
+from pipeline.errors import UsageError
 
 M2PT_FLAGS = tuple(f.name for f in fields(M2PTConfig) if f.name != "seed")  # the prompt init is seeded by --seed
 M2PT_ALIASES = {"visual_prompt_length": ["--PT_len_vision_encoder"], "text_prompt_length": ["--PT_len_llm"]}
@@ -197,3 +199,54 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     if problems:
         ap.error("; ".join(problems))
     return cfg
+
+
+# ------------------------------------------------------------------ what the method flags resolve to
+def _method_fixes(cfg: TrainConfig) -> dict:
+    """What --method fixes (prompt lengths; lora / full also the projector and LM head). An explicit flag that
+    disagrees, or a LoRA flag for another method, is an error."""
+    fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(cfg.method, (0, 0))))
+    if cfg.method not in PROMPT_METHODS:
+        fixed.update(tune_lm_head=False, tune_projector=True)
+        if cfg.init_adapter:
+            raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {cfg.method} cannot use one")
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    clash = [f"--{k}" for k, v in fixed.items() if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != v]
+    if cfg.method != "lora":
+        clash += [f"--{f.name}" for f in fields(LoraSettings) if f.name in cfg.explicit]
+    if clash:
+        raise UsageError(f"--method {cfg.method} fixes or ignores {', '.join(clash)}: drop the flag(s) or choose "
+                         "another method")
+    return fixed
+
+
+def _adapter_m2pt_config(cfg: TrainConfig, fixed: dict) -> M2PTConfig:
+    """--init_adapter's config; an explicit method flag that disagrees with it is an error."""
+    from pipeline.core.m2pt import read_adapter_config
+
+    m2pt_config = M2PTConfig.from_dict(read_adapter_config(cfg.init_adapter)["m2pt_config"])
+    wrong = [f"{k} {getattr(m2pt_config, k)}" for k, v in fixed.items() if getattr(m2pt_config, k) != v]
+    if wrong:
+        raise UsageError(f"--init_adapter {cfg.init_adapter} has {', '.join(wrong)}, which --method {cfg.method} "
+                         "does not train")
+    clash = [f"--{k} {getattr(cfg.m2pt_flags, k)} (adapter: {getattr(m2pt_config, k)})" for k in M2PT_FLAGS
+             if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != getattr(m2pt_config, k)]
+    if clash:
+        raise UsageError(f"--init_adapter {cfg.init_adapter} fixes the method's shape; conflicting flag(s): "
+                         + ", ".join(clash) + ". Drop them, or start without --init_adapter")
+    return m2pt_config
+
+
+def resolve_m2pt_config(cfg: TrainConfig) -> M2PTConfig:
+    """The prompt / projector settings this run really trains: the flags with what --method fixes, or
+    --init_adapter's. For lora / full: prompt lengths 0 (no prompts; the visual-token count is the stock one)."""
+    fixed = _method_fixes(cfg)
+    if cfg.init_adapter:
+        return _adapter_m2pt_config(cfg, fixed)
+    m2pt_config = dataclasses.replace(cfg.m2pt_flags, **fixed)
+    c = m2pt_config
+    trains = c.visual_prompt_length or c.text_prompt_length or c.tune_projector or c.tune_lm_head
+    if cfg.method in PROMPT_METHODS and not trains:
+        raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
+                         "is not tuned")
+    return m2pt_config
