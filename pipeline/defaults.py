@@ -91,7 +91,7 @@ def build_demo_shards(folder: Path, visual_prompt_length: int, visual_token_mode
 
 def known_tasks(spec: str | None) -> dict:
     """The tasks `--tasks` may name: the benchmarks, plus the demo's held-out tasks when the spec is the default
-    (None) or names a task that is not a benchmark (a typo still gets the benchmarks' list in its error)."""
+    (None) or names something that is neither a benchmark nor a path (a typo's error then lists both)."""
     from pipeline.evaluation.datasets import BENCHMARKS
 
     names = [e.split("=")[0].strip() for e in (spec or "").split(",") if e.strip() and "=" not in e]

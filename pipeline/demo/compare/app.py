@@ -12,18 +12,7 @@ from pathlib import Path
 
 from pipeline.defaults import REPO
 from pipeline.demo.compare import __doc__ as DESCRIPTION
-from pipeline.demo.compare.cells import (
-    CellError,
-    build_shards,
-    cell_origin,
-    finished_cells,
-    log_invocation,
-    parse_lrs,
-    plan_cells,
-    read_invocations,
-    report_invocations,
-    run_cells,
-)
+from pipeline.demo.compare import cells
 from pipeline.demo.compare.report import markdown, plots
 from pipeline.demo.compare.stats import ablation, summarise
 from pipeline.files import atomic_write_json
@@ -68,7 +57,7 @@ def _check_lists(args) -> str | None:
 
     args.methods = [m for m in args.methods.split(",") if m]
     try:
-        args.lrs = parse_lrs(args.lrs, METHODS)
+        args.lrs = cells.parse_lrs(args.lrs, METHODS)
     except ValueError as e:
         return f"--lrs {e}"
     args.visual_token_modes = [x for x in args.visual_token_modes.split(",") if x]
@@ -94,20 +83,20 @@ def run_all(args, command: str) -> tuple[dict, dict | None, dict]:
     """Build the shards, run (or reuse) every cell, summarise; log the cells this invocation ran, also when it
     fails or is interrupted (a re-run reuses them). Returns (summary, ablation, the grid's cells)."""
     t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    finished_before = finished_cells(args.output)
-    build_shards(args.data, args.output, args.ablation_lengths)
+    finished_before = cells.finished_cells(args.output)
+    cells.build_shards(args.data, args.output, args.ablation_lengths)
     try:
-        origin = cell_origin(args.data)
-        res = run_cells(plan_cells(args), args.output, args.data, args.jobs, origin)
+        origin = cells.cell_origin(args.data)
+        res = cells.run_cells(cells.plan_cells(args), args.output, args.data, args.jobs, origin)
         summary = summarise(args, res)
         summary["cell_seconds"] = round(sum(c["seconds"] for c in res.values()))
         abl = ablation(args, summary, res, origin) if args.ablation_lengths else None
     finally:
-        ran = finished_cells(args.output) - finished_before
+        ran = cells.finished_cells(args.output) - finished_before
         if ran:
-            log_invocation(args.output, {"started": started, "command": command, "jobs": args.jobs,
+            cells.log_invocation(args.output, {"started": started, "command": command, "jobs": args.jobs,
                                          "wall_seconds": round(time.time() - t0), "cells": sorted(ran)})
-    summary["invocations"] = report_invocations(read_invocations(args.output),
+    summary["invocations"] = cells.report_invocations(cells.read_invocations(args.output),
                                                 set(res) | set((abl or {}).get("cells", {}).values()))
     return summary, abl, res
 
@@ -139,7 +128,7 @@ def main(argv=None) -> int:
     args.output = args.output.resolve()
     try:
         summary, abl, _ = run_all(args, command)
-    except CellError as e:
+    except cells.CellError as e:
         print(f"error: {e}\n(finished cells are kept: run the same command again to resume)", file=sys.stderr)
         return 1
     write_report(args, summary, abl, command)
