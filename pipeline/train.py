@@ -44,6 +44,7 @@ from pipeline.training import dist as pdist
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
 from pipeline.training.config import TrainConfig, resolve_m2pt_config
 from pipeline.training.config import parse_args as _parse_args
+from pipeline.training.identity import check_same_run, clear_run_files, run_identity
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
 
 log = logging.getLogger("m2pt.train")
@@ -66,6 +67,8 @@ class RunPlan:
     ds_config: dict
     m2pt_config: M2PTConfig
     shards: object  # pipeline.data.stream.ShardSet
+    identity: dict  # the settings that make this run this run (pipeline/training/identity.py)
+    resume: str | None  # --resume, or None when --overwrite_output_dir started the folder over
 
 
 def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
@@ -102,7 +105,21 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
             if rank == 0 else None)
         spec = str(folder)
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
-    return RunPlan(ds_cfg, m2pt_config, shards)
+    identity = run_identity(cfg, m2pt_config, world, shards)
+    pdist.agree_on(lambda: _same_run_or_start_over(cfg, identity) if rank == 0 else None)
+    return RunPlan(ds_cfg, m2pt_config, shards, identity, None if cfg.overwrite_output_dir else cfg.resume)
+
+
+def _same_run_or_start_over(cfg: TrainConfig, identity: dict) -> None:
+    """A folder holds one run: resume it only with its own settings; --overwrite_output_dir clears it first."""
+    from pipeline.training.checkpoint import find_resume
+
+    if cfg.overwrite_output_dir:
+        removed = clear_run_files(cfg.output_dir)
+        if removed:
+            log.info("--overwrite_output_dir: removed %s from %s", ", ".join(removed), cfg.output_dir)
+        return
+    check_same_run(find_resume(cfg.output_dir, cfg.resume), identity, cfg.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -192,7 +209,7 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
                 "m2pt": vars(model.m2pt_config) if hasattr(model, "m2pt_config") else None,
                 "base_model": state.base.name, "trainable": n_train, "total_parameters": n_total,
                 "attn_implementation": model.config._attn_implementation,
-                "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id}
+                "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id, "run_identity": plan.identity}
     (state.out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
@@ -241,9 +258,9 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     n_samples = plan.shards.total if plan.shards.total is not None else count_samples(plan.shards.paths)
     steps_per_epoch, total_steps = count_steps(cfg, n_samples, world)
     engine, scheduler = build_engine(cfg, plan.ds_config, trained, total_steps)
-    checkpointer = Checkpointer(engine, out, rank, world, cfg.save_total_limit, cfg.method, base.name)
+    checkpointer = Checkpointer(engine, out, rank, world, cfg.save_total_limit, cfg.method, base.name, plan.identity)
     progress = TrainingProgress()
-    ckpt = checkpointer.resume(cfg.resume, progress)
+    ckpt = checkpointer.resume(plan.resume, progress)
     run_id = uuid.uuid4().hex[:12]
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
@@ -460,12 +477,14 @@ def run(cfg: TrainConfig) -> dict:
     stop = StopFlag().install(under_launcher)
     set_threads(cfg)
     out = Path(cfg.output_dir)
-    lock = OutputLock(out)
+    lock, plan = OutputLock(out), None
     try:
         plan = start_up_checks(cfg, rank, world, lock)
         return train(cfg, plan, rank, world, stop)
     except BaseException as e:
-        if lock.held:  # rank 0 of *this* run only: a refused second run must not mark the first one failed
+        # Rank 0 of a run that passed its start-up checks only: a refused start (another run holds the folder, the
+        # folder holds a run of other settings, a bad flag) must not rewrite the folder's record.
+        if lock.held and plan is not None:
             first = (str(e).strip().splitlines() or [""])[0]
             write_run_state(out, state="failed", error=f"{type(e).__name__}: {first}")
         raise

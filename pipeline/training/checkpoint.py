@@ -5,7 +5,7 @@
         ds/                      DeepSpeed engine state: trainables, ZeRO optimizer partitions, LR scheduler
                                  (saved with exclude_frozen_parameters: megabytes, not the frozen base model)
         rank-00000.json          per-rank data position (cursor per loader slot), skip counters, RNG state
-        trainer_state.json       step, samples, tokens, world size
+        trainer_state.json       step, samples, tokens, world size, the run's identity (training/identity.py)
         COMPLETE                 written last: {"files": {relative path: size}} - what it vouches for
     OUTPUT/checkpoints/latest    name of the newest complete checkpoint (replaced atomically)
 
@@ -319,9 +319,10 @@ class Checkpointer:
     """Save / restore everything a resume needs for this run's engine (the layout and its guarantees are at the
     top of this module)."""
 
-    def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str):
+    def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str,
+                 identity: dict | None = None):
         self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
-        self.method, self.base_name = method, base_name
+        self.method, self.base_name, self.identity = method, base_name, identity
         self._trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
     def adapter_tensors(self) -> dict:
@@ -348,5 +349,6 @@ class Checkpointer:
 
     def save(self, progress: TrainingProgress, reason: str) -> None:
         d = save(self.engine, self.write_adapter, self.out, progress.step, self.rank, self.world,
-                 {"reason": reason, **dict(progress.totals)}, progress.state_dict(), self.adapter_tensors, self.keep)
+                 {"reason": reason, "run": self.identity, **dict(progress.totals)}, progress.state_dict(),
+                 self.adapter_tensors, self.keep)
         log.info("checkpoint (%s) -> %s", reason, d)

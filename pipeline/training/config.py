@@ -107,7 +107,10 @@ class TrainConfig:
     save_steps: int = _f("logging", 500, "checkpoint every N optimizer steps (0: only at end)")
     save_total_limit: int = _f("logging", 2, "keep at most this many checkpoints (0: all)")
     resume: str | None = _f("logging", "auto", "'auto': continue from the newest complete checkpoint in "
-                            "--output_dir if there is one; a checkpoint path; or 'none'")
+                            "--output_dir if there is one (only a run of the same settings: another learning rate, "
+                            "seed, batch, method, data or length is refused); a checkpoint path; or 'none'")
+    overwrite_output_dir: bool = _f("logging", False, "start over in a folder that holds a run: first remove its "
+                                    "checkpoints, adapter and logs (pipeline/training/identity.py: RUN_FILES)")
     report_to: str = _f("logging", "tensorboard", "also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always "
                         "written", choices=("tensorboard", "none"))
     dist_timeout: int = _f("logging", int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
@@ -179,6 +182,8 @@ def flag_problems(c: TrainConfig) -> list[str]:
         (c.peak_tflops is None or c.peak_tflops > 0, "--peak_tflops must be > 0"),
         (c.length_group_batches >= 1, "--length_group_batches must be >= 1"),
         (not (c.bf16 and c.fp16), "choose one of --bf16 / --fp16"),
+        (not (c.overwrite_output_dir and c.resume not in (None, "auto")),
+         "--overwrite_output_dir starts the folder over: drop --resume PATH"),
     ]
     return [msg for ok, msg in rules if not ok]
 

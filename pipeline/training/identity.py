@@ -1,0 +1,97 @@
+"""What makes a run the same training, so that a resume continues only that.
+
+Every checkpoint records its run's identity (trainer_state.json, "run"): the settings that change the trajectory -
+model, method and its shape, data, learning-rate schedule, optimiser, seed, global batch, length of the run,
+precision. A resume compares it with this command's before the model loads: a changed command on an existing folder
+(another learning rate, seed, batch, method, more steps) stops with one line listing each difference, instead of
+silently continuing the old schedule under the new flags. Not part of the identity: what does not change the
+numbers (logging, checkpoint cadence, threads, gradient checkpointing, --verify_shards) and the world size when the
+global batch stays the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.errors import UsageError
+
+TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_adapter", "method", "learning_rate",
+                    "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
+                    "seed", "max_steps", "num_train_epochs", "model_max_length", "group_by_length",
+                    "length_group_batches", "shuffle_buffer", "dataloader_num_workers", "bf16", "fp16")
+# What --overwrite_output_dir removes: everything a run writes into its folder, nothing else.
+RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "run_state.json")
+
+
+def data_fingerprint(shards) -> str:
+    """The shards by name, size and sample count (not by folder: a moved data set is the same data)."""
+    h = hashlib.sha256()
+    for p in sorted(shards.paths, key=lambda p: Path(p).name):
+        size = Path(p).stat().st_size if Path(p).is_file() else None
+        h.update(json.dumps([Path(p).name, size, shards.counts.get(p)]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg, m2pt_config, world: int, shards) -> dict:
+    """The settings of this run that change its trajectory (cfg: a TrainConfig)."""
+    ident = {k: getattr(cfg, k) for k in TRAJECTORY_FLAGS}
+    ident |= {k: v for k, v in dataclasses.asdict(m2pt_config).items() if k != "seed"}
+    if cfg.method == "lora":
+        ident |= dataclasses.asdict(cfg.lora)
+    ident["global_batch"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    ident["data"] = data_fingerprint(shards)
+    return ident
+
+
+def _label(key: str) -> str:
+    return {"global_batch": "global batch (per-device batch x accumulation x ranks)",
+            "data": "the training shards (names, sizes, counts)"}.get(key, f"--{key}")
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'--learning_rate 0.0007 -> 0.01' for each setting that differs (a key only one side has counts too)."""
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "(not set)") != new.get(k, "(not set)")]
+    return [f"{_label(k)} {old.get(k, '(not set)')} -> {new.get(k, '(not set)')}" for k in keys]
+
+
+def recorded_identity(ckpt: Path) -> dict | None:
+    """The identity a checkpoint recorded (None for a checkpoint written before identities were kept)."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("run")
+    except (OSError, ValueError):
+        return None
+
+
+def check_same_run(ckpt: Path | None, identity: dict, output_dir) -> None:
+    """Refuse to resume `ckpt` under settings other than its run's."""
+    if ckpt is None:
+        return
+    old = recorded_identity(ckpt)
+    if old is None:
+        return  # an older checkpoint: nothing to compare against (its run is resumed as before)
+    diffs = differences(old, json.loads(json.dumps(identity, default=str)))
+    if diffs:
+        raise UsageError(f"{output_dir} holds a run with other settings (checkpoint {ckpt.name}): "
+                         + "; ".join(diffs) + ". Resuming would continue that run's schedule under the new flags: "
+                         "use another --output_dir, or --overwrite_output_dir to start this folder over (removes its "
+                         "checkpoints, adapter and logs)")
+
+
+def clear_run_files(output_dir) -> list[str]:
+    """--overwrite_output_dir: remove what an earlier run wrote here (RUN_FILES); returns what was removed."""
+    import shutil
+
+    removed = []
+    for name in RUN_FILES:
+        p = Path(output_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
