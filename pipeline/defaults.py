@@ -107,3 +107,12 @@ def demo_task_spec() -> str:
 
     return DEFAULT_TASKS
 
+
+
+def base_name(model=None, llm=None, vision=None, mm_projector=None) -> str:
+    """The name `load_base` gives a base (recorded in every adapter it trains), without loading it."""
+    if uses_demo_model(model, llm, vision, mm_projector):
+        return model or TINY
+    if _parts(llm, vision, mm_projector):
+        return f"llava-v1 parts: {Path(llm)} + {Path(vision)} + {Path(mm_projector)}"
+    return str(Path(model))

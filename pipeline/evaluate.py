@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import defaults
+from pipeline.errors import UsageError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.datasets import BENCHMARKS, TASKS, LayoutError, load_task, parse_tasks, read_jsonl
+from pipeline.evaluation.rows import folder_name
 from pipeline.evaluation.scoring import MAJORITY, majority_baseline, mark_correct, markdown_table, score
 
 log = logging.getLogger("m2pt.evaluate")
@@ -46,6 +48,12 @@ class EvalConfig:
     adapter: list | None = field(default=None, metadata={"nargs": "*", "help": (
         "one or more training artifacts, one row each: M2PT adapters (--method m2pt / visual / text / projector), "
         "PEFT LoRA adapters (--method lora) or model folders (--method full)")})
+    names: list | None = field(default=None, metadata={"nargs": "*", "help": (
+        "table row names for the --adapter artifacts, in order (default: from their paths, with as many parent "
+        "folders as it takes to tell them apart)")})
+    allow_other_base: bool = field(default=False, metadata={"help": (
+        "evaluate an adapter on a base other than the one it records (by default an error); each such row's "
+        "provenance says so")})
     with_base: bool = field(default=False, metadata={"help": (
         "also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")})
     tasks: str | None = field(default=None, metadata={"help": (
@@ -102,16 +110,6 @@ def limit_items(items: list[dict], limit: int | None) -> list[dict]:
     return [it for group in images.values() for it in group]
 
 
-def _run_name(adapter: str) -> str:
-    """Table row name: `runs/x/adapter` -> `x`; `runs/x/checkpoints/step-00000100/adapter` -> `x/step-00000100`."""
-    p = Path(adapter)
-    if p.name != "adapter":
-        return p.name
-    if p.parent.parent.name == "checkpoints":
-        return f"{p.parent.parent.parent.name}/{p.parent.name}"
-    return p.parent.name
-
-
 def rescore(cfg: EvalConfig) -> dict:
     """Score an existing predictions file again; records without a "scoring" field take their task's rule."""
     recs = [r for _, r in read_jsonl(cfg.score_only, {"task", "category", "image_id", "question", "target",
@@ -143,13 +141,40 @@ class EvalPlan:
     items: dict  # task -> items
     data_root: Path | None
     titles: dict  # task -> column title
+    other_base: dict  # row -> "trained on X, evaluated on Y" (with --allow_other_base only)
+
+
+def plan_rows(cfg: EvalConfig) -> tuple[list, dict]:
+    """(rows, other_base): the base row unless only adapters are asked for, then one distinct row per artifact,
+    each artifact's config and weight files read and its recorded base compared with --model, before any model
+    loads (a broken or mismatched artifact must not fail after the others were evaluated)."""
+    from pipeline.core.methods import read_artifact
+    from pipeline.evaluation.rows import check_safetensors, recorded_base, row_names, same_base, weight_files
+
+    adapters = list(cfg.adapter or [])
+    infos = [read_artifact(a) for a in adapters]
+    for a, info in zip(adapters, infos):
+        for f in weight_files(Path(a), info["kind"]):
+            check_safetensors(f)
+    names = row_names(adapters, cfg.names)
+    given = defaults.base_name(cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)
+    other_base = {}
+    for name, a, info in zip(names, adapters, infos):
+        recorded = recorded_base(Path(a), info)
+        if recorded and not same_base(recorded, given):
+            if not cfg.allow_other_base:
+                raise UsageError(f"--adapter {a} was trained on {recorded!r}, but the model is {given!r}: give the "
+                                 "base it was trained on, or --allow_other_base to evaluate it anyway (the results "
+                                 "then say so)")
+            other_base[name] = f"trained on {recorded}, evaluated on {given}"
+    base = [("base", None, None)] if (cfg.with_base or not adapters) else []
+    return base + list(zip(names, adapters, infos)), other_base
 
 
 def plan_runs(cfg: EvalConfig) -> EvalPlan:
-    """Rows and items, everything checked before any model loads (adapter configs, task files, MME pairs). With
+    """Rows and items, everything checked before any model loads (artifacts, task files, MME pairs). With
     neither --tasks nor --data_root: the embedded sample set's held-out task types."""
-    from pipeline.core.methods import read_artifact
-
+    runs, other_base = plan_rows(cfg)
     known = defaults.known_tasks(cfg.tasks)
     task_paths = parse_tasks(cfg.tasks or defaults.demo_task_spec(), known)
     builtin = [t for t, p in task_paths.items() if p is None]
@@ -160,15 +185,11 @@ def plan_runs(cfg: EvalConfig) -> EvalPlan:
             raise ValueError(f"--data_root: needed for {', '.join(needs_root)} (layouts: pipeline/evaluation/"
                              "datasets.py)")
         data_root = defaults.demo_sample()  # the demo's held-out tasks read the embedded sample set
-    adapters = list(cfg.adapter or [])
-    # Each adapter's config is read once, here: a broken one fails before any model loads.
-    runs = ([("base", None, None)] if (cfg.with_base or not adapters) else []) + [
-        (_run_name(a), a, read_artifact(a)) for a in adapters]
     items = {t: limit_items(load_task(t, data_root, cfg.coco_root, p, known), cfg.limit)
              for t, p in task_paths.items()}
     if "mme" in items:
         metrics.check_mme_pairs(items["mme"])  # before any generation, not after hours of it
-    return EvalPlan(runs, items, data_root, _titles(known))
+    return EvalPlan(runs, items, data_root, _titles(known), other_base)
 
 
 def load_row_model(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
@@ -216,13 +237,22 @@ def _artifact_config(adapter_config: dict | None):
     return adapter_config["config"] if kind == "lora" else None
 
 
+def _device(requested: str | None) -> str:
+    import torch
+
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{torch.cuda.device_count()} GPU(s) visible); use --device cpu, or leave it unset")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, plan: EvalPlan,
                  judge) -> dict:
     """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
     t0 = time.time()
     base, model = load_row_model(cfg, adapter, adapter_config)
     recs = predict(cfg, base, model, plan.items, judge)
-    run_dir = cfg.output_dir / name.replace("/", "__")
+    run_dir = cfg.output_dir / folder_name(name)
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "predictions.jsonl").open("w") as f:
         for r in recs:
@@ -234,19 +264,17 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
         "data_root": str(plan.data_root) if plan.data_root else None, "tasks": list(plan.items),
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
-        "seconds": round(time.time() - t0, 1)}}
+        "seconds": round(time.time() - t0, 1), "other_base": plan.other_base.get(name)}}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate (or with score_only, re-score); returns {row: {"tasks": {task: metrics}, "provenance": ...}} and
     writes results.json / results.md under cfg.output_dir."""
-    import torch
-
     if cfg.score_only:
         return rescore(cfg)
     cfg.output_dir = cfg.output_dir or defaults.EVAL_OUTPUT
+    cfg.device = _device(cfg.device)
     plan = plan_runs(cfg)
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from pipeline.evaluation.generate import Judge
 
     judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model else None

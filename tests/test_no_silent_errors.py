@@ -40,3 +40,71 @@ def test_a_changed_command_on_a_finished_run_is_refused_and_the_run_untouched(sh
     steps, _, starts = read_metrics(out)
     assert len(starts) == 1 and starts[0]["resumed_from"] is None and [s["step"] for s in steps] == [1, 2, 3]
     assert json.loads((out / "config.json").read_text())["run_identity"]["learning_rate"] == 0.01
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def _adapter(folder):
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
+    from pipeline.demo.tiny import build_tiny
+
+    return save_adapter(attach_m2pt(build_tiny().model, M2PTConfig()), folder)  # records base_model "tiny"
+
+
+def _eval_args(shards, out, *extra):
+    return ["--tasks", "sample_pope", "--data_root", str(shards / "sample"), "--limit", "4", "--output_dir", str(out),
+            *extra]
+
+
+def test_rows_named_alike_stay_apart_and_the_base_row_is_the_base(shards, tmp_path):
+    """Before: `--with_base --adapter col/a/run/adapter col/b/run/adapter col/base/adapter` gave 2 rows: `run` was b
+    (a lost), and the un-tuned `base` row held the adapter of the folder named base; prediction folders were
+    overwritten."""
+    from pipeline.evaluate import main
+
+    a = _adapter(tmp_path / "col" / "a" / "run" / "adapter")
+    adapters = [str(a), str(tmp_path / "col" / "b" / "run" / "adapter"), str(tmp_path / "col" / "base" / "adapter")]
+    for d in adapters[1:]:
+        _adapter(d)
+    out = tmp_path / "ev"
+    assert main(_eval_args(shards, out, "--with_base", "--adapter", *adapters)) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == ["majority answer", "base", "a/run", "b/run", "col/base"]
+    assert res["base"]["provenance"]["adapter"] is None and res["base"]["provenance"]["method"] == "base"
+    assert [res[r]["provenance"]["adapter"] for r in ("a/run", "b/run", "col/base")] == adapters
+    assert sorted(p.parent.name for p in out.glob("*/predictions.jsonl")) == ["a__run", "b__run", "base", "col__base"]
+    assert main(_eval_args(shards, tmp_path / "e2", "--adapter", adapters[0], adapters[0])) == 2  # the same one twice
+    assert main(_eval_args(shards, tmp_path / "e3", "--adapter", adapters[0], "--names", "base")) == 2  # reserved
+
+
+def test_a_broken_or_mismatched_artifact_fails_before_any_generation(shards, tmp_path, capsys):
+    """Before: a truncated or empty adapter_model.safetensors was a SafetensorError traceback after the rows before
+    it had been evaluated; an adapter trained on `tiny` evaluated on `tiny-random` scored silently; `--device cuda`
+    without CUDA was an AssertionError traceback."""
+    from pipeline.evaluate import main
+
+    good = str(_adapter(tmp_path / "good" / "adapter"))
+    weights = _adapter(tmp_path / "cut" / "adapter") / "adapter_model.safetensors"
+    full = weights.read_bytes()
+    for broken, why in ((full[: len(full) // 2], "truncated or altered"), (b"", "truncated or empty"),
+                        (full[:6], "truncated or empty")):
+        weights.write_bytes(broken)
+        capsys.readouterr()
+        out = tmp_path / f"ev{len(broken)}"
+        assert main(_eval_args(shards, out, "--with_base", "--adapter", good, str(weights.parent))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {weights}:") and why in err and err.count("\n") == 1, err
+        assert not out.exists()  # nothing was generated, for no row
+    capsys.readouterr()
+    assert main(_eval_args(shards, tmp_path / "ev", "--model", "tiny-random", "--adapter", good)) == 2
+    assert "was trained on 'tiny', but the model is 'tiny-random'" in capsys.readouterr().err
+    assert main(_eval_args(shards, tmp_path / "ev", "--model", "tiny-random", "--adapter", good,
+                           "--allow_other_base")) == 0
+    row = json.loads((tmp_path / "ev" / "results.json").read_text())["good"]
+    assert row["provenance"]["other_base"] == "trained on tiny, evaluated on tiny-random"
+    import torch
+
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(_eval_args(shards, tmp_path / "cuda", "--device", "cuda")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda: CUDA is not available here") and err.count("\n") == 1
