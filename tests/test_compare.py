@@ -88,6 +88,16 @@ def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(sha
     capsys.readouterr()
     assert main(other) == 1
     assert "finished on sample data with sha256" in capsys.readouterr().err
+    # ... nor one whose predictions were cut, emptied or edited since it was scored: one error naming the cell.
+    pred = next((tmp_path / "out" / "cells" / "text" / "lr0.003" / "seed0").rglob("predictions.jsonl"))
+    kept = pred.read_text()
+    for damaged in (kept[: len(kept) // 2], "", kept.replace('"prediction": "', '"prediction": "x', 1)):
+        pred.write_text(damaged)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {pred}:") and "cut, emptied or edited since it was scored" in err, err
+    pred.write_text(kept)
+    assert main(argv) == 0
 
 
 def test_a_run_stopped_by_a_signal_is_not_scored_as_a_finished_cell(tmp_path):
@@ -131,14 +141,14 @@ def test_the_verdict_counts_the_question_draw_and_claims_nothing_from_one_seed()
 
 
 def test_a_finished_cell_without_its_predictions_is_a_clear_error(tmp_path):
-    from pipeline.demo.compare import CellError, _predictions
+    from pipeline.demo.compare import CellError, predictions_file
 
     (tmp_path / "cell" / "eval").mkdir(parents=True)
     with pytest.raises(CellError, match=r"0 predictions.jsonl under its eval/.*delete .*cell.json"):
-        _predictions(tmp_path / "cell")
+        predictions_file(tmp_path / "cell")
     (tmp_path / "cell" / "eval" / "run").mkdir()
     (tmp_path / "cell" / "eval" / "run" / "predictions.jsonl").write_text("")
-    assert _predictions(tmp_path / "cell") == tmp_path / "cell" / "eval" / "run" / "predictions.jsonl"
+    assert predictions_file(tmp_path / "cell") == tmp_path / "cell" / "eval" / "run" / "predictions.jsonl"
 
 
 def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validation(tmp_path, monkeypatch):

@@ -108,3 +108,46 @@ def test_a_broken_or_mismatched_artifact_fails_before_any_generation(shards, tmp
         assert main(_eval_args(shards, tmp_path / "cuda", "--device", "cuda")) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --device cuda: CUDA is not available here") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------- comparison cells
+def _cell(tmp_path, lines):
+    from pipeline.demo.compare.cells import predictions_record
+
+    cell = tmp_path / "cell"
+    (cell / "eval" / "run").mkdir(parents=True)
+    (cell / "eval" / "run" / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return cell, predictions_record(cell)
+
+
+def test_a_cut_emptied_or_edited_cell_is_one_clear_error(tmp_path):
+    """Before: predictions cut short, cut mid-line or emptied were KeyError / JSONDecodeError / ZeroDivisionError
+    tracebacks; edited predictions passed with the old score in the table while the verdict's paired difference
+    moved from -8.5 to -76.5."""
+    import pytest
+
+    from pipeline.demo.compare.cells import CellError, check_predictions, read_records
+    from pipeline.demo.compare.stats import _check_questions
+
+    recs = [{"task": "t", "qid": str(i), "target": "a", "prediction": "a", "correct": True} for i in range(4)]
+    cell, recorded = _cell(tmp_path, recs)
+    assert recorded["count"] == 4 and len(recorded["sha256"]) == 64
+    check_predictions(cell, recorded)  # intact
+    f = cell / "eval" / "run" / "predictions.jsonl"
+    text = f.read_text()
+    for damaged in ("".join(text.splitlines(True)[:2]),  # cut short
+                    text[: len(text) - 30],  # cut mid-line
+                    "",  # emptied
+                    text.replace('"prediction": "a"', '"prediction": "b"', 1)):  # edited
+        f.write_text(damaged)
+        with pytest.raises(CellError, match=r"cut, emptied or edited since it was scored\); delete .*cell.json"):
+            check_predictions(cell, recorded)
+    # A cell recorded before predictions were fingerprinted: every line is still checked, and the questions too.
+    f.write_text(text[: len(text) - 30])
+    with pytest.raises(CellError, match=r"predictions.jsonl:4: not a complete prediction record"):
+        read_records(cell)
+    f.write_text("")
+    with pytest.raises(CellError, match=r"predictions.jsonl: empty"):
+        read_records(cell)
+    with pytest.raises(CellError, match=r"answer 2 of the base's 4 questions"):
+        _check_questions(cell, recs[:2], {("t", str(i)) for i in range(4)})

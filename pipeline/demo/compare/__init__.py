@@ -30,6 +30,7 @@ from pipeline.demo.compare.cells import (  # noqa: E402  (the docstring above is
     log_invocation,
     parse_lrs,
     plan_cells,
+    predictions_file,
     read_invocations,
     report_invocations,
     run_cells,
@@ -37,7 +38,6 @@ from pipeline.demo.compare.cells import (  # noqa: E402  (the docstring above is
 from pipeline.demo.compare.report import markdown, verdict  # noqa: E402
 from pipeline.demo.compare.stats import (  # noqa: E402
     _difference,
-    _predictions,
     _records,
     ablation,
     answer_sets,
@@ -45,9 +45,10 @@ from pipeline.demo.compare.stats import (  # noqa: E402
     summarise,
 )
 
-__all__ = ["COLUMN_NAMES", "HELDOUT", "VAL", "CellError", "_difference", "_predictions", "_records", "ablation",
-           "answer_sets", "answer_sources", "check_finished", "finished_cells", "log_invocation", "main", "markdown",
-           "parse_lrs", "plan_cells", "read_invocations", "report_invocations", "run_cells", "summarise", "verdict"]
+__all__ = ["_difference", "_records", "ablation", "answer_sets", "answer_sources", "CellError", "check_finished",
+           "COLUMN_NAMES", "finished_cells", "HELDOUT", "log_invocation", "main", "markdown", "parse_lrs",
+           "plan_cells", "predictions_file", "read_invocations", "report_invocations", "run_cells", "summarise",
+           "VAL", "verdict"]
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.defaults import REPO
 from pipeline.demo.sample_data import HELDOUT_NAMES, VAL_TASK
-from pipeline.files import atomic_write_json
+from pipeline.files import atomic_write_json, sha256_file
 
 log = logging.getLogger("m2pt.compare")
 
@@ -33,6 +33,10 @@ HELDOUT = tuple(HELDOUT_NAMES)  # the embedded set's held-out task types
 VAL = VAL_TASK
 COLUMN_NAMES = {"sample_mnist": "digits", "sample_pope": "existence", "sample_bigger": "bigger's colour",
                 "sample_shape": "shape of colour", VAL: "training tasks (val)"}
+
+
+RERUN_HINT = "delete {cell}/cell.json and run the comparison again to re-run that cell"
+RECORD_FIELDS = {"task", "qid", "target", "prediction", "correct"}
 
 
 class CellError(RuntimeError):
@@ -97,9 +101,55 @@ def run_cell(folder: Path, train_flags: list[str], data: Path, made_from: dict) 
     row = next(v for k, v in res.items() if k != "majority answer")
     rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
            "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
-           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags, **made_from}
+           "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags, **made_from,
+           "predictions": predictions_record(folder)}
     atomic_write_json(folder / "cell.json", rec)
     return rec
+
+
+def predictions_file(cell: Path) -> Path:
+    found = list((cell / "eval").glob("*/predictions.jsonl"))
+    if len(found) != 1:
+        raise CellError(f"{cell}: finished, but {len(found)} predictions.jsonl under its eval/ (the verdict needs "
+                        f"exactly one); {RERUN_HINT.format(cell=cell)}")
+    return found[0]
+
+
+def predictions_record(cell: Path) -> dict:
+    """What cell.json records of the cell's predictions, so a later report can tell they are the ones scored."""
+    f = predictions_file(cell)
+    return {"sha256": sha256_file(f), "count": len(f.read_text().splitlines())}
+
+
+def check_predictions(cell: Path, recorded: dict | None) -> None:
+    """The predictions file must be the one cell.json's scores were computed from (a cut, emptied or edited file
+    would change the verdict's per-question differences while the table kept the old scores)."""
+    if recorded is None:
+        return  # a cell recorded before predictions were fingerprinted: read_records still checks every line
+    f = predictions_file(cell)
+    got = predictions_record(cell)
+    if got != recorded:
+        raise CellError(f"{f}: {got['count']} line(s) with sha256 {got['sha256'][:12]}…, but the cell recorded "
+                        f"{recorded['count']} with {recorded['sha256'][:12]}… (cut, emptied or edited since it was "
+                        f"scored); {RERUN_HINT.format(cell=cell)}")
+
+
+def read_records(cell: Path) -> list[dict]:
+    """The cell's prediction records; a line that is not a complete record is an error naming file:line."""
+    f = predictions_file(cell)
+    out = []
+    for k, line in enumerate(f.read_text().splitlines(), start=1):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if not isinstance(r, dict) or not RECORD_FIELDS <= set(r):
+            raise CellError(f"{f}:{k}: not a complete prediction record (cut or edited?); "
+                            f"{RERUN_HINT.format(cell=cell)}")
+        out.append(r)
+    if not out:
+        raise CellError(f"{f}: empty; {RERUN_HINT.format(cell=cell)}")
+    return out
 
 
 def check_finished(run: Path) -> None:
@@ -222,6 +272,7 @@ def check_reusable(folder: Path, rec: dict, flags, data: Path, made_from: dict) 
     if rec["data_sha256"] != made_from["data_sha256"]:  # nor one of another sample set (a rebuilt one)
         raise CellError(f"{folder}: finished on sample data with sha256 {rec['data_sha256']}, but {data} is "
                         f"{made_from['data_sha256']}; {hint}")
+    check_predictions(folder, rec.get("predictions"))
     return rec
 
 

@@ -12,6 +12,7 @@ from pipeline.demo.compare.cells import (
     DEFAULT_TOKEN_MODE,
     HELDOUT,
     LR_GRID,
+    RERUN_HINT,
     VAL,
     CellError,
     _common,
@@ -20,6 +21,7 @@ from pipeline.demo.compare.cells import (
     _seeds,
     _settings,
     cell_name,
+    read_records,
     run_cells,
 )
 from pipeline.demo.sample_data import SCORING
@@ -29,16 +31,16 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _predictions(cell: Path) -> Path:
-    found = list((cell / "eval").glob("*/predictions.jsonl"))
-    if len(found) != 1:
-        raise CellError(f"{cell}: finished, but {len(found)} predictions.jsonl under its eval/ (the verdict needs "
-                        f"exactly one); delete {cell / 'cell.json'} and run the comparison again to re-run that cell")
-    return found[0]
-
-
 def _records(cell: Path) -> list[dict]:
-    return [json.loads(line) for line in _predictions(cell).read_text().splitlines()]
+    return read_records(cell)
+
+
+def _check_questions(cell: Path, records: list[dict], questions: set) -> None:
+    """Every cell answers the base's questions, each once (the verdict pairs them question by question)."""
+    got = [(r["task"], r["qid"]) for r in records]
+    if len(got) != len(set(got)) or set(got) != questions:
+        raise CellError(f"{cell}: its predictions answer {len(set(got))} of the base's {len(questions)} questions "
+                        f"({len(got)} lines); {RERUN_HINT.format(cell=cell)}")
 
 
 def _per_question(seeds: list[list[dict]]) -> dict[str, dict[str, float]]:
@@ -110,6 +112,8 @@ def _method_summary(args, method: str, res: dict, ref: dict) -> tuple[dict, dict
     runs = [res[n] for n in names[best]]
     scores = {t: dict(zip(("mean", "std"), _mean_std([c["scores"][t] for c in runs]))) for t in (*HELDOUT, VAL)}
     chosen = [_records(ref["cells"] / n) for n in names[best]]  # read once: per-question scores and answers
+    for n, recs in zip(names[best], chosen):
+        _check_questions(ref["cells"] / n, recs, ref["questions"])
     per_q = _per_question(chosen)
     se2 = {t: scores[t]["std"] ** 2 / args.seeds for t in HELDOUT}
     entry = {"lr": best[1], "visual_token_mode": best[0],
@@ -136,7 +140,8 @@ def summarise(args, res: dict) -> dict:
     cells = args.output / "cells"
     base_records = _records(cells / "base")
     base_q, majority_q = _base_and_majority(cells / "base", base_records)
-    ref = {"cells": cells, "targets": answer_sets(base_records), "base_q": base_q, "majority_q": majority_q}
+    ref = {"cells": cells, "targets": answer_sets(base_records), "base_q": base_q, "majority_q": majority_q,
+           "questions": {(r["task"], r["qid"]) for r in base_records}}
     methods, per_q = {}, {}
     for m in args.methods:
         methods[m], per_q[m] = _method_summary(args, m, res, ref)
