@@ -26,6 +26,30 @@ def atomic_write_json(path, obj, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
+def umask_modes(folder) -> None:
+    """Give every file under `folder` the mode a plain open() would (0666 less the umask). Why: safetensors writes
+    its files 0600 whatever the umask, so on a shared cluster a teammate could not read an adapter."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
+
+
+def replace_dir(tmp, final) -> None:
+    """Put the finished folder `tmp` at `final`: a reader sees the old folder or the new one, never a half-written
+    one (the old one is renamed aside, then removed)."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -71,16 +71,30 @@ class RunPlan:
     resume: str | None  # --resume, or None when --overwrite_output_dir started the folder over
 
 
-def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
+def _check_scheduler_and_precision(cfg: TrainConfig) -> None:
+    from deepspeed.accelerator import get_accelerator
     from transformers import SchedulerType
 
+    if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: not one of "
+                         f"{', '.join(t.value for t in SchedulerType)}")
+    if cfg.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU.value:
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type}: it changes the lr from an evaluation metric, "
+                         "and training reports none, so the lr would never change; use cosine, linear, constant, ...")
+    acc = get_accelerator()
+    for flag, on, supported in (("--fp16", cfg.fp16, acc.is_fp16_supported), ("--bf16", cfg.bf16,
+                                                                               acc.is_bf16_supported)):
+        if on and not supported():
+            raise UsageError(f"{flag}: the {acc.device_name()} accelerator here does not support it; drop the flag "
+                             "(fp32)" + (", or use --bf16" if flag == "--fp16" and acc.is_bf16_supported() else ""))
+
+
+def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
     from pipeline.training.checkpoint import find_resume
     from pipeline.training.engine import ds_config
 
     defaults.check_model_source(cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)
-    if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
-        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: not one of "
-                         f"{', '.join(t.value for t in SchedulerType)}")
+    _check_scheduler_and_precision(cfg)
     if cfg.resume not in (None, "auto"):
         find_resume(cfg.output_dir, cfg.resume)  # a damaged checkpoint: one line naming what is missing
     return ds_config(cfg.deepspeed, cfg, world), resolve_m2pt_config(cfg)
@@ -105,9 +119,19 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
             if rank == 0 else None)
         spec = str(folder)
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
+    pdist.agree_on(lambda: _check_shards_fit(cfg, m2pt_config, shards, world))
     identity = run_identity(cfg, m2pt_config, world, shards)
     pdist.agree_on(lambda: _same_run_or_start_over(cfg, identity) if rank == 0 else None)
     return RunPlan(ds_cfg, m2pt_config, shards, identity, None if cfg.overwrite_output_dir else cfg.resume)
+
+
+def _check_shards_fit(cfg: TrainConfig, m2pt_config: M2PTConfig, shards, world: int) -> None:
+    """What the manifests say, checked before the model loads: enough samples for one optimizer step, and lengths
+    measured for at least this model's visual tokens (LLaVA-v1 parts: checked once the model is built)."""
+    if shards.total is not None:
+        count_steps(cfg, shards.total, world)
+    if not (cfg.model_llm or cfg.model_vision or cfg.mm_projector):
+        check_visual_tokens(shards, visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
 
 
 def _same_run_or_start_over(cfg: TrainConfig, identity: dict) -> None:
@@ -146,11 +170,10 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     return base, model, n_train, n_total
 
 
-def check_visual_tokens(shards, model) -> None:
+def check_visual_tokens(shards, n: int) -> None:
     """Shards record the visual tokens per <image> their lengths were measured with; a model that expands an
-    image into more would train on sequences the --model_max_length check never saw. Fewer is fine (the check was
-    stricter than needed): e.g. --method text on shards built for M2PT's visual prompts."""
-    n = num_visual_tokens(model)
+    image into `n`, more, would train on sequences the --model_max_length check never saw. Fewer is fine (the check
+    was stricter than needed): e.g. --method text on shards built for M2PT's visual prompts."""
     bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v < n}
     if bad:
         manifest, v = next(iter(bad.items()))
@@ -254,7 +277,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     out = Path(cfg.output_dir)
     base, trained, n_train, n_total = build_model(cfg, plan.m2pt_config, rank)
     model = unwrap(trained)  # the LlavaForConditionalGeneration (under a PeftModel for --method lora)
-    check_visual_tokens(plan.shards, model)
+    check_visual_tokens(plan.shards, num_visual_tokens(model))
     n_samples = plan.shards.total if plan.shards.total is not None else count_samples(plan.shards.paths)
     steps_per_epoch, total_steps = count_steps(cfg, n_samples, world)
     engine, scheduler = build_engine(cfg, plan.ds_config, trained, total_steps)

@@ -4,7 +4,8 @@ comparison cells), now refused with one line before any work, or handled."""
 
 import json
 
-from helpers import read_metrics, run_inprocess, train_args
+import pytest
+from helpers import ENV, deepspeed_cmd, read_metrics, run_inprocess, train_args
 
 
 def _finished_run(shards, out):
@@ -151,3 +152,107 @@ def test_a_cut_emptied_or_edited_cell_is_one_clear_error(tmp_path):
         read_records(cell)
     with pytest.raises(CellError, match=r"answer 2 of the base's 4 questions"):
         _check_questions(cell, recs[:2], {("t", str(i)) for i in range(4)})
+
+
+# ------------------------------------------------------------------------------------------- before the model
+def _no_model(monkeypatch):
+    """Fail the test if anything loads a model: the mistakes below must be caught from the files alone."""
+    from pipeline import defaults
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the mistake was caught")
+
+    monkeypatch.setattr(defaults, "load_base", refuse)
+
+
+def test_mistakes_the_files_show_are_caught_before_the_model_loads(shards, tmp_path, capsys, monkeypatch):
+    """Before: --fp16 where the device can't was 'Type fp16 is not supported on your device.' after the model loaded,
+    naming neither the flag nor the remedy; too few samples and shards of other visual-token counts were clear errors
+    but after the model loaded; reduce_lr_on_plateau was accepted and never changed the lr."""
+    from deepspeed.accelerator import get_accelerator
+
+    from data_prep.build_shards import main as build_main
+    from pipeline.train import main
+
+    _no_model(monkeypatch)
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps(json.loads((shards / "sample" / "train.json").read_text())[:3]))
+    assert build_main(["--input", str(three), "--image_root", str(shards / "sample"), "--output",
+                       str(tmp_path / "s3"), "--workers", "1", "--quiet"]) == 0
+    assert build_main(["--input", str(shards / "sample" / "train.json"), "--image_root", str(shards / "sample"),
+                       "--output", str(tmp_path / "s5"), "--visual_prompt_length", "5", "--workers", "1",
+                       "--quiet"]) == 0
+    acc = get_accelerator()
+    monkeypatch.setattr(type(acc), "is_fp16_supported", lambda self: False)
+    cases = [(["--train_shards", str(shards / "shards"), "--fp16"],
+              "error: --fp16: the cpu accelerator here does not support it; drop the flag"),
+             (["--train_shards", str(tmp_path / "s3")], "error: 3 samples are fewer than one optimizer step needs (4)"),
+             (["--train_shards", str(tmp_path / "s5")], "was built for 21 visual tokens per image, but this model and "
+                                                       "M2PT config give 26"),
+             (["--train_shards", str(shards / "shards"), "--lr_scheduler_type", "reduce_lr_on_plateau"],
+              "error: --lr_scheduler_type reduce_lr_on_plateau: it changes the lr from an evaluation metric")]
+    for flags, want in cases:
+        capsys.readouterr()
+        assert main([*flags, "--output_dir", str(tmp_path / "o"), "--report_to", "none"]) == 2, flags
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+
+
+def test_artifacts_are_written_whole_and_as_the_umask_says(shards, tmp_path):
+    """Before: adapter_model.safetensors (and LoRA's, and full's model.safetensors) came out 0600 whatever the umask,
+    so a teammate on a shared cluster could not read the adapter; the final adapter was written in place."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        run_inprocess(train_args(shards, out, "--max_steps", "2", "--dataloader_num_workers", "0"))
+        lora = tmp_path / "lora"
+        run_inprocess(train_args(shards, lora, "--max_steps", "1", "--dataloader_num_workers", "0", "--method",
+                                 "lora"))
+    finally:
+        os.umask(old)
+    files = [*(out / "adapter").iterdir(), *(lora / "adapter").iterdir(),
+             *(out / "checkpoints").rglob("adapter/*")]
+    assert any(f.name == "adapter_model.safetensors" for f in files)
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files if f.is_file()} == {
+        f.name: "0o644" for f in files if f.is_file()}
+    assert not list(tmp_path.rglob(".tmp-adapter")) and not list(tmp_path.rglob(".old-adapter"))
+
+
+def test_a_jsonl_line_that_is_not_utf8_rejects_that_line_only(shards, tmp_path):
+    """Before: one Latin-1 line refused the whole file ('utf-8 codec can't decode byte ...'), where a line of bad
+    JSON rejected only that line."""
+    from data_prep.build_shards import main as build_main
+
+    recs = json.loads((shards / "sample" / "train.json").read_text())[:5]
+    lines = [json.dumps(r).encode() for r in recs]
+    lines[2] = json.dumps(dict(recs[2], id="caf\u00e9"), ensure_ascii=False).encode("latin-1")
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "s"
+    assert build_main(["--input", str(tmp_path / "in.jsonl"), "--image_root", str(shards / "sample"), "--output",
+                       str(out), "--workers", "1", "--quiet"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["totals"]["read"] == 5 and man["totals"]["written"] == 4
+    assert man["totals"]["rejected_by_reason"] == {"bad_encoding": 1}
+    (rej,) = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert rej["reason"] == "bad_encoding" and rej["detail"].startswith("line 3: not UTF-8")
+
+
+@pytest.mark.slow
+def test_a_taken_rendezvous_port_names_master_port(shards, tmp_path):
+    """Before: a second deepspeed job on the same node was a 40-line traceback ending in EADDRINUSE on port 29500."""
+    import socket
+    import subprocess
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run(deepspeed_cmd(1, port, *train_args(shards, tmp_path / "o", "--max_steps", "1")), env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert f"port {port} on 127.0.0.1 is taken" in line and "--master_port" in line
+    assert "Traceback" not in r.stderr

@@ -412,6 +412,9 @@ def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None,
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "method": METHOD})
     meta = _adapter_meta(model, model.m2pt_config, base_name) | (extra or {})
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    from pipeline.files import umask_modes
+
+    umask_modes(path)  # safetensors writes 0600 whatever the umask
     return path
 
 

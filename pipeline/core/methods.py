@@ -93,19 +93,32 @@ def artifact_tensors(module, method: str) -> dict:
 def save_artifact(module, path, method: str, tensors: dict, base_name: str = "", base=None) -> Path:
     """Write the method's artifact to `path`. `base` (tokenizer + image processor) makes a `full` folder loadable on
     its own."""
+    import shutil
+
+    from pipeline.files import replace_dir, umask_modes
+
+    final = Path(path)
+    path = final.with_name(f".tmp-{final.name}")  # written aside, then swapped in whole
+    shutil.rmtree(path, ignore_errors=True)
+    if method in PROMPT_METHODS:
+        _save_prompt_artifact(module, path, method, tensors, base_name)
+    else:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        module.save_pretrained(str(path), state_dict=cpu)
+        if base is not None and method == "full":
+            base.tokenizer.save_pretrained(str(path))
+            base.image_processor.save_pretrained(str(path))
+        (path / TRAINING_METHOD_FILE).write_text(json.dumps({"training_method": method, "base_model": base_name})
+                                                 + "\n")
+    umask_modes(path)
+    replace_dir(path, final)
+    return final
+
+
+def _save_prompt_artifact(module, path: Path, method: str, tensors: dict, base_name: str) -> None:
     from pipeline.core.m2pt import save_adapter
 
-    path = Path(path)
-    if method in PROMPT_METHODS:
-        return save_adapter(module, path, state_dict=tensors, base_name=base_name,
-                            extra={"training_method": method})
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    module.save_pretrained(str(path), state_dict=cpu)
-    if base is not None and method == "full":
-        base.tokenizer.save_pretrained(str(path))
-        base.image_processor.save_pretrained(str(path))
-    (path / TRAINING_METHOD_FILE).write_text(json.dumps({"training_method": method, "base_model": base_name}) + "\n")
-    return path
+    save_adapter(module, path, state_dict=tensors, base_name=base_name, extra={"training_method": method})
 
 
 def read_artifact(path) -> dict:

@@ -94,7 +94,7 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 TAR_MTIME = 946684800  # fixed member mtime (2000-01-01): identical input -> byte-identical shards
 REASONS = (
-    "bad_json", "bad_record", "duplicate_id", "bad_conversation", "missing_image_token", "extra_image_token",
+    "bad_json", "bad_encoding", "bad_record", "duplicate_id", "bad_conversation", "missing_image_token", "extra_image_token",
     "empty_answer", "too_long", "path_outside_root", "missing_image", "undecodable_image", "image_too_large",
 )
 
@@ -127,14 +127,7 @@ def read_inputs(paths: list[str]) -> list[Job]:
             if p.is_dir() or p.suffix == ".parquet":
                 jobs += [Job(str(p), i, r) for i, r in enumerate(_read_hf(p))]
             elif p.suffix == ".jsonl":
-                with p.open(encoding="utf-8") as f:
-                    for i, line in enumerate(f):
-                        if not line.strip():
-                            continue
-                        try:
-                            jobs.append(Job(str(p), i, json.loads(line)))
-                        except json.JSONDecodeError as e:
-                            jobs.append(Job(str(p), i, Rejected("bad_json", f"line {i + 1}: {e}")))
+                jobs += _read_jsonl(p)
             else:
                 data = json.loads(p.read_text(encoding="utf-8"))
                 if not isinstance(data, list):
@@ -142,6 +135,24 @@ def read_inputs(paths: list[str]) -> list[Job]:
                 jobs += [Job(str(p), i, r) for i, r in enumerate(data)]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"--input {p}: unreadable ({e})") from e
+    return jobs
+
+
+def _read_jsonl(p: Path) -> list[Job]:
+    """One job per non-empty line; a line that is not UTF-8 or not JSON is rejected on its own (with its number),
+    not the whole file."""
+    jobs = []
+    with p.open("rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                jobs.append(Job(str(p), i, json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                jobs.append(Job(str(p), i, Rejected("bad_encoding", f"line {i + 1}: not UTF-8 ({e.reason} at byte "
+                                                                    f"{e.start})")))
+            except json.JSONDecodeError as e:
+                jobs.append(Job(str(p), i, Rejected("bad_json", f"line {i + 1}: {e}")))
     return jobs
 
 

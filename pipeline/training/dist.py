@@ -11,6 +11,16 @@ import socket
 log = logging.getLogger(__name__)
 
 
+class PortTakenError(ValueError):
+    """The rendezvous port is taken: another job on this node (the deepspeed launcher and torchrun both default to
+    29500)."""
+
+    def __init__(self, addr, port):
+        super().__init__(f"port {port} on {addr} is taken, by another job on this node? Give this one another "
+                         f"port: deepspeed --master_port {_free_port()} ... (torchrun: --master_port; srun: export "
+                         "MASTER_PORT)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +62,13 @@ def init(timeout_s: int) -> tuple[int, int, int]:
         # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at init (1-3 min of g++,
         # and an indefinite hang if a previous build was killed holding its lock). Training never uses it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # torch's DistNetworkError: a 40-line traceback that never says what to do
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise PortTakenError(os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")) from None
+        raise
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if acc.device_name() != "cpu":
         acc.set_device(local)
