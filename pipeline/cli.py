@@ -4,10 +4,10 @@ help) - PEFT's config-dataclass style, with argparse.
     add_config_flags(group, M2PTConfig, exclude=("seed",), aliases={"text_prompt_length": ["--PT_len_llm"]})
 
 Field metadata: "help" (required), "choices", "nargs", "type" (for fields whose default is None), "group" (which
---help section lists it; read by the app, not passed to argparse). A bool field becomes `--name` when it defaults
-to False, and `--no_name` when it defaults to True: then "no_help" (required) says what `--no_name` does, since the
-field's own help describes the behaviour it turns off. Spelling is Hugging Face's:
-underscores. The old kebab-case spellings still parse, with a warning (`normalize_kebab_flags`).
+--help section lists it; read by the app, not passed to argparse). A bool field is read as Hugging Face's
+HfArgumentParser reads it: `--name`, `--name True|False`; one that defaults to True also gets `--no_name`, whose
+"no_help" (required) says what it does, since the field's own help describes the behaviour it turns off. Spelling
+is Hugging Face's: underscores. The kebab-case spellings parse too, with a warning (`normalize_kebab_flags`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.type is parse_bool:
             return h  # a switch: its help says what giving it does
         if ("%(default)" in h or action.default is None or action.default is False
                 or action.default == argparse.SUPPRESS or not action.option_strings):
             return h
         return h + " (default: %(default)s)"
+
+
+def parse_bool(text: str) -> bool:
+    """`--X True` / `--X false` / `--X 1` ..., as Hugging Face's HfArgumentParser (and so every LLaVA script) writes
+    booleans."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
+def _add_bool(parser, name: str, kw: dict, default: bool, no_help: str | None, names: list[str], owner: str) -> None:
+    """`--name` (True), `--name True|False`, and for a field that defaults to True also `--no_name`."""
+    parser.add_argument(*names, **kw, type=parse_bool, nargs="?", const=True, default=default,
+                        metavar="True|False")
+    if default:
+        if no_help is None:
+            raise TypeError(f"{owner}.{name} defaults to True: it also gets --no_{name}, and its metadata needs a "
+                            f"'no_help' saying what --no_{name} does")
+        parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=no_help)
 
 
 def add_config_flags(parser, cls, include=None, exclude=(), aliases=None) -> None:
@@ -43,21 +63,14 @@ def add_config_flags(parser, cls, include=None, exclude=(), aliases=None) -> Non
             f.default_factory() if f.default_factory is not MISSING else MISSING)
         names = [f"--{f.name}", *aliases.get(f.name, [])]
         if isinstance(default, bool):
-            if default:
-                if no_help is None:
-                    raise TypeError(f"{cls.__name__}.{f.name} defaults to True: its flag is --no_{f.name}, and its "
-                                    "metadata needs a 'no_help' saying what --no_{f.name} does")
-                names = [f"--no_{f.name}", *aliases.get(f.name, [])]
-                kw.update(action="store_false", default=True, help=no_help)
-            else:
-                kw.update(action="store_true", default=False)
+            _add_bool(parser, f.name, kw, default, no_help, names, cls.__name__)
+            continue
+        if default is MISSING:
+            kw["required"] = True
         else:
-            if default is MISSING:
-                kw["required"] = True
-            else:
-                kw["default"] = default
-            kw["type"] = meta.pop("type", type(default) if default not in (MISSING, None) else str)
-            kw.update(meta)
+            kw["default"] = default
+        kw["type"] = meta.pop("type", type(default) if default not in (MISSING, None) else str)
+        kw.update(meta)
         parser.add_argument(*names, **kw)
 
 

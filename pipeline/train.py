@@ -78,9 +78,13 @@ def _check_scheduler_and_precision(cfg: TrainConfig) -> None:
     if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
         raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: not one of "
                          f"{', '.join(t.value for t in SchedulerType)}")
-    if cfg.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU.value:
-        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type}: it changes the lr from an evaluation metric, "
-                         "and training reports none, so the lr would never change; use cosine, linear, constant, ...")
+    if cfg.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU.value, "greedy"):
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type}: it changes the lr from a metric handed to "
+                         "each step, and the engine hands it none, so the lr would never change; use cosine, "
+                         "linear, constant, ...")
+    from pipeline.training.engine import check_scheduler
+
+    check_scheduler(cfg)
     acc = get_accelerator()
     for flag, on, supported in (("--fp16", cfg.fp16, acc.is_fp16_supported), ("--bf16", cfg.bf16,
                                                                                acc.is_bf16_supported)):
@@ -102,7 +106,8 @@ def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PT
 
 def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
     """Everything that can be checked without loading the model, before it loads: the output-folder lock, the
-    model's files, the scheduler, the DeepSpeed config, the method, the shards (built first on the default)."""
+    model's files, the scheduler and precision, the DeepSpeed config, the method, the shards (built first on the
+    default) and what their manifests say, and that the folder holds no run of other settings."""
     from pipeline.data.stream import resolve_shards
 
     def local():
@@ -232,7 +237,8 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
                 "m2pt": vars(model.m2pt_config) if hasattr(model, "m2pt_config") else None,
                 "base_model": state.base.name, "trainable": n_train, "total_parameters": n_total,
                 "attn_implementation": model.config._attn_implementation,
-                "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id, "run_identity": plan.identity}
+                "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id, "run_identity": plan.identity,
+                "run_name": state.cfg.run_name or state.out.name}
     (state.out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
@@ -257,7 +263,8 @@ def _announce(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_tot
                     run_id=state.run_id)
     state.metrics.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                          "step": state.progress.step, "resumed_from": str(ckpt) if ckpt else None,
-                         "world_size": state.world, "args": cfg.record(plan.m2pt_config)})
+                         "world_size": state.world, "run_name": cfg.run_name or state.out.name,
+                         "args": cfg.record(plan.m2pt_config)})
     log.info("%d samples in %d shard(s); %d ranks x %d x %d per step -> %d steps/epoch, %d steps", state.n_samples,
              len(plan.shards.paths), state.world, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
              state.steps_per_epoch, state.total_steps)
@@ -369,15 +376,15 @@ def log_window(state: TrainState) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _stop(state: TrainState, stop) -> None:
-    """A stop request agreed by every rank: checkpoint, log how to resume, run_state "stopped"."""
+def _stop(state: TrainState, reason: str | None) -> None:
+    """A stop agreed by every rank: checkpoint, log how to resume, run_state "stopped"."""
     progress = state.progress
-    state.checkpointer.save(progress, f"stop: {stop.reason or 'requested on another rank'}")
-    log.info("stopped (%s) at step %d/%d; resume with --resume auto", stop.reason or "another rank", progress.step,
+    state.checkpointer.save(progress, f"stop: {reason or 'requested on another rank'}")
+    log.info("stopped (%s) at step %d/%d; resume with --resume auto", reason or "another rank", progress.step,
              state.total_steps)
     if state.rank == 0:
         write_run_state(state.out, state="stopped", step=progress.step, total_steps=state.total_steps,
-                        run_id=state.run_id, signal=stop.reason)
+                        run_id=state.run_id, signal=reason)
 
 
 def train_loop(state: TrainState, stop) -> bool:
@@ -396,7 +403,10 @@ def train_loop(state: TrainState, stop) -> bool:
         if progress.step % cfg.logging_steps == 0 or progress.step == state.total_steps:
             log_window(state)
         if pdist.any_rank(stop.poll()):  # every rank stops at the same step (a signal may reach only some)
-            _stop(state, stop)
+            _stop(state, stop.reason)
+            return True
+        if progress.step == cfg.stop_at_step and progress.step < state.total_steps:
+            _stop(state, f"--stop_at_step {cfg.stop_at_step}")
             return True
         if cfg.save_steps > 0 and progress.step % cfg.save_steps == 0 and progress.step < state.total_steps:
             state.checkpointer.save(progress, "periodic")
@@ -470,6 +480,8 @@ def set_threads(cfg: TrainConfig) -> None:
         n, why = 1, "the embedded default: reproducible numbers (--num_threads to change)"
     torch.set_num_threads(n)
     log.info("intra-op threads per rank: %d (%s)", n, why)
+    if cfg.tf32 and torch.cuda.is_available():  # LLaVA's --tf32 True: TF32 tensor cores for fp32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def main(argv=None) -> int:

@@ -190,7 +190,7 @@ def test_mistakes_the_files_show_are_caught_before_the_model_loads(shards, tmp_p
              (["--train_shards", str(tmp_path / "s5")], "was built for 21 visual tokens per image, but this model and "
                                                        "M2PT config give 26"),
              (["--train_shards", str(shards / "shards"), "--lr_scheduler_type", "reduce_lr_on_plateau"],
-              "error: --lr_scheduler_type reduce_lr_on_plateau: it changes the lr from an evaluation metric")]
+              "error: --lr_scheduler_type reduce_lr_on_plateau: it changes the lr from a metric")]
     for flags, want in cases:
         capsys.readouterr()
         assert main([*flags, "--output_dir", str(tmp_path / "o"), "--report_to", "none"]) == 2, flags

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import sys
 from dataclasses import dataclass, field, fields
 
-from pipeline.cli import HelpFormatter, add_config_flags
+from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags
 from pipeline.core.m2pt import M2PTConfig
 from pipeline.core.methods import FIXED_LENGTHS, METHODS, PROMPT_METHODS, LoraSettings
 from pipeline.defaults import REPO, TRAIN_OUTPUT
 from pipeline.errors import UsageError
 
 M2PT_FLAGS = tuple(f.name for f in fields(M2PTConfig) if f.name != "seed")  # the prompt init is seeded by --seed
-M2PT_ALIASES = {"visual_prompt_length": ["--PT_len_vision_encoder"], "text_prompt_length": ["--PT_len_llm"]}
+# Other spellings of the same flag: the reference M2PT scripts' and LLaVA's (docs/llava_flags.md has the whole table).
+M2PT_ALIASES = {"visual_prompt_length": ["--PT_len_vision_encoder"], "text_prompt_length": ["--PT_len_llm"],
+                "tune_projector": ["--tune_mm_mlp_adapter"], "tune_lm_head": ["--tune_lm_header"]}
+TRAIN_ALIASES = {"model": ["--model_name_or_path"]}
 GROUPS = {
     "model": "model (one of: --model, or the three LLaVA-v1 parts; default: the embedded demo model)",
     "method": "method (pipeline/core/methods.py)",
@@ -85,8 +90,12 @@ class TrainConfig:
     num_train_epochs: float = _f("optim", 3.0, "epochs over the shards' sample count")
     max_steps: int = _f("optim", -1, "if > 0: optimizer steps to run (overrides epochs)")
     warmup_ratio: float = _f("optim", 0.03, "share of steps for linear warm-up")
+    warmup_steps: int = _f("optim", 0, "if > 0: warm-up steps (overrides --warmup_ratio)")
     lr_scheduler_type: str = _f("optim", "cosine", "transformers scheduler name: cosine, linear, constant, "
-                                "constant_with_warmup, ...")
+                                "constant_with_warmup, cosine_with_min_lr, warmup_stable_decay, ... (every one is "
+                                "built once at start-up, so a missing kwarg fails before the model loads)")
+    lr_scheduler_kwargs: str = _f("optim", "{}", "JSON object of the scheduler's own arguments, e.g. "
+                                  "'{\"min_lr_rate\": 0.1}' for cosine_with_min_lr")
     weight_decay: float = _f("optim", 0.0, "AdamW weight decay (not applied to biases)")
     adam_beta1: float = _f("optim", 0.9, "AdamW beta1")
     adam_beta2: float = _f("optim", 0.999, "AdamW beta2")
@@ -94,6 +103,7 @@ class TrainConfig:
     bf16: bool = _f("optim", False, "bfloat16 training (fp32 master weights of the trainables)")
     fp16: bool = _f("optim", False, "float16 training (GPU only)")
     gradient_checkpointing: bool = _f("optim", False, "non-reentrant activation checkpointing")
+    tf32: bool = _f("optim", False, "allow TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)")
     seed: int = _f("optim", 42, "seed of prompts, data order and dropout")
     peak_tflops: float | None = _f("optim", None, "peak TFLOP/s of one device for the 'mfu' metric (default: the "
                                    "GPU's dense bf16 datasheet value, or on CPU a short fp32 GEMM probe at "
@@ -109,8 +119,13 @@ class TrainConfig:
     resume: str | None = _f("logging", "auto", "'auto': continue from the newest complete checkpoint in "
                             "--output_dir if there is one (only a run of the same settings: another learning rate, "
                             "seed, batch, method, data or length is refused); a checkpoint path; or 'none'")
+    stop_at_step: int = _f("logging", 0, "if > 0: stop at this step with a checkpoint, as a stop signal would "
+                           "(run_state 'stopped'; resume with --resume auto): splits a run into shorter jobs without "
+                           "changing its schedule")
     overwrite_output_dir: bool = _f("logging", False, "start over in a folder that holds a run: first remove its "
                                     "checkpoints, adapter and logs (pipeline/training/identity.py: RUN_FILES)")
+    run_name: str | None = _f("logging", None, "a name for this run, recorded in config.json and every "
+                              "metrics.jsonl start line (default: the output folder's name)")
     report_to: str = _f("logging", "tensorboard", "also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always "
                         "written", choices=("tensorboard", "none"))
     dist_timeout: int = _f("logging", int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
@@ -123,6 +138,9 @@ class TrainConfig:
     m2pt_flags: M2PTConfig = field(default_factory=M2PTConfig, metadata={"group": None})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"group": None})
     explicit: tuple = field(default=(), metadata={"group": None})
+
+    def scheduler_kwargs(self) -> dict:
+        return json.loads(self.lr_scheduler_kwargs or "{}")
 
     def record(self, m2pt_config: M2PTConfig | None = None) -> dict:
         """The flags as one flat dict (config.json's "args"), with the method flags of `m2pt_config` (the resolved
@@ -142,7 +160,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     ap = _Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     for key, title in GROUPS.items():
         g = ap.add_argument_group(title)
-        add_config_flags(g, TrainConfig, include=[f.name for f in fields(TrainConfig) if f.metadata["group"] == key])
+        add_config_flags(g, TrainConfig, include=[f.name for f in fields(TrainConfig) if f.metadata["group"] == key],
+                         aliases=TRAIN_ALIASES)
         if key == "method":
             add_config_flags(g, LoraSettings)
             g = ap.add_argument_group("M2PT (pipeline.core.m2pt.M2PTConfig; the prompt init is seeded by --seed)")
@@ -157,6 +176,13 @@ def _explicit(argv) -> tuple:
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     return tuple(sorted(vars(probe.parse_args(argv))))
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text or "{}"), dict)
+    except ValueError:
+        return False
 
 
 def flag_problems(c: TrainConfig) -> list[str]:
@@ -181,6 +207,10 @@ def flag_problems(c: TrainConfig) -> list[str]:
         (c.num_threads is None or c.num_threads >= 1, "--num_threads must be >= 1"),
         (c.peak_tflops is None or c.peak_tflops > 0, "--peak_tflops must be > 0"),
         (c.length_group_batches >= 1, "--length_group_batches must be >= 1"),
+        (c.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+        (c.stop_at_step >= 0, "--stop_at_step must be >= 0"),
+        (_json_object(c.lr_scheduler_kwargs), "--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": "
+                                              "0.1}'"),
         (not (c.bf16 and c.fp16), "choose one of --bf16 / --fp16"),
         (not (c.overwrite_output_dir and c.resume not in (None, "auto")),
          "--overwrite_output_dir starts the folder over: drop --resume PATH"),
@@ -188,8 +218,72 @@ def flag_problems(c: TrainConfig) -> list[str]:
     return [msg for ok, msg in rules if not ok]
 
 
+# LLaVA flags that mean something else here: one line that names this project's way instead of "unrecognized".
+LLAVA_HINTS = {
+    "--data_path": "this trainer reads WebDataset shards: build them once with `python -m data_prep.build_shards "
+                   "--input DATA_PATH --image_root IMAGE_FOLDER --output SHARDS --model MODEL --shuffle`, then pass "
+                   "--train_shards SHARDS",
+    "--vision_tower": "the vision tower comes with --model (a llava-hf folder) or --model_vision (LLaVA-v1 parts)",
+    "--pretrain_mm_mlp_adapter": "a stage-1 projector file is --mm_projector (with --model_llm and --model_vision)",
+    "--deepspeed_config": "the DeepSpeed JSON is --deepspeed",
+}
+LLAVA_HINTS["--image_folder"] = LLAVA_HINTS["--data_path"]
+# LLaVA flags whose usual value is what this trainer does anyway: accepted with that value (and ignored), refused
+# with the reason for any other. Values compare case-insensitively; None: any value.
+LLAVA_IMPLIED = {
+    "--version": ({"v1", "vicuna_v1"}, "this trainer uses the Vicuna-v1 template (pipeline/core/chat.py)"),
+    "--mm_vision_select_layer": ({"-2"}, "the feature layer is the model config's vision_feature_layer"),
+    "--mm_projector_type": ({"mlp2x_gelu", "linear"}, "the projector is the model's own (llava-hf: mlp2x_gelu; "
+                                                      "LLaVA-v1 parts: linear)"),
+    "--mm_use_im_start_end": ({"false"}, "no image start/end tokens are used"),
+    "--mm_use_im_patch_token": ({"false"}, "no image patch token is used"),
+    "--lazy_preprocess": ({"true"}, "samples are always decoded lazily, from the shards"),
+    "--group_by_modality_length": ({"false"}, "use --group_by_length (batches of similar token length)"),
+    "--image_aspect_ratio": (set(), "images go through the model's image processor (resize, center crop), not "
+                                    "padded to a square"),
+    "--evaluation_strategy": ({"no"}, "training runs no evaluation: python -m pipeline.evaluate scores adapters"),
+    "--save_strategy": ({"steps"}, "checkpoints are written every --save_steps steps"),
+    "--per_device_eval_batch_size": (None, ""),
+}
+
+
+def _value(argv: list[str], i: int) -> tuple[str, int]:
+    """The value of argv[i] (`--x=v` or `--x v`; a bare `--x` is "true") and how many tokens it took."""
+    name, eq, value = argv[i].partition("=")
+    if eq:
+        return value, 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return argv[i + 1], 2
+    return "true", 1
+
+
+def _llava_spellings(argv: list[str], ap) -> list[str]:
+    """Rewrite LLaVA / Hugging Face spellings into this trainer's, refuse the ones that mean something else with a
+    hint, drop the ones whose value is what happens anyway. `--resume_from_checkpoint True|False|PATH` ->
+    `--resume auto|none|PATH`."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].partition("=")[0]
+        if name in LLAVA_HINTS:
+            ap.error(f"{name}: {LLAVA_HINTS[name]}")
+        if name not in LLAVA_IMPLIED and name != "--resume_from_checkpoint":
+            out.append(argv[i])
+            i += 1
+            continue
+        value, took = _value(argv, i)
+        i += took
+        if name == "--resume_from_checkpoint":
+            out += ["--resume", {"true": "auto", "false": "none"}.get(value.lower(), value)]
+            continue
+        accepted, why = LLAVA_IMPLIED[name]
+        if accepted is not None and value.lower() not in accepted:
+            ap.error(f"{name} {value}: {why}")
+    return normalize_kebab_flags(out, ap)
+
+
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     ap = build_parser(description)
+    argv = _llava_spellings(list(sys.argv[1:] if argv is None else argv), ap)
     values = vars(ap.parse_args(argv))
     m2pt = {k: values.pop(k) for k in M2PT_FLAGS}
     lora = LoraSettings(**{f.name: values.pop(f.name) for f in fields(LoraSettings)})

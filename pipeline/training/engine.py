@@ -53,12 +53,34 @@ def ds_config(path: str, train, world: int) -> dict:
     return cfg
 
 
+def make_scheduler(train, optimizer, total_steps: int):
+    """The --lr_scheduler_type schedule (with --lr_scheduler_kwargs) over `total_steps`; warm-up: --warmup_steps,
+    else --warmup_ratio of the steps."""
+    from transformers import get_scheduler
+
+    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
+    return get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=train.scheduler_kwargs())
+
+
+def check_scheduler(train) -> None:
+    """Build the schedule once on a stand-in optimizer, so a scheduler that needs arguments it was not given (or
+    got wrong ones) fails here, before the model loads, not after."""
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.learning_rate)
+    try:
+        make_scheduler(train, optimizer, total_steps=100)
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"--lr_scheduler_type {train.lr_scheduler_type} with --lr_scheduler_kwargs "
+                         f"{train.lr_scheduler_kwargs}: {e}") from None
+
+
 def build_engine(train, ds_cfg: dict, model, total_steps: int):
     """(engine, scheduler) over the parameters that require gradients: AdamW with weight decay on matrices only,
     the --lr_scheduler_type schedule with --warmup_ratio of `total_steps` to warm up."""
     import deepspeed
     import torch
-    from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": train.weight_decay},
@@ -73,9 +95,7 @@ def build_engine(train, ds_cfg: dict, model, total_steps: int):
         # torch AdamW: no JIT compile (DeepSpeed's FusedAdam would build C++ for minutes); its fused kernel exists
         # for CUDA and CPU parameters alike.
         optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas, fused=True)
-    scheduler = get_scheduler(train.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(train.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = make_scheduler(train, optimizer, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine, scheduler

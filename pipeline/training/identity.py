@@ -19,9 +19,10 @@ from pathlib import Path
 from pipeline.errors import UsageError
 
 TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_adapter", "method", "learning_rate",
-                    "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
-                    "seed", "max_steps", "num_train_epochs", "model_max_length", "group_by_length",
-                    "length_group_batches", "shuffle_buffer", "dataloader_num_workers", "bf16", "fp16")
+                    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay",
+                    "adam_beta1", "adam_beta2", "max_grad_norm", "seed", "max_steps", "num_train_epochs",
+                    "model_max_length", "group_by_length", "length_group_batches", "shuffle_buffer",
+                    "dataloader_num_workers", "bf16", "fp16")
 # What --overwrite_output_dir removes: everything a run writes into its folder, nothing else.
 RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "run_state.json")
 
@@ -52,9 +53,9 @@ def _label(key: str) -> str:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """'--learning_rate 0.0007 -> 0.01' for each setting that differs (a key only one side has counts too)."""
-    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k, "(not set)") != new.get(k, "(not set)")]
-    return [f"{_label(k)} {old.get(k, '(not set)')} -> {new.get(k, '(not set)')}" for k in keys]
+    """'--learning_rate 0.0007 -> 0.01' for each setting that differs. Only settings both sides know are compared:
+    a checkpoint written before a setting existed ran with its default."""
+    return [f"{_label(k)} {old[k]} -> {new[k]}" for k in old if k in new and old[k] != new[k]]
 
 
 def recorded_identity(ckpt: Path) -> dict | None:

@@ -1,0 +1,94 @@
+"""Command lines as LLaVA users bring them: HfArgumentParser booleans, LLaVA's and the reference's flag names, a
+one-line hint for the ones that mean something else here, and every transformers scheduler either accepted with
+its arguments or refused before the model loads."""
+
+import json
+
+import pytest
+from helpers import read_metrics, run_inprocess, train_args
+
+
+def test_booleans_parse_as_hfargumentparser_reads_them_in_every_app():
+    from pipeline.evaluate import parse_args as eval_args
+    from pipeline.train import parse_args
+
+    cfg = parse_args(["--bf16", "True", "--gradient_checkpointing", "False", "--group_by_length", "--tf32=true"])
+    assert (cfg.bf16, cfg.gradient_checkpointing, cfg.group_by_length, cfg.tf32) == (True, False, True, True)
+    assert not parse_args(["--tune_projector", "False"]).m2pt_flags.tune_projector
+    assert not parse_args(["--no_tune_projector"]).m2pt_flags.tune_projector
+    assert parse_args(["--tune-lm-head", "True"]).m2pt_flags.tune_lm_head  # dashed spelling, with a warning
+    assert not eval_args(["--majority_baseline", "False"]).majority_baseline
+    assert eval_args(["--with_base", "True"]).with_base
+    with pytest.raises(SystemExit):
+        parse_args(["--bf16", "maybe"])
+
+
+def test_a_llava_style_command_line_trains(shards, tmp_path):
+    """LLaVA's finetune.sh spellings (with this project's data and output paths): they parse, mean what they mean in
+    LLaVA, and train. Before: 'error: unrecognized arguments: True' at the first boolean."""
+    llava = ["--model_name_or_path", "tiny", "--version", "v1", "--mm_projector_type", "mlp2x_gelu",
+             "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+             "--bf16", "False", "--tf32", "True", "--gradient_checkpointing", "True", "--lazy_preprocess", "True",
+             "--evaluation_strategy", "no", "--save_strategy", "steps", "--per_device_eval_batch_size", "4",
+             "--tune_mm_mlp_adapter", "True", "--tune_lm_header", "False", "--warmup_steps", "1",
+             "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}',
+             "--run_name", "llava-style", "--resume_from_checkpoint", "False"]
+    out = tmp_path / "run"
+    run_inprocess(train_args(shards, out, *llava, "--max_steps", "4", "--dataloader_num_workers", "0"))
+    steps, _, starts = read_metrics(out)
+    assert starts[0]["run_name"] == "llava-style" and len(steps) == 4
+    lrs = [s["lr"] for s in steps]
+    assert lrs[0] == pytest.approx(7e-4) and lrs[-1] == pytest.approx(7e-5)  # warm-up 1 step, cosine to 10 %
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"]["gradient_checkpointing"] and cfg["args"]["tune_projector"] and not cfg["args"]["tune_lm_head"]
+
+
+@pytest.mark.parametrize("flags, hint", [
+    (["--data_path", "a.json", "--image_folder", "img"], "python -m data_prep.build_shards --input DATA_PATH"),
+    (["--image_aspect_ratio", "pad"], "not padded to a square"),
+    (["--mm_vision_select_layer", "-1"], "vision_feature_layer"),
+    (["--group_by_modality_length", "True"], "--group_by_length"),
+    (["--vision_tower", "openai/clip-vit-large-patch14-336"], "--model_vision"),
+])
+def test_llava_flags_that_mean_something_else_here_get_one_line_naming_our_way(flags, hint, capsys):
+    from pipeline.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flags[0]}") and hint in err and err.count("\n") == 1, err
+
+
+def test_every_scheduler_is_accepted_with_its_arguments_or_refused_before_the_model_loads(shards, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Before: cosine_with_min_lr passed the start-up check and failed after the model loaded; warmup_stable_decay
+    was a TypeError; reduce_lr_on_plateau was accepted and never changed the lr."""
+    from transformers import SchedulerType
+
+    from pipeline import defaults
+    from pipeline.train import main
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(defaults, "load_base", refuse)
+    refused = {}
+    for t in SchedulerType:
+        capsys.readouterr()
+        try:
+            main(train_args(shards, tmp_path / t.value, "--lr_scheduler_type", t.value, "--max_steps", "1"))
+        except AssertionError:  # got past every start-up check: accepted without arguments
+            continue
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --lr_scheduler_type {t.value}") and err.count("\n") == 1, err
+        refused[t.value] = err
+    assert {"reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "warmup_stable_decay"} <= set(refused)
+    assert {"constant", "cosine", "linear"}.isdisjoint(refused)
+    # ... and with its arguments, a scheduler that needs them trains.
+    monkeypatch.undo()
+    out = tmp_path / "wsd"
+    run_inprocess(train_args(shards, out, "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
+                             '{"num_decay_steps": 2}', "--max_steps", "4", "--warmup_steps", "1",
+                             "--dataloader_num_workers", "0"))
+    assert [round(s["lr"], 7) for s in read_metrics(out)[0]][:2] == [7e-4, 7e-4]
