@@ -319,3 +319,41 @@ def test_config_from_dict_warns_on_unknown_keys():
     with pytest.warns(UserWarning, match=r"ignoring unknown key\(s\) \['text_prompt_lenght'\]"):
         cfg = M2PTConfig.from_dict({"visual_prompt_length": 4, "text_prompt_lenght": 3})
     assert cfg.visual_prompt_length == 4 and cfg.text_prompt_length == 10
+
+
+def test_a_llava_15_mlp2x_gelu_projector_file_gives_the_logits_of_the_hf_layout(tmp_path, tiny):
+    """LLaVA-1.5's stage-1 mm_projector.bin (`mlp2x_gelu`: keys 0.* and 2.*) is the stock LlavaMultiModalProjector:
+    loaded from the file beside the LLM and CLIP parts, the model gives the logits of the same weights in one HF
+    LLaVA model. Before: only LLaVA-v1's linear projector file was accepted."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from pipeline.defaults import load_base
+    from pipeline.demo.tiny import build_tiny
+
+    cfg = tiny.model.config
+    llm = LlamaForCausalLM(cfg.text_config)
+    llm.model.load_state_dict(tiny.model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(tiny.model.lm_head.state_dict())
+    llm.save_pretrained(tmp_path / "llm")
+    tiny.tokenizer.save_pretrained(tmp_path / "llm")
+    clip = CLIPVisionModel(cfg.vision_config)
+    clip.load_state_dict(tiny.model.model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
+    hf = tiny.model.model.multi_modal_projector  # the shipped base's pretrained projector
+    torch.save({f"model.mm_projector.{i}.{w}": getattr(getattr(hf, name), w).detach().clone()
+                for i, name in (("0", "linear_1"), ("2", "linear_2")) for w in ("weight", "bias")},
+               tmp_path / "mm_projector.bin")
+
+    base = load_base(llm=tmp_path / "llm", vision=tmp_path / "clip", mm_projector=tmp_path / "mm_projector.bin")
+    assert type(base.model.model.multi_modal_projector) is LlavaMultiModalProjector
+    m, r = attach_m2pt(base.model, M2PTConfig()).eval(), attach_m2pt(build_tiny().model, M2PTConfig()).eval()
+    ids, mask, px = _batch(base, m, [CONV])
+    with torch.no_grad():
+        got = m(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        want = r(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - got.mean()).abs().max() > 0.1
+    torch.save({"model.mm_projector.0.weight": torch.randn(128, 64)}, tmp_path / "half.bin")
+    with pytest.raises(ValueError, match=r"'model.mm_projector.0.bias' missing.*mlp2x_gelu"):
+        load_base(llm=tmp_path / "llm", vision=tmp_path / "clip", mm_projector=tmp_path / "half.bin")

@@ -2,7 +2,7 @@
 from files on disk.
 
 (a) a Hugging Face llava directory (`llava-hf/*` layout)     -> `load_base(model=DIR)`
-(b) LLaVA-v1 parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin`
+(b) LLaVA parts like the reference: LLM dir + CLIP dir + stage-1 `mm_projector.bin` (v1 linear or 1.5 mlp2x_gelu)
                                                                -> `load_base(llm=DIR, vision=DIR, mm_projector=FILE)`
 
 The embedded demo model ("tiny", "tiny-random") is not loaded here: `pipeline.defaults.load_base` routes those
@@ -156,8 +156,9 @@ def _ensure_pad(tok, model):
 def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: str = "sdpa") -> Base:
     """Assemble LLaVA-v1 from its parts into stock classes, as the reference does.
 
-    The v1 projector is a single Linear (dv -> dt, with bias): it replaces LlavaMultiModalProjector (a thin module
-    swap, no fork). `<image>` is added to the tokenizer and only the *input* embedding gets a row for it (its value
+    The stage-1 projector file decides the projector (`load_stage1_projector`): LLaVA-v1's single Linear (dv -> dt,
+    with bias) replaces LlavaMultiModalProjector (a thin module swap, no fork); LLaVA-1.5's mlp2x_gelu is that
+    module. `<image>` is added to the tokenizer and only the *input* embedding gets a row for it (its value
     never matters: LLaVA overwrites those positions with image features); the LM head keeps the LLM's vocabulary,
     so the model can never emit the placeholder and the trainable count with --tune_lm_head stays the LLM's."""
     from transformers import (
@@ -193,7 +194,7 @@ def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: st
     model.model.language_model = lm.model
     model.lm_head = lm.lm_head
     model.model.vision_tower = tower
-    model.model.multi_modal_projector = _load_v1_projector(proj_file, vis_cfg.hidden_size, text_cfg.hidden_size, dtype)
+    model.model.multi_modal_projector = load_stage1_projector(proj_file, cfg, dtype)
     emb = model.model.language_model.embed_tokens
     if image_id >= emb.num_embeddings:
         new = nn.Embedding(image_id + 1, emb.embedding_dim, padding_idx=emb.padding_idx, dtype=emb.weight.dtype)
@@ -209,20 +210,43 @@ def load_llava_v1_parts(llm, vision, mm_projector, dtype=torch.float32, attn: st
     return Base(model, tok, ip, model.m2pt_base)
 
 
-def _load_v1_projector(path: Path, d_in: int, d_out: int, dtype) -> nn.Linear:
+def load_stage1_projector(path: Path, config, dtype) -> nn.Module:
+    """LLaVA's stage-1 `mm_projector.bin`, as the tensors say: LLaVA-v1's `linear` projector (one Linear, swapped in
+    for LlavaMultiModalProjector) or LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear: exactly the stock
+    LlavaMultiModalProjector, which keeps its class)."""
     sd = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    want = {"model.mm_projector.weight": (d_out, d_in), "model.mm_projector.bias": (d_out,)}
+    d_in, d_out = config.vision_config.hidden_size, config.text_config.hidden_size
+    prefix = "model.mm_projector."
+    if f"{prefix}0.weight" in sd:
+        shapes = {"0.weight": (d_out, d_in), "0.bias": (d_out,), "2.weight": (d_out, d_out), "2.bias": (d_out,)}
+        _check_projector_keys(path, sd, {prefix + k: v for k, v in shapes.items()}, f"mlp2x_gelu ({d_in} -> {d_out})")
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        proj = LlavaMultiModalProjector(config).to(dtype)
+        names = {"0": "linear_1", "2": "linear_2"}
+    else:
+        _check_projector_keys(path, sd, {f"{prefix}weight": (d_out, d_in), f"{prefix}bias": (d_out,)},
+                              f"linear ({d_in} -> {d_out})")
+        proj, names = nn.Linear(d_in, d_out, dtype=dtype), {}
+    with torch.no_grad():
+        for k, v in sd.items():
+            idx, _, what = k[len(prefix):].rpartition(".")
+            target = getattr(proj, names[idx]) if idx else proj
+            getattr(target, what).copy_(v)
+    return proj
+
+
+def _check_projector_keys(path: Path, sd: dict, want: dict, kind: str) -> None:
     for k, shape in want.items():
         if k not in sd:
-            raise ValueError(f"{path}: key {k!r} missing (has {sorted(sd)[:6]}); expected a LLaVA-v1 linear projector")
+            raise ValueError(f"{path}: key {k!r} missing (has {sorted(sd)[:6]}); expected a LLaVA stage-1 {kind} "
+                             "projector")
         if tuple(sd[k].shape) != shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} (vision {d_in} -> "
-                             f"LLM {d_out})")
-    proj = nn.Linear(d_in, d_out, dtype=dtype)
-    with torch.no_grad():
-        proj.weight.copy_(sd["model.mm_projector.weight"])
-        proj.bias.copy_(sd["model.mm_projector.bias"])
-    return proj
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape} for a {kind} projector "
+                             "(vision tower -> LLM)")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ValueError(f"{path}: unexpected key(s) {extra[:3]} for a {kind} projector")
 
 
 def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None, dtype=torch.float32,

@@ -54,7 +54,8 @@ class TrainConfig:
                     "pretrained base) or 'tiny-random' (the same architecture, random weights)")
     model_llm: str | None = _f("model", None, "LLaVA-v1 parts: Vicuna/Llama folder")
     model_vision: str | None = _f("model", None, "LLaVA-v1 parts: CLIP vision tower folder")
-    mm_projector: str | None = _f("model", None, "LLaVA-v1 parts: stage-1 mm_projector.bin (linear projector)")
+    mm_projector: str | None = _f("model", None, "LLaVA parts: stage-1 mm_projector.bin (LLaVA-v1 linear or "
+                                  "LLaVA-1.5 mlp2x_gelu, told apart by its tensors)")
     attn_implementation: str = _f("model", "auto", "auto: flash_attention_2 when CUDA + flash-attn are present, "
                                   "else sdpa", choices=("auto", "flash_attention_2", "sdpa", "eager"))
     init_adapter: str | None = _f("model", None, "start from this adapter's prompts/projector (and its config)")
