@@ -202,6 +202,7 @@ def main(argv=None) -> int:
         parent, child = ctx.Pipe()
         procs[v] = ctx.Process(target=worker, args=(args.shape, v, args.threads, args.device, child), daemon=True)
         procs[v].start()
+        child.close()  # so that a worker that dies (no GPU, out of memory) ends recv() with EOFError, not a hang
         conns[v] = parent
         info[v] = parent.recv()
         print(f"{v}: built and warmed up ({info[v]['attn']})", file=sys.stderr)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The prepared GPU check: what only a GPU shows, in under 8 minutes on one H200 (docs/benchmarks.md, "GPU").
+#
+#   here, once:   bash scripts/fetch_gpu_wheels.sh          # .whl/ (ignored by git): the pins the GPU image lacks
+#   on the GPU:   bash scripts/gpu_check.sh                 # device tool: carry [".whl"], timeout_s 540
+#
+# 1. installs the carried wheels into /tmp/site (the image has torch with CUDA but no DeepSpeed or WebDataset);
+# 2. the CUDA-marked tests (tests/test_cuda.py): bf16 training through DeepSpeed on CUDA against the CPU fp32 run,
+#    and which SDPA kernel a prompted, padded batch gets;
+# 3. benchmarks/bench_step.py --shape 7b: the real trainer's step (CLIP-L/336 + Vicuna-7B shapes, bf16, random
+#    weights) against the stock frozen floor, with model TFLOP/s, MFU and peak memory;
+# 4. summary.json + summary.md under $OUT (the device tool brings $OUT back; elsewhere out/gpu_check/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out/gpu_check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_check: installing .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"  # a GPU machine that has the pins already (this repo's .venv on a cluster node)
+fi
+export DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export M2PT_GPU_REPORT="$OUT/findings.json" TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+rm -f "$M2PT_GPU_REPORT"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers, deepspeed, webdataset, sys; print('python', sys.version.split()[0], '| torch', \
+torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| deepspeed', \
+deepspeed.__version__)"
+} > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
+t0=$(date +%s)
+timeout 330 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
+t1=$(date +%s)
+timeout 200 $PY benchmarks/bench_step.py --shape 7b --rounds 3 --variants project,floor --device cuda \
+  --append "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench.log"
+t2=$(date +%s)
+echo "{\"tests_seconds\": $((t1 - t0)), \"bench_seconds\": $((t2 - t1))}" > "$OUT/timing.json"
+$PY scripts/gpu_summary.py "$OUT"
