@@ -240,6 +240,11 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
                 "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id, "run_identity": plan.identity,
                 "run_name": state.cfg.run_name or state.out.name}
     (state.out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    import yaml
+
+    from pipeline.training.config import CONFIG_FILE
+
+    (state.out / CONFIG_FILE).write_text(yaml.safe_dump(state.cfg.as_config_file(plan.m2pt_config), sort_keys=False))
 
 
 def _stream(cfg: TrainConfig, plan: RunPlan, base, model, progress: TrainingProgress, rank: int, world: int):

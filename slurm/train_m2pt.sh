@@ -30,7 +30,9 @@
 #   TRAIN_SHARDS   shard folder / pattern (default: the embedded sample set)
 #   MODEL          HF llava folder (default: the embedded tiny model); or MODEL_LLM + MODEL_VISION + MM_PROJECTOR
 #   OUTPUT_DIR     checkpoints, logs and adapter (default: runs/<job-name>-<job-id>; keep it fixed across requeues)
-#   DS_CONFIG      DeepSpeed config (default: ds_configs/zero2.json)
+#   DS_CONFIG      DeepSpeed config (default: CONFIG's, else the trainer's: ds_configs/zero2.json)
+#   CONFIG         a --config file of trainer flags (YAML/JSON; every run writes its own as OUTPUT/train_config.yaml);
+#                  the variables here and TRAIN_ARGS override it
 #   TRAIN_ARGS     extra trainer flags, e.g. "--bf16 --per_device_train_batch_size 8 --num_train_epochs 3"
 #   MASTER_ADDR    rendezvous host (default: the first node of the allocation)
 #   MASTER_PORT    rendezvous port (default: 20000 + job id mod 20000, so concurrent jobs do not collide)
@@ -45,7 +47,6 @@ M2PT_HOME=${M2PT_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$M2PT_HOME" || { echo "M2PT_HOME=$M2PT_HOME: no such directory" >&2; exit 2; }
 PYTHON=${PYTHON:-$M2PT_HOME/.venv/bin/python}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-m2pt}-${SLURM_JOB_ID}}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 
 # Rendezvous from the allocation. A port derived from the job id lets several jobs share a head node.
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
@@ -58,7 +59,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The accelerator is chosen at run time by DeepSpeed (CUDA with NCCL on GPU nodes, CPU with gloo elsewhere), so
 # this exact file also runs on the CPU-only test cluster in tests/test_slurm.py.
 
-args=(--deepspeed "$DS_CONFIG" --output_dir "$OUTPUT_DIR" --resume auto)
+args=()
+[ -n "${CONFIG:-}" ] && args+=(--config "$CONFIG")
+[ -n "${DS_CONFIG:-}" ] && args+=(--deepspeed "$DS_CONFIG")
+args+=(--output_dir "$OUTPUT_DIR" --resume auto)
 [ -n "${TRAIN_SHARDS:-}" ] && args+=(--train_shards "$TRAIN_SHARDS")
 [ -n "${MODEL:-}" ] && args+=(--model "$MODEL")
 [ -n "${MODEL_LLM:-}" ] && args+=(--model_llm "$MODEL_LLM" --model_vision "$MODEL_VISION" --mm_projector "$MM_PROJECTOR")

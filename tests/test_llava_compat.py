@@ -112,3 +112,29 @@ def test_the_gpu_users_first_flags_train_here(shards, tmp_path, method):
     assert all(abs(b - f) <= 0.05 * f + 0.01 for b, f in zip(bf16, fp32)), (bf16, fp32)
     tensors = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
     assert {str(t.dtype) for t in tensors.values()} == {"torch.float32"}
+
+
+def test_a_run_repeats_from_the_config_file_it_wrote(shards, tmp_path, capsys):
+    """--config FILE (YAML or JSON), flags on the command line over it; every run writes OUTPUT/train_config.yaml,
+    and a run from that file gives the same losses. A key that is no flag is an error naming it."""
+    from pipeline.train import main
+
+    first = tmp_path / "a"
+    run_inprocess(train_args(shards, first, "--method", "text", "--learning_rate", "1e-3", "--max_steps", "3",
+                             "--dataloader_num_workers", "0", "--seed", "5"))
+    written = first / "train_config.yaml"
+    again = tmp_path / "b"
+    run_inprocess(["--config", str(written), "--output_dir", str(again)])
+    assert [s["loss"] for s in read_metrics(again)[0]] == [s["loss"] for s in read_metrics(first)[0]]
+    cfg = json.loads((again / "config.json").read_text())["args"]
+    assert (cfg["method"], cfg["learning_rate"], cfg["seed"], cfg["visual_prompt_length"]) == ("text", 1e-3, 5, 0)
+    assert cfg["config"] == str(written)
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-3, "max_step": 3}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "c.json")])
+    assert "'max_step' is not a flag of this trainer" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-3, "max_steps": 2}))
+    from pipeline.train import parse_args
+
+    assert parse_args(["--config", str(tmp_path / "c.json"), "--max_steps", "4"]).max_steps == 4  # the flag wins
+    assert parse_args(["--config", str(tmp_path / "c.json")]).learning_rate == 2e-3

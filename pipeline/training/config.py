@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags
 from pipeline.core.m2pt import M2PTConfig
@@ -50,6 +51,8 @@ class TrainConfig:
     filled by `parse_args`."""
 
     # model
+    config: str | None = _f("model", None, "a YAML or JSON file of flags (keys as --help spells them); flags given "
+                            "here override it. Every run writes its own as OUTPUT/train_config.yaml")
     model: str = _f("model", "tiny", "Hugging Face llava folder (llava-hf layout), 'tiny' (the embedded demo's "
                     "pretrained base) or 'tiny-random' (the same architecture, random weights)")
     model_llm: str | None = _f("model", None, "LLaVA-v1 parts: Vicuna/Llama folder")
@@ -139,6 +142,13 @@ class TrainConfig:
     m2pt_flags: M2PTConfig = field(default_factory=M2PTConfig, metadata={"group": None})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"group": None})
     explicit: tuple = field(default=(), metadata={"group": None})
+
+    def as_config_file(self, m2pt_config: M2PTConfig) -> dict:
+        """The flags as `--config` reads them back: the method's settings as they really train, LoRA's only for
+        --method lora (another method refuses LoRA flags)."""
+        lora = {f.name for f in fields(LoraSettings)} if self.method != "lora" else set()
+        skip = {"explicit", "local_rank", "config"} | lora
+        return {k: v for k, v in self.record(m2pt_config).items() if k not in skip}
 
     def scheduler_kwargs(self) -> dict:
         return json.loads(self.lr_scheduler_kwargs or "{}")
@@ -282,17 +292,47 @@ def _llava_spellings(argv: list[str], ap) -> list[str]:
     return normalize_kebab_flags(out, ap)
 
 
+CONFIG_FILE = "train_config.yaml"  # what a run writes into its folder: `--config` reads it back
+
+
+def _config_file(argv: list[str], ap) -> tuple[list[str], dict, str | None]:
+    """`--config FILE` (YAML or JSON: flag names as keys, as --help spells them) out of argv, and its values. Flags
+    on the command line override the file. A key that is no flag is an error naming it."""
+    import yaml
+
+    names = [a.partition("=")[0] for a in argv]
+    if "--config" not in names:
+        return argv, {}, None
+    i = names.index("--config")
+    path = argv[i].partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+    rest = argv[:i] + argv[i + (1 if "=" in argv[i] else 2):]
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        ap.error(f"--config {path}: unreadable ({e})")
+    if not isinstance(data, dict):
+        ap.error(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in ap._actions} - {"help", "local_rank"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        ap.error(f"--config {path}: {unknown[0]!r} is not a flag of this trainer (see --help)")
+    return rest, data, path
+
+
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
     ap = build_parser(description)
     argv = _llava_spellings(list(sys.argv[1:] if argv is None else argv), ap)
-    values = vars(ap.parse_args(argv))
+    argv, from_file, config_path = _config_file(argv, ap)
+    ap.set_defaults(**from_file)
+    values = vars(ap.parse_args(argv)) | {"config": config_path}
     m2pt = {k: values.pop(k) for k in M2PT_FLAGS}
     lora = LoraSettings(**{f.name: values.pop(f.name) for f in fields(LoraSettings)})
     try:
         m2pt_flags = M2PTConfig(**m2pt, seed=values["seed"])
     except ValueError as e:
         ap.error(str(e))
-    cfg = TrainConfig(**values, m2pt_flags=m2pt_flags, lora=lora, explicit=_explicit(argv))
+    explicit = tuple(sorted(set(_explicit(argv)) | set(from_file)))  # the file's settings were chosen too
+    cfg = TrainConfig(**values, m2pt_flags=m2pt_flags, lora=lora, explicit=explicit)
     if cfg.resume == "none":
         cfg.resume = None
     problems = flag_problems(cfg)

@@ -24,7 +24,8 @@ TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_
                     "model_max_length", "group_by_length", "length_group_batches", "shuffle_buffer",
                     "dataloader_num_workers", "bf16", "fp16")
 # What --overwrite_output_dir removes: everything a run writes into its folder, nothing else.
-RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "run_state.json")
+RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "train_config.yaml",
+             "run_state.json")
 
 
 def data_fingerprint(shards) -> str:
