@@ -125,7 +125,7 @@ def read_inputs(paths: list[str]) -> list[Job]:
             raise InputError(f"--input {p}: no such file or directory")
         try:
             if p.is_dir() or p.suffix == ".parquet":
-                jobs += [Job(str(p), i, r) for i, r in enumerate(_read_hf(p))]
+                jobs += _read_hf(p)
             elif p.suffix == ".jsonl":
                 jobs += _read_jsonl(p)
             else:
@@ -156,19 +156,48 @@ def _read_jsonl(p: Path) -> list[Job]:
     return jobs
 
 
-def _read_hf(p: Path):
+@dataclass
+class HFRow:
+    """A row of a Hugging Face dataset, read only in the worker that processes it: the build holds the id column,
+    not the records and their image bytes, so its memory does not grow with the data set."""
+
+    source: str
+    index: int
+    id: object
+
+
+_SOURCES: dict = {}  # source -> its Dataset (memory-mapped Arrow), opened once; forked workers inherit it
+
+
+def _open_hf(p: Path):
+    """A saved `datasets` folder, a .parquet file, or a folder of .parquet files (how Hub data sets ship)."""
     import datasets
 
+    parquet = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    saved = p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file())
     try:
-        ds = datasets.Dataset.from_parquet(str(p)) if p.suffix == ".parquet" else datasets.load_from_disk(str(p))
+        if p.is_dir() and (saved or not parquet):
+            return datasets.load_from_disk(str(p))
+        return datasets.Dataset.from_parquet([str(f) for f in parquet])
     except Exception as e:  # datasets raises many types for a wrong folder
-        raise InputError(f"--input {p}: not a Hugging Face datasets folder or parquet file ({e})") from e
+        raise InputError(f"--input {p}: not a Hugging Face datasets folder or parquet file(s) ({e})") from e
+
+
+def _read_hf(p: Path) -> list[Job]:
+    import datasets
+
+    ds = _open_hf(p)
     if isinstance(ds, datasets.DatasetDict):
         raise InputError(f"--input {p}: holds splits {list(ds)}; pass one split's folder")
     missing = {"id", "conversations"} - set(ds.column_names)
     if missing:
         raise InputError(f"--input {p}: missing column(s) {sorted(missing)} (has {ds.column_names})")
-    return iter(ds)
+    if isinstance(ds.features.get("image"), datasets.Image):
+        # Encoded bytes as they are stored: decoding would hold every image in memory as pixels, and writing
+        # them back would re-encode JPEGs as PNG.
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    _SOURCES[str(p)] = ds
+    return [Job(str(p), i, HFRow(str(p), i, rid)) for i, rid in enumerate(ds["id"])]
 
 
 # --------------------------------------------------------------------------------------- per-record work
@@ -200,7 +229,7 @@ def _init_worker(image_root: str, max_pixels: int, model: str | None, image_toke
 def record_id(rec) -> str | None:
     """The record's id as a string, or None when it has no usable one (missing, empty, not str/int, a bool).
     The one definition used for validation, duplicate detection and its rebuild on resume."""
-    rid = rec.get("id") if isinstance(rec, dict) else None
+    rid = rec.id if isinstance(rec, HFRow) else rec.get("id") if isinstance(rec, dict) else None
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
         return None
     return str(rid)
@@ -220,6 +249,12 @@ def _read_record_image(image) -> bytes:
     data = hf_image_bytes(image) if not isinstance(image, str) else None
     if data is not None:
         return data
+    if isinstance(image, dict) and isinstance(image.get("path"), str):  # an HF Image value that kept only its path
+        try:
+            with open(image["path"], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise Rejected("missing_image", f"{image['path']!r}: {e.strerror}") from None
     if not isinstance(image, str):
         raise Rejected("bad_record", f"'image' must be a relative path, got {type(image).__name__}")
     root = _worker["root"]
@@ -279,6 +314,8 @@ def process(job: Job) -> Processed:
 
     try:
         rec = job.record
+        if isinstance(rec, HFRow):
+            rec = _SOURCES[rec.source][rec.index]
         if isinstance(rec, Rejected):
             raise rec
         if not isinstance(rec, dict):
@@ -466,7 +503,7 @@ class _BuildWriter:
                 self.finish_shard()
             self.sink.write(result.sample)
         else:
-            rid = job.record.get("id") if isinstance(job.record, dict) else None
+            rid = record_id(job.record)
             self.rej_f.write(json.dumps({"file": job.file, "index": job.index, "id": rid, "reason": result.reason,
                                          "detail": result.detail}, ensure_ascii=False, default=str) + "\n")
             self.rejected_by[result.reason] += 1
