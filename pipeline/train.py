@@ -42,7 +42,7 @@ from pipeline.core.methods import unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
-from pipeline.training.config import TrainConfig, resolve_m2pt_config
+from pipeline.training.config import TrainConfig, resolve_m2pt_config, trackers
 from pipeline.training.config import parse_args as _parse_args
 from pipeline.training.identity import check_same_run, clear_run_files, run_identity
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
@@ -96,9 +96,11 @@ def _check_scheduler_and_precision(cfg: TrainConfig) -> None:
 def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
     from pipeline.training.checkpoint import find_resume
     from pipeline.training.engine import ds_config
+    from pipeline.training.records import check_trackers
 
     defaults.check_model_source(cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)
     _check_scheduler_and_precision(cfg)
+    check_trackers(trackers(cfg.report_to))
     if cfg.resume not in (None, "auto"):
         find_resume(cfg.output_dir, cfg.resume)  # a damaged checkpoint: one line naming what is missing
     return ds_config(cfg.deepspeed, cfg, world), resolve_m2pt_config(cfg)
@@ -302,7 +304,8 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     device = pdist.device()
     peak, peak_from = (cfg.peak_tflops, "--peak_tflops") if cfg.peak_tflops else peak_tflops(device, dtype)
     state = TrainState(cfg, rank, world, device, dtype, out, base, engine, scheduler, checkpointer, progress,
-                       MetricsWriter(out, rank, cfg.report_to, run_id), None, bar, n_samples, steps_per_epoch,
+                       MetricsWriter(out, rank, trackers(cfg.report_to), run_id, cfg.run_name or out.name,
+                                     cfg.record(plan.m2pt_config)), None, bar, n_samples, steps_per_epoch,
                        total_steps, run_id, FlopModel.from_model(model), peak)
     if rank == 0:
         _announce(state, plan, ckpt, model, n_train, n_total, peak_from)

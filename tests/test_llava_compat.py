@@ -138,3 +138,73 @@ def test_a_run_repeats_from_the_config_file_it_wrote(shards, tmp_path, capsys):
 
     assert parse_args(["--config", str(tmp_path / "c.json"), "--max_steps", "4"]).max_steps == 4  # the flag wins
     assert parse_args(["--config", str(tmp_path / "c.json")]).learning_rate == 2e-3
+
+
+def _wandb_history(root) -> list[dict]:
+    """The history rows of an offline wandb run, from its .wandb file: a 7-byte ':W&B' header, then LevelDB-log
+    records (4-byte crc, 2-byte length, 1-byte type: full / first / middle / last) in 32 KiB blocks, each a
+    wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    (log,) = list(root.rglob("run-*.wandb"))
+    raw, i, chunks, rows = log.read_bytes(), 7, b"", []
+    assert raw[:4] == b":W&B"
+    while i + 7 <= len(raw):
+        left = 32768 - i % 32768
+        length, kind = int.from_bytes(raw[i + 4:i + 6], "little"), raw[i + 6]
+        if left < 7 or kind == 0:  # block trailer / zero padding
+            i += left
+            continue
+        chunks += raw[i + 7:i + 7 + length]
+        i += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(chunks)
+            chunks = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in rec.history.item})
+    return rows
+
+
+def test_trackers_log_what_metrics_jsonl_records(shards, tmp_path, monkeypatch):
+    """--report_to takes a list (tensorboard, wandb, mlflow, all, none) and --run_name; each tracker gets the numbers
+    metrics.jsonl holds. wandb runs offline, MLflow against a local file store; both are read back. Before: only
+    tensorboard or none."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store is in maintenance mode, not gone
+    out = tmp_path / "run"
+    argv = train_args(shards, out, "--max_steps", "3", "--dataloader_num_workers", "0", "--run_name", "tracked")
+    argv[argv.index("--report_to") + 1] = "all"
+    run_inprocess(argv)
+    losses = [s["loss"] for s in read_metrics(out)[0]]
+    assert len(losses) == 3 and (out / "tb").is_dir()
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "tracked" and run.data.params["learning_rate"] == "0.0007"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == pytest.approx(losses)
+    history = _wandb_history(tmp_path / "wb")
+    assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(losses)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(shards, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from pipeline.train import main
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb":
+            raise ImportError("no wandb here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    assert main([*train_args(shards, tmp_path / "o"), "--report_to", "wandb"]) == 2
+    assert "--report_to wandb: the wandb package is not installed" in capsys.readouterr().err

@@ -130,8 +130,9 @@ class TrainConfig:
                                     "checkpoints, adapter and logs (pipeline/training/identity.py: RUN_FILES)")
     run_name: str | None = _f("logging", None, "a name for this run, recorded in config.json and every "
                               "metrics.jsonl start line (default: the output folder's name)")
-    report_to: str = _f("logging", "tensorboard", "also log to TensorBoard (OUTPUT/tb); metrics.jsonl is always "
-                        "written", choices=("tensorboard", "none"))
+    report_to: list = _f("logging", ["tensorboard"], "trackers besides metrics.jsonl (always written): "
+                         "tensorboard (OUTPUT/tb), wandb, mlflow (optional packages: pip install -e .[trackers]), "
+                         "all, or none; several as a list or comma-separated", nargs="+", type=str)
     dist_timeout: int = _f("logging", int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
                            "seconds before a stuck collective fails instead of hanging")
     final_eval: bool = _f("logging", True, "end a run on the embedded default data with the zero-shot table (base "
@@ -196,6 +197,18 @@ def _json_object(text: str) -> bool:
         return False
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def trackers(report_to) -> list[str]:
+    """--report_to as a list of trackers: `a b`, `a,b`, `all`, `none` (HF TrainingArguments' values)."""
+    names = [n.strip() for item in ([report_to] if isinstance(report_to, str) else report_to or [])
+             for n in item.split(",") if n.strip()]
+    if "all" in names:
+        return list(TRACKERS)
+    return [n for n in dict.fromkeys(names) if n != "none"]
+
+
 def flag_problems(c: TrainConfig) -> list[str]:
     """Values no run can use (a batch of 0 would surface as a ZeroDivisionError traceback after a step)."""
     rules = [
@@ -220,6 +233,8 @@ def flag_problems(c: TrainConfig) -> list[str]:
         (c.length_group_batches >= 1, "--length_group_batches must be >= 1"),
         (c.warmup_steps >= 0, "--warmup_steps must be >= 0"),
         (c.stop_at_step >= 0, "--stop_at_step must be >= 0"),
+        (set(trackers(c.report_to)) <= set(TRACKERS), f"--report_to: one or more of {', '.join(TRACKERS)}, all, "
+                                                      "none"),
         (_json_object(c.lr_scheduler_kwargs), "--lr_scheduler_kwargs must be a JSON object, e.g. '{\"min_lr_rate\": "
                                               "0.1}'"),
         (not (c.bf16 and c.fp16), "choose one of --bf16 / --fp16"),

@@ -5,6 +5,7 @@ bad-sample limit they are checked against."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 from collections import Counter
 from pathlib import Path
@@ -27,29 +28,61 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard) on rank 0; every line carries the run id, and each run (a resumed one too)
-    starts with a "start" line, so appended runs stay distinguishable."""
+def check_trackers(names: list[str]) -> None:
+    """A tracker whose package is missing is an error before the model loads, not after."""
+    for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if name in names:
+            try:
+                __import__(module)
+            except ImportError:
+                raise UsageError(f"--report_to {name}: the {module} package is not installed (pip install {module}, "
+                                 "or pip install -e .[trackers])") from None
 
-    def __init__(self, out: Path, rank: int, report_to: str, run_id: str):
-        self.run_id, self.f, self.tb = run_id, None, None
+
+class MetricsWriter:
+    """metrics.jsonl on rank 0, and the trackers of --report_to (TensorBoard in OUTPUT/tb, wandb, MLflow) with the
+    same numbers under train/<name>. Every metrics.jsonl line carries the run id, and each run (a resumed one too)
+    starts with a "start" line, so appended runs stay distinguishable; metrics.jsonl is the record the trackers
+    mirror."""
+
+    def __init__(self, out: Path, rank: int, report_to: list[str], run_id: str, run_name: str | None = None,
+                 params: dict | None = None):
+        self.run_id, self.f, self.tb, self.wandb, self.mlflow = run_id, None, None, None, None
         if rank != 0:
             return
         self.f = open(out / "metrics.jsonl", "a")
-        if report_to == "tensorboard":
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tb"))
+        if "wandb" in report_to:
+            import wandb  # WANDB_PROJECT / WANDB_MODE / WANDB_DIR as usual; a resumed run continues its wandb run
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "m2pt"), name=run_name, id=run_id,
+                                    dir=os.environ.get("WANDB_DIR", str(out)), config=params, resume="allow")
+        if "mlflow" in report_to:
+            import mlflow  # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME as usual
+
+            self.mlflow = mlflow.start_run(run_name=run_name)
+            mlflow.log_params({k: str(v)[:250] for k, v in (params or {}).items()})
 
     def write(self, rec: dict) -> None:
         if self.f is None:
             return
         self.f.write(json.dumps({"run_id": self.run_id, **rec}, default=str) + "\n")
         self.f.flush()
-        if self.tb and "step" in rec and "event" not in rec:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        if "step" not in rec or "event" in rec:
+            return
+        scalars = {f"train/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, rec["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=rec["step"])
+        if self.mlflow:
+            import mlflow
+
+            mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=rec["step"])
 
     def close(self) -> None:
         if self.f is not None:
@@ -58,6 +91,14 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.mlflow is not None:
+            import mlflow
+
+            mlflow.end_run()
+            self.mlflow = None
 
 
 def global_counts(totals: Counter, device) -> dict:
