@@ -123,6 +123,7 @@ def test_a_run_repeats_from_the_config_file_it_wrote(shards, tmp_path, capsys):
     run_inprocess(train_args(shards, first, "--method", "text", "--learning_rate", "1e-3", "--max_steps", "3",
                              "--dataloader_num_workers", "0", "--seed", "5"))
     written = first / "train_config.yaml"
+    assert "overwrite_output_dir" not in written.read_text() and "lora_r" not in written.read_text()
     again = tmp_path / "b"
     run_inprocess(["--config", str(written), "--output_dir", str(again)])
     assert [s["loss"] for s in read_metrics(again)[0]] == [s["loss"] for s in read_metrics(first)[0]]

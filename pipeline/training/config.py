@@ -146,9 +146,10 @@ class TrainConfig:
 
     def as_config_file(self, m2pt_config: M2PTConfig) -> dict:
         """The flags as `--config` reads them back: the method's settings as they really train, LoRA's only for
-        --method lora (another method refuses LoRA flags)."""
+        --method lora (another method refuses LoRA flags). Not the one-time actions of this invocation: a file
+        that said --overwrite_output_dir would wipe the folder of whoever repeats it."""
         lora = {f.name for f in fields(LoraSettings)} if self.method != "lora" else set()
-        skip = {"explicit", "local_rank", "config"} | lora
+        skip = {"explicit", "local_rank", "config", "overwrite_output_dir", "stop_at_step", "resume"} | lora
         return {k: v for k, v in self.record(m2pt_config).items() if k not in skip}
 
     def scheduler_kwargs(self) -> dict:
