@@ -44,7 +44,7 @@ from pipeline.training import dist as pdist
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
 from pipeline.training.config import TrainConfig, resolve_m2pt_config, trackers
 from pipeline.training.config import parse_args as _parse_args
-from pipeline.training.identity import check_same_run, clear_run_files, run_identity
+from pipeline.training.identity import run_identity, same_run_or_start_over
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
 
 log = logging.getLogger("m2pt.train")
@@ -71,35 +71,13 @@ class RunPlan:
     resume: str | None  # --resume, or None when --overwrite_output_dir started the folder over
 
 
-def _check_scheduler_and_precision(cfg: TrainConfig) -> None:
-    from deepspeed.accelerator import get_accelerator
-    from transformers import SchedulerType
-
-    if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
-        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: not one of "
-                         f"{', '.join(t.value for t in SchedulerType)}")
-    if cfg.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU.value, "greedy"):
-        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type}: it changes the lr from a metric handed to "
-                         "each step, and the engine hands it none, so the lr would never change; use cosine, "
-                         "linear, constant, ...")
-    from pipeline.training.engine import check_scheduler
-
-    check_scheduler(cfg)
-    acc = get_accelerator()
-    for flag, on, supported in (("--fp16", cfg.fp16, acc.is_fp16_supported), ("--bf16", cfg.bf16,
-                                                                               acc.is_bf16_supported)):
-        if on and not supported():
-            raise UsageError(f"{flag}: the {acc.device_name()} accelerator here does not support it; drop the flag "
-                             "(fp32)" + (", or use --bf16" if flag == "--fp16" and acc.is_bf16_supported() else ""))
-
-
 def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
     from pipeline.training.checkpoint import find_resume
-    from pipeline.training.engine import ds_config
+    from pipeline.training.engine import check_engine_flags, ds_config
     from pipeline.training.records import check_trackers
 
     defaults.check_model_source(cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)
-    _check_scheduler_and_precision(cfg)
+    check_engine_flags(cfg)
     check_trackers(trackers(cfg.report_to))
     if cfg.resume not in (None, "auto"):
         find_resume(cfg.output_dir, cfg.resume)  # a damaged checkpoint: one line naming what is missing
@@ -128,7 +106,7 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
     pdist.agree_on(lambda: _check_shards_fit(cfg, m2pt_config, shards, world))
     identity = run_identity(cfg, m2pt_config, world, shards)
-    pdist.agree_on(lambda: _same_run_or_start_over(cfg, identity) if rank == 0 else None)
+    pdist.agree_on(lambda: same_run_or_start_over(cfg, identity) if rank == 0 else None)
     return RunPlan(ds_cfg, m2pt_config, shards, identity, None if cfg.overwrite_output_dir else cfg.resume)
 
 
@@ -139,18 +117,6 @@ def _check_shards_fit(cfg: TrainConfig, m2pt_config: M2PTConfig, shards, world: 
         count_steps(cfg, shards.total, world)
     if not (cfg.model_llm or cfg.model_vision or cfg.mm_projector):
         check_visual_tokens(shards, visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
-
-
-def _same_run_or_start_over(cfg: TrainConfig, identity: dict) -> None:
-    """A folder holds one run: resume it only with its own settings; --overwrite_output_dir clears it first."""
-    from pipeline.training.checkpoint import find_resume
-
-    if cfg.overwrite_output_dir:
-        removed = clear_run_files(cfg.output_dir)
-        if removed:
-            log.info("--overwrite_output_dir: removed %s from %s", ", ".join(removed), cfg.output_dir)
-        return
-    check_same_run(find_resume(cfg.output_dir, cfg.resume), identity, cfg.output_dir)
 
 
 # ------------------------------------------------------------------------------------------------- the model

@@ -99,3 +99,25 @@ def build_engine(train, ds_cfg: dict, model, total_steps: int):
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine, scheduler
+
+
+def check_engine_flags(cfg) -> None:
+    """Before the model loads: the scheduler can be built with its kwargs and is not metric-driven, and the
+    accelerator supports the precision asked for."""
+    from deepspeed.accelerator import get_accelerator
+    from transformers import SchedulerType
+
+    if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: not one of "
+                         f"{', '.join(t.value for t in SchedulerType)}")
+    if cfg.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU.value, "greedy"):
+        raise UsageError(f"--lr_scheduler_type {cfg.lr_scheduler_type}: it changes the lr from a metric handed to "
+                         "each step, and the engine hands it none, so the lr would never change; use cosine, "
+                         "linear, constant, ...")
+    check_scheduler(cfg)
+    acc = get_accelerator()
+    for flag, on, supported in (("--fp16", cfg.fp16, acc.is_fp16_supported), ("--bf16", cfg.bf16,
+                                                                               acc.is_bf16_supported)):
+        if on and not supported():
+            raise UsageError(f"{flag}: the {acc.device_name()} accelerator here does not support it; drop the flag "
+                             "(fp32)" + (", or use --bf16" if flag == "--fp16" and acc.is_bf16_supported() else ""))

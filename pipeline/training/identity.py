@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from pipeline.errors import UsageError
@@ -97,3 +98,16 @@ def clear_run_files(output_dir) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def same_run_or_start_over(cfg, identity: dict) -> None:
+    """A folder holds one run: resume it only with its own settings; --overwrite_output_dir clears it first."""
+    from pipeline.training.checkpoint import find_resume
+
+    if cfg.overwrite_output_dir:
+        removed = clear_run_files(cfg.output_dir)
+        if removed:
+            logging.getLogger("m2pt.train").info("--overwrite_output_dir: removed %s from %s", ", ".join(removed),
+                                                 cfg.output_dir)
+        return
+    check_same_run(find_resume(cfg.output_dir, cfg.resume), identity, cfg.output_dir)
