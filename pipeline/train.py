@@ -55,9 +55,12 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- start-up checks
-def demo_shards(cfg: TrainConfig, m2pt_config: M2PTConfig) -> Path:
-    """The embedded sample set's shards for this run, measured with this model's visual-token count."""
-    return defaults.demo_shards_dir(visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
+def expected_visual_tokens(cfg: TrainConfig, m2pt_config: M2PTConfig) -> int | None:
+    """Visual tokens per <image> this model and method will give, from the model's config alone (None for LLaVA-v1
+    parts, whose config exists only once they are assembled)."""
+    if cfg.model_llm or cfg.model_vision or cfg.mm_projector:
+        return None
+    return visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config)
 
 
 @dataclass
@@ -96,27 +99,28 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
         return _check_flags_against_files(cfg, world)
 
     ds_cfg, m2pt_config = pdist.agree_on(local)
+    visual_tokens = pdist.agree_on(lambda: expected_visual_tokens(cfg, m2pt_config))
     spec = cfg.train_shards
-    if not spec:
-        folder = demo_shards(cfg, m2pt_config)
+    if not spec:  # the demo's shards, measured with this run's visual-token count (one folder per count)
+        folder = defaults.demo_shards_dir(visual_tokens)
         pdist.agree_on(lambda: defaults.build_demo_shards(
             folder, m2pt_config.visual_prompt_length, m2pt_config.visual_token_mode, cfg.model_max_length)
             if rank == 0 else None)
         spec = str(folder)
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
-    pdist.agree_on(lambda: _check_shards_fit(cfg, m2pt_config, shards, world))
+    pdist.agree_on(lambda: _check_shards_fit(cfg, visual_tokens, shards, world))
     identity = run_identity(cfg, m2pt_config, world, shards)
     pdist.agree_on(lambda: same_run_or_start_over(cfg, identity) if rank == 0 else None)
     return RunPlan(ds_cfg, m2pt_config, shards, identity, None if cfg.overwrite_output_dir else cfg.resume)
 
 
-def _check_shards_fit(cfg: TrainConfig, m2pt_config: M2PTConfig, shards, world: int) -> None:
+def _check_shards_fit(cfg: TrainConfig, visual_tokens: int | None, shards, world: int) -> None:
     """What the manifests say, checked before the model loads: enough samples for one optimizer step, and lengths
     measured for at least this model's visual tokens (LLaVA-v1 parts: checked once the model is built)."""
     if shards.total is not None:
         count_steps(cfg, shards.total, world)
-    if not (cfg.model_llm or cfg.model_vision or cfg.mm_projector):
-        check_visual_tokens(shards, visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config))
+    if visual_tokens is not None:
+        check_visual_tokens(shards, visual_tokens)
 
 
 # ------------------------------------------------------------------------------------------------- the model

@@ -294,12 +294,12 @@ def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
 
 def test_embedded_shards_are_kept_per_visual_token_count():
     """One shared folder would make --visual_prompt_length 20 (36 tokens per image) refuse shards measured for 26."""
-    from pipeline.defaults import DATA_HOME
-    from pipeline.train import demo_shards, parse_args, resolve_m2pt_config
+    from pipeline.defaults import DATA_HOME, demo_shards_dir
+    from pipeline.train import expected_visual_tokens, parse_args, resolve_m2pt_config
 
     def folder(*flags):
         args = parse_args(["--output_dir", "/tmp/unused", *flags])
-        return demo_shards(args, resolve_m2pt_config(args))
+        return demo_shards_dir(expected_visual_tokens(args, resolve_m2pt_config(args)))
 
     assert folder() == DATA_HOME / "sample_shards-vt26"
     assert folder("--visual_prompt_length", "20") == DATA_HOME / "sample_shards-vt36"
