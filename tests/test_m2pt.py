@@ -236,23 +236,29 @@ def test_adapter_on_other_base_names_key_and_shapes(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------------------------------- LLaVA-v1 parts
-def test_llava_v1_parts_give_the_logits_of_the_same_weights_in_the_hf_layout(tmp_path, tiny):
-    """The LLM, the CLIP tower and the stage-1 projector saved as separate parts and assembled by the loader give
-    the same logits as the same weights inside one HF LLaVA model (whose projector is swapped for the v1 Linear)."""
+def _save_llm_and_clip_parts(tiny, folder):
+    """The tiny model's LLM (with its tokenizer) and CLIP tower saved as separate HF folders, as LLaVA parts ship:
+    folder/llm and folder/clip."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
-
-    from pipeline.defaults import load_base
-    from pipeline.demo.tiny import build_tiny
 
     cfg = tiny.model.config
     llm = LlamaForCausalLM(cfg.text_config)
     llm.model.load_state_dict(tiny.model.model.language_model.state_dict())
     llm.lm_head.load_state_dict(tiny.model.lm_head.state_dict())
-    llm.save_pretrained(tmp_path / "llm")
-    tiny.tokenizer.save_pretrained(tmp_path / "llm")
+    llm.save_pretrained(folder / "llm")
+    tiny.tokenizer.save_pretrained(folder / "llm")
     clip = CLIPVisionModel(cfg.vision_config)
     clip.load_state_dict(tiny.model.model.vision_tower.state_dict())
-    clip.save_pretrained(tmp_path / "clip")
+    clip.save_pretrained(folder / "clip")
+
+
+def test_llava_v1_parts_give_the_logits_of_the_same_weights_in_the_hf_layout(tmp_path, tiny):
+    """The LLM, the CLIP tower and the stage-1 projector saved as separate parts and assembled by the loader give
+    the same logits as the same weights inside one HF LLaVA model (whose projector is swapped for the v1 Linear)."""
+    from pipeline.defaults import load_base
+    from pipeline.demo.tiny import build_tiny
+
+    _save_llm_and_clip_parts(tiny, tmp_path)
     proj = {"model.mm_projector.weight": torch.randn(128, 64), "model.mm_projector.bias": torch.randn(128)}
     torch.save(proj, tmp_path / "mm_projector.bin")
 
@@ -325,21 +331,12 @@ def test_a_llava_15_mlp2x_gelu_projector_file_gives_the_logits_of_the_hf_layout(
     """LLaVA-1.5's stage-1 mm_projector.bin (`mlp2x_gelu`: keys 0.* and 2.*) is the stock LlavaMultiModalProjector:
     loaded from the file beside the LLM and CLIP parts, the model gives the logits of the same weights in one HF
     LLaVA model. Before: only LLaVA-v1's linear projector file was accepted."""
-    from transformers import CLIPVisionModel, LlamaForCausalLM
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     from pipeline.defaults import load_base
     from pipeline.demo.tiny import build_tiny
 
-    cfg = tiny.model.config
-    llm = LlamaForCausalLM(cfg.text_config)
-    llm.model.load_state_dict(tiny.model.model.language_model.state_dict())
-    llm.lm_head.load_state_dict(tiny.model.lm_head.state_dict())
-    llm.save_pretrained(tmp_path / "llm")
-    tiny.tokenizer.save_pretrained(tmp_path / "llm")
-    clip = CLIPVisionModel(cfg.vision_config)
-    clip.load_state_dict(tiny.model.model.vision_tower.state_dict())
-    clip.save_pretrained(tmp_path / "clip")
+    _save_llm_and_clip_parts(tiny, tmp_path)
     hf = tiny.model.model.multi_modal_projector  # the shipped base's pretrained projector
     torch.save({f"model.mm_projector.{i}.{w}": getattr(getattr(hf, name), w).detach().clone()
                 for i, name in (("0", "linear_1"), ("2", "linear_2")) for w in ("weight", "bias")},
