@@ -117,8 +117,9 @@ def _cell(tmp_path, lines):
 
     cell = tmp_path / "cell"
     (cell / "eval" / "run").mkdir(parents=True)
-    (cell / "eval" / "run" / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return cell, predictions_record(cell)
+    f = cell / "eval" / "run" / "predictions.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return cell, predictions_record(f)
 
 
 def test_a_cut_emptied_or_edited_cell_is_one_clear_error(tmp_path):

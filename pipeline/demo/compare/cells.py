@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.defaults import REPO
 from pipeline.demo.sample_data import HELDOUT_NAMES, VAL_TASK
-from pipeline.files import atomic_write_json, sha256_file
+from pipeline.files import atomic_write_json
 
 log = logging.getLogger("m2pt.compare")
 
@@ -102,7 +102,7 @@ def run_cell(folder: Path, train_flags: list[str], data: Path, made_from: dict) 
     rec = {"scores": {t: m["score"] for t, m in row["tasks"].items()},
            "majority": {t: m["score"] for t, m in res["majority answer"]["tasks"].items()},
            "trainable": _trainable(folder), "seconds": round(time.time() - t0, 1), "flags": train_flags, **made_from,
-           "predictions": predictions_record(folder)}
+           "predictions": predictions_record(predictions_file(folder))}
     atomic_write_json(folder / "cell.json", rec)
     return rec
 
@@ -115,10 +115,10 @@ def predictions_file(cell: Path) -> Path:
     return found[0]
 
 
-def predictions_record(cell: Path) -> dict:
-    """What cell.json records of the cell's predictions, so a later report can tell they are the ones scored."""
-    f = predictions_file(cell)
-    return {"sha256": sha256_file(f), "count": len(f.read_text().splitlines())}
+def predictions_record(f: Path) -> dict:
+    """What cell.json records of a cell's predictions file, so a later report can tell it is the one scored."""
+    data = f.read_bytes()  # read once: hashed and counted
+    return {"sha256": hashlib.sha256(data).hexdigest(), "count": len(data.decode().splitlines())}
 
 
 def check_predictions(cell: Path, recorded: dict | None) -> None:
@@ -127,7 +127,7 @@ def check_predictions(cell: Path, recorded: dict | None) -> None:
     if recorded is None:
         return  # a cell recorded before predictions were fingerprinted: read_records still checks every line
     f = predictions_file(cell)
-    got = predictions_record(cell)
+    got = predictions_record(f)
     if got != recorded:
         raise CellError(f"{f}: {got['count']} line(s) with sha256 {got['sha256'][:12]}…, but the cell recorded "
                         f"{recorded['count']} with {recorded['sha256'][:12]}… (cut, emptied or edited since it was "
