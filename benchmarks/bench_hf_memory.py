@@ -21,29 +21,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make(folder: Path, n: int) -> int:
+def image_dataset(n: int, size: int = 128, seed: int | None = None):
+    """(Dataset, {id: encoded bytes}): n records with an HF `Image` column of noise images, 2 of 3 JPEG and 1 of 3
+    PNG, stored as `datasets` stores them (bytes inside). Also the tests' data (tests/test_data_prep.py)."""
     import datasets
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(n)
-    rows, total = [], 0
+    rng = np.random.default_rng(n if seed is None else seed)
+    rows, encoded = [], {}
     for i in range(n):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
             buf, format="PNG" if i % 3 == 2 else "JPEG")
-        total += buf.tell()
+        encoded[f"r{i}"] = buf.getvalue()
         rows.append({"id": f"r{i}", "image": {"bytes": buf.getvalue(), "path": None},
                      "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
                                        {"from": "gpt", "value": "noise"}]})
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                   "conversations": [{"from": datasets.Value("string"),
                                                      "value": datasets.Value("string")}]})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(folder))
-    return total
+    return datasets.Dataset.from_list(rows, features=features), encoded
+
+
+def make(folder: Path, n: int) -> int:
+    """A saved data set of n records (image_dataset); returns the bytes of its images."""
+    ds, encoded = image_dataset(n)
+    ds.save_to_disk(str(folder))
+    return sum(map(len, encoded.values()))
 
 
 def measure(folder: Path, out: Path) -> tuple[float, float]:
+    """(peak RSS MB, anonymous MB at the end) of a one-worker build of `folder` into `out`, in a fresh process."""
     code = ("import sys; from data_prep.build_shards import main; "
             f"rc = main(['--input', {str(folder)!r}, '--output', {str(out)!r}, '--quiet', '--workers', '1']); "
             "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('VmHWM', 'RssAnon'))]); "

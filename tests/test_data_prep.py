@@ -158,31 +158,20 @@ def test_hf_datasets_folder_input(tmp_path):
     assert sorted(json.loads(s["json"])["id"] for s in _read_back(out)) == [f"r{i}" for i in range(5)]
 
 
-def _image_dataset(folder: Path, n: int, size: int = 32, seed: int = 0):
-    """n records with an HF `Image` column of JPEGs (every 3rd a PNG), as `datasets` stores them (bytes inside)."""
-    import datasets
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    rows, encoded = [], {}
-    for i in range(n):
-        buf = io.BytesIO()
-        fmt = "PNG" if i % 3 == 2 else "JPEG"
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
-        encoded[f"r{i}"] = buf.getvalue()
-        rows.append({"id": f"r{i}", "image": {"bytes": buf.getvalue(), "path": None},
-                     "conversations": _conv(q="<image>\nWhat is this?", a="noise")})
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "conversations": [{"from": datasets.Value("string"),
-                                                     "value": datasets.Value("string")}]})
-    ds = datasets.Dataset.from_list(rows, features=features)
-    return ds, encoded
+def _bench_hf_memory():
+    """benchmarks/bench_hf_memory.py: the one definition of the generated image data set and of the measurement."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_hf_memory
+    finally:
+        sys.path.pop(0)
+    return bench_hf_memory
 
 
 def test_an_hf_image_column_keeps_its_encoded_bytes_from_a_folder_or_parquet_files(tmp_path):
     """Before: every record and its image were held in a list (peak RSS about 3.2x the image bytes) and JPEGs came out
     re-encoded as PNG (0 of 120 byte-identical); a folder of parquet files was not accepted."""
-    ds, encoded = _image_dataset(tmp_path, 12)
+    ds, encoded = _bench_hf_memory().image_dataset(12, size=32, seed=0)
     ds.save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "pq").mkdir()
     ds.select(range(6)).to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
@@ -203,21 +192,10 @@ def test_building_from_an_hf_dataset_takes_memory_that_does_not_grow_with_it(tmp
     anonymous memory stays the same; only the memory-mapped Arrow file's pages (page cache, reclaimable) scale with
     the data. Before: every record was held with its bytes (peak RSS about 3.2x the image bytes).
     Why /proc/self/status and not ru_maxrss: a child's ru_maxrss keeps the parent's size from before the exec."""
-    import subprocess
-    import sys
-
-    mem = {}
+    bench, mem = _bench_hf_memory(), {}
     for n in (200, 1600):
-        ds, _ = _image_dataset(tmp_path, n, size=128, seed=n)
-        ds.save_to_disk(str(tmp_path / f"ds{n}"))
-        code = ("import sys; from data_prep.build_shards import main; "
-                f"rc = main(['--input', {str(tmp_path / f'ds{n}')!r}, '--output', {str(tmp_path / f'o{n}')!r}, "
-                "'--quiet', '--workers', '1']); "
-                "print(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('VmHWM', 'RssAnon'))]); "
-                "sys.exit(rc)")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
-        hwm, anon = (int(x) / 1024 for x in r.stdout.split()[-2:])
+        bench.image_dataset(n, size=128)[0].save_to_disk(str(tmp_path / f"ds{n}"))
+        hwm, anon = bench.measure(tmp_path / f"ds{n}", tmp_path / f"o{n}")
         mem[n] = {"peak_mb": hwm, "anon_mb": anon}
     assert mem[1600]["anon_mb"] - mem[200]["anon_mb"] < 20, mem  # 8x the records, 33 MB more data
     assert mem[1600]["peak_mb"] - mem[200]["peak_mb"] < 50, mem  # at most the mapped file's growth
