@@ -41,9 +41,11 @@ from pipeline.core.m2pt import M2PTConfig, num_visual_tokens, visual_tokens_for_
 from pipeline.core.methods import unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
+from pipeline.training import elastic
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
 from pipeline.training.config import TrainConfig, resolve_m2pt_config, trackers
 from pipeline.training.config import parse_args as _parse_args
+from pipeline.training.elastic import SavedLayout
 from pipeline.training.identity import run_identity, same_run_or_start_over
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
 
@@ -71,7 +73,12 @@ class RunPlan:
     m2pt_config: M2PTConfig
     shards: object  # pipeline.data.stream.ShardSet
     identity: dict  # the settings that make this run this run (pipeline/training/identity.py)
-    resume: str | None  # --resume, or None when --overwrite_output_dir started the folder over
+    ckpt: Path | None  # the checkpoint to resume (None: a fresh start, also after --overwrite_output_dir)
+    saved: SavedLayout | None  # the rank count, data slots and batch of the run that wrote it
+    data_slots: int  # the streams the data is read in (data/stream.py), fixed for the whole run
+
+    def changes_world(self, world: int) -> bool:
+        return self.saved is not None and self.saved.world != world
 
 
 def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
@@ -92,6 +99,7 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
     model's files, the scheduler and precision, the DeepSpeed config, the method, the shards (built first on the
     default) and what their manifests say, and that the folder holds no run of other settings."""
     from pipeline.data.stream import resolve_shards
+    from pipeline.training.checkpoint import find_resume
 
     def local():
         if rank == 0:
@@ -109,9 +117,14 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
         spec = str(folder)
     shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
     pdist.agree_on(lambda: _check_shards_fit(cfg, visual_tokens, shards, world))
-    identity = run_identity(cfg, m2pt_config, world, shards)
-    pdist.agree_on(lambda: same_run_or_start_over(cfg, identity) if rank == 0 else None)
-    return RunPlan(ds_cfg, m2pt_config, shards, identity, None if cfg.overwrite_output_dir else cfg.resume)
+    ckpt = None if cfg.overwrite_output_dir else pdist.agree_on(lambda: find_resume(cfg.output_dir, cfg.resume))
+    saved = pdist.agree_on(lambda: elastic.saved_layout(ckpt)) if ckpt else None
+    if saved is not None:
+        pdist.agree_on(lambda: elastic.check_world_change(cfg, world, saved, ckpt))
+    slots = pdist.agree_on(lambda: elastic.plan_data_slots(cfg, world, saved))
+    identity = run_identity(cfg, m2pt_config, world, shards, slots)
+    pdist.agree_on(lambda: same_run_or_start_over(cfg, identity, ckpt) if rank == 0 else None)
+    return RunPlan(ds_cfg, m2pt_config, shards, identity, ckpt, saved, slots)
 
 
 def _check_shards_fit(cfg: TrainConfig, visual_tokens: int | None, shards, world: int) -> None:
@@ -202,7 +215,7 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
     """OUTPUT/config.json: the flags as resolved (the method's settings as they really train), the filled
     DeepSpeed config and what the run planned."""
     resolved = {"args": state.cfg.record(plan.m2pt_config), "deepspeed_config": plan.ds_config,
-                "world_size": state.world,
+                "world_size": state.world, "data_slots": plan.data_slots,
                 "samples": state.n_samples, "shards": len(plan.shards.paths),
                 "steps_per_epoch": state.steps_per_epoch, "total_steps": state.total_steps,
                 "method": state.cfg.method, "num_visual_tokens": num_visual_tokens(model),
@@ -229,7 +242,20 @@ def _stream(cfg: TrainConfig, plan: RunPlan, base, model, progress: TrainingProg
                        preprocess=Preprocess(template, base.image_processor, cfg.model_max_length),
                        pad_id=base.tokenizer.pad_token_id, shuffle_buffer=cfg.shuffle_buffer,
                        start=progress.cursors, counts=plan.shards.counts,
-                       group_batches=cfg.length_group_batches if cfg.group_by_length else 0)
+                       group_batches=cfg.length_group_batches if cfg.group_by_length else 0,
+                       nslots=plan.data_slots, first_batch=progress.step * cfg.gradient_accumulation_steps)
+
+
+def _loader(cfg: TrainConfig, plan: RunPlan, stream, rank: int, world: int):
+    """The rank's data loader: worker processes that each read whole data slots."""
+    from pipeline.training.run_control import quiet_worker
+
+    workers = elastic.loader_workers(plan.data_slots // world, cfg.dataloader_num_workers)
+    if workers != cfg.dataloader_num_workers and rank == 0:
+        log.info("%d loader worker(s) per rank instead of %d: each reads whole data slots, and a rank has %d",
+                 workers, cfg.dataloader_num_workers, plan.data_slots // world)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                            worker_init_fn=quiet_worker if workers else None))
 
 
 def _announce(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_total: int, peak_from: str) -> None:
@@ -255,7 +281,6 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     from pipeline.core.flops import FlopModel, peak_tflops
     from pipeline.data.stream import count_samples
     from pipeline.training.engine import build_engine
-    from pipeline.training.run_control import quiet_worker
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -264,10 +289,15 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     check_visual_tokens(plan.shards, num_visual_tokens(model))
     n_samples = plan.shards.total if plan.shards.total is not None else count_samples(plan.shards.paths)
     steps_per_epoch, total_steps = count_steps(cfg, n_samples, world)
-    engine, scheduler = build_engine(cfg, plan.ds_config, trained, total_steps)
-    checkpointer = Checkpointer(engine, out, rank, world, cfg.save_total_limit, cfg.method, base.name, plan.identity)
+    universal = None
+    if plan.changes_world(world):  # the ZeRO state of another rank count, through DeepSpeed's universal format
+        pdist.agree_on(lambda: elastic.to_universal(plan.ckpt) if rank == 0 else None)
+        universal = plan.ckpt / elastic.UNIVERSAL
+    engine, scheduler = build_engine(cfg, plan.ds_config, trained, total_steps, load_universal=universal is not None)
+    checkpointer = Checkpointer(engine, out, rank, world, cfg.save_total_limit, cfg.method, base.name, plan.identity,
+                                plan.data_slots)
     progress = TrainingProgress()
-    ckpt = checkpointer.resume(plan.resume, progress)
+    ckpt = checkpointer.resume(plan.ckpt, progress, universal)
     run_id = uuid.uuid4().hex[:12]
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
@@ -280,9 +310,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     if rank == 0:
         _announce(state, plan, ckpt, model, n_train, n_total, peak_from)
     # Last: once its worker processes exist, every exit path must stop them (train()'s finally; see close_loader).
-    state.loader = iter(torch.utils.data.DataLoader(
-        _stream(cfg, plan, base, model, progress, rank, world), batch_size=None,
-        num_workers=cfg.dataloader_num_workers, worker_init_fn=quiet_worker if cfg.dataloader_num_workers else None))
+    state.loader = _loader(cfg, plan, _stream(cfg, plan, base, model, progress, rank, world), rank, world)
     return state
 
 

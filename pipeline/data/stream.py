@@ -1,7 +1,8 @@
 """Reading shards for training: one sample's path from tar to a padded batch.
 
     tar (webdataset) -> [shard list permuted by seed + epoch, identical on every rank]
-      -> [split: rank x worker "slots"] -> raw samples -> [seeded shuffle buffer] -> [decode + template + image
+      -> [split: the run's data slots (default ranks x workers); a rank takes batches from its slots in turn]
+      -> raw samples -> [seeded shuffle buffer] -> [decode + template + image
       processor, in the loader worker] -> [right-padded batch]
 
 Why each step is shaped this way:
@@ -199,17 +200,27 @@ def collate(items: list[dict], pad_id: int) -> dict:
 class ShardStream(IterableDataset):
     """Endless, deterministic stream of batches for one rank (see the module docstring).
 
+    The run's data is read in `nslots` slots (default: ranks x loader workers), fixed for the whole run. Rank r owns
+    the k = nslots / world slots r*k .. r*k+k-1 and takes its batches from them in turn: its i-th batch since the run
+    began comes from its slot i mod k. `first_batch` is that i for the first batch this stream yields (optimizer
+    steps done x accumulation), so a resumed stream continues the turn where the run stopped. Each loader worker
+    reads whole slots (the worker count must divide k): the loader takes batches from its workers in turn, worker w
+    first, so worker w reads the slots whose turns fall to it. Because a step takes the same batches from every slot
+    whatever the rank count (when the step's micro-batches are a multiple of nslots), a run may resume on another
+    number of ranks (pipeline/training/elastic.py).
+
     `start`: {slot: [epoch, raw_consumed(, batches of a length group emitted, group size)]} from a checkpoint; each
     slot resumes right after that sample (or inside that length group)."""
 
     def __init__(self, shards: list[str], *, rank: int, world: int, seed: int, batch_size: int, preprocess,
                  pad_id: int, shuffle_buffer: int = 1000, start: dict | None = None, counts: dict | None = None,
-                 group_batches: int = 0):
+                 group_batches: int = 0, nslots: int | None = None, first_batch: int = 0):
         self.shards, self.rank, self.world, self.seed = list(shards), rank, world, seed
         self.counts = dict(counts or {})  # shard -> samples its manifest lists
         self.batch_size, self.preprocess, self.pad_id = batch_size, preprocess, pad_id
         self.shuffle_buffer, self.start = shuffle_buffer, {int(k): v for k, v in (start or {}).items()}
         self.group_batches = group_batches  # 0: batches in stream order; k: length-grouped within k batches
+        self.nslots, self.first_batch = nslots, first_batch  # nslots None: ranks x loader workers
 
     def _read_shard(self, url: str, stats: Counter, count_lost: bool):
         """Raw samples of one tar. A truncated or corrupt tar ends early: the samples its manifest promised but
@@ -290,12 +301,10 @@ class ShardStream(IterableDataset):
             yield self._emit(batches[j], (slot, *group[-1][1:]) if last else (slot, *pos, j + 1, size), stats)
         return group[-1][1:]
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        slot, nslots = self.rank * nworkers + wid, self.world * nworkers
+    def _slot_batches(self, slot: int, nslots: int):
+        """Endless batches of one slot, from its position in `start`."""
         epoch, skip, *inside = self.start.get(slot, (0, 0))
-        stats: Counter = Counter()
+        stats: Counter = Counter()  # per slot: a resumed length group clears only its own slot's counts
         samples = self._samples(slot, nslots, epoch, skip, stats)
         pos = (epoch, skip)
         if inside:  # stopped inside a length group: finish it as it was built, whatever the flags are now
@@ -307,6 +316,25 @@ class ShardStream(IterableDataset):
             else:
                 items = [next(samples) for _ in range(self.batch_size)]
                 yield self._emit([x for x, _, _ in items], (slot, *items[-1][1:]), stats)
+
+    def worker_slots(self, worker: int, nworkers: int) -> tuple[list[int], int]:
+        """(the slots loader worker `worker` reads, in the order it takes batches from them; nslots)."""
+        nslots = self.nslots or self.world * nworkers
+        if nslots % self.world:
+            raise ValueError(f"{nslots} data slots cannot be shared by {self.world} ranks")
+        k = nslots // self.world
+        if k % nworkers:
+            raise ValueError(f"{nworkers} loader workers cannot share rank {self.rank}'s {k} data slots")
+        first = (self.first_batch + worker) % k  # the turn of this worker's first batch
+        return [self.rank * k + (first + n * nworkers) % k for n in range(k // nworkers)], nslots
+
+    def __iter__(self):
+        info = get_worker_info()
+        slots, nslots = self.worker_slots(*((info.id, info.num_workers) if info else (0, 1)))
+        streams = [self._slot_batches(s, nslots) for s in slots]
+        while True:
+            for stream in streams:
+                yield next(stream)
 
 
 def group_by_length(items: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:

@@ -269,20 +269,26 @@ def _prune(root: Path, limit: int | None, keep: Path) -> None:
             _remove(d)
 
 
-def load(engine, ckpt: Path, rank: int, world: int) -> tuple[dict, dict]:
-    """Restore engine + this rank's data position and RNG. Returns (trainer_state, rank_state)."""
+def load(engine, ckpt: Path, rank: int, world: int, universal: Path | None = None) -> tuple[dict, dict]:
+    """Restore engine + this rank's data position and RNG. Returns (trainer_state, rank_state). A checkpoint of
+    another rank count loads through its universal conversion `universal` (training/elastic.py)."""
+    from pipeline.training.elastic import merged_rank_state
+
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state["world_size"] != world:
-        raise UsageError(
-            f"{ckpt} was written by {state['world_size']} rank(s) but this run has {world}: ZeRO optimizer "
-            "partitions and per-rank data positions cannot be re-split. Resume with the same world size, or start "
-            f"a new run from its adapter ({ckpt / 'adapter'}) with --init_adapter.")
-    path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag="ds", load_module_strict=False)
+    if state["world_size"] != world and universal is None:
+        raise UsageError(f"{ckpt} was written by {state['world_size']} rank(s) but this run has {world}, and its "
+                         "ZeRO state was not converted for them")
+    ds_dir = universal if universal is not None else ckpt / "ds"
+    path, _ = engine.load_checkpoint(str(ds_dir), tag="ds", load_module_strict=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt / 'ds'}")
-    rank_state = json.loads((ckpt / f"rank-{rank:05d}.json").read_text())
-    # Our own file, written by this pipeline (never user input): safe to unpickle.
-    _set_rng_state(pickle.loads(base64.b64decode(rank_state.pop("rng"))))
+        raise RuntimeError(f"DeepSpeed could not load {ds_dir}")
+    if state["world_size"] == world:
+        rank_state = json.loads((ckpt / f"rank-{rank:05d}.json").read_text())
+    else:
+        rank_state = merged_rank_state(ckpt, rank, state["world_size"])
+    rng = rank_state.pop("rng", None)
+    if rng is not None:  # our own file, written by this pipeline (never user input): safe to unpickle
+        _set_rng_state(pickle.loads(base64.b64decode(rng)))
     return state, rank_state
 
 
@@ -320,9 +326,9 @@ class Checkpointer:
     top of this module)."""
 
     def __init__(self, engine, out: Path, rank: int, world: int, keep: int, method: str, base_name: str,
-                 identity: dict | None = None):
+                 identity: dict | None = None, data_slots: int | None = None):
         self.engine, self.out, self.rank, self.world, self.keep = engine, out, rank, world, keep
-        self.method, self.base_name, self.identity = method, base_name, identity
+        self.method, self.base_name, self.identity, self.data_slots = method, base_name, identity, data_slots
         self._trainable = [p for p in engine.module.parameters() if p.requires_grad]
 
     def adapter_tensors(self) -> dict:
@@ -339,16 +345,18 @@ class Checkpointer:
 
         return save_artifact(self.engine.module, path, self.method, tensors, self.base_name, base)
 
-    def resume(self, resume: str | None, progress: TrainingProgress) -> Path | None:
-        ckpt = find_resume(self.out, resume)
+    def resume(self, ckpt: Path | None, progress: TrainingProgress, universal: Path | None = None) -> Path | None:
+        """Restore `ckpt` (found at start-up by find_resume), if any."""
         if ckpt is not None:
-            state, rank_state = load(self.engine, ckpt, self.rank, self.world)
+            state, rank_state = load(self.engine, ckpt, self.rank, self.world, universal)
             progress.load_state_dict(rank_state, step=state["step"])
-            log.info("resumed from %s at step %d", ckpt, progress.step)
+            moved = f" (written by {state['world_size']} ranks)" if state["world_size"] != self.world else ""
+            log.info("resumed from %s at step %d%s", ckpt, progress.step, moved)
         return ckpt
 
     def save(self, progress: TrainingProgress, reason: str) -> None:
         d = save(self.engine, self.write_adapter, self.out, progress.step, self.rank, self.world,
-                 {"reason": reason, "run": self.identity, **dict(progress.totals)}, progress.state_dict(),
+                 {"reason": reason, "run": self.identity, "data_slots": self.data_slots, **dict(progress.totals)},
+                 progress.state_dict(),
                  self.adapter_tensors, self.keep)
         log.info("checkpoint (%s) -> %s", reason, d)

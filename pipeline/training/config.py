@@ -77,7 +77,12 @@ class TrainConfig:
                                "batches in a seeded random order (less padding; resume stays exact)")
     length_group_batches: int = _f("data", 16, "with --group_by_length: batches per length group (larger: less "
                                    "padding, less mixing)")
-    dataloader_num_workers: int = _f("data", 1, "loader processes per rank")
+    dataloader_num_workers: int = _f("data", 1, "loader processes per rank (each reads whole data slots: lowered "
+                                     "to a divisor of the rank's slot count when it does not divide it)")
+    data_slots: int = _f("data", 0, "streams the shards are split into for the whole run (0: ranks x loader "
+                         "workers at the start). A run resumes on any rank count that divides it, when each step's "
+                         "micro-batches (ranks x accumulation) are a multiple of it: give a multiple of every rank "
+                         "count a requeued job may come back with, e.g. 8 for 1, 2, 4 or 8 ranks")
     shuffle_buffer: int = _f("data", 1000, "samples in each worker's shuffle buffer")
     max_bad_sample_fraction: float = _f("data", 0.05, "abort when more than this share of samples read so far was "
                                         "skipped (corrupt, too long, no supervised token, lost in a broken shard, "
@@ -219,6 +224,7 @@ def flag_problems(c: TrainConfig) -> list[str]:
         (c.save_steps >= 0, "--save_steps must be >= 0 (0: only at the end)"),
         (c.save_total_limit >= 0, "--save_total_limit must be >= 0 (0: keep all)"),
         (c.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+        (c.data_slots >= 0, "--data_slots must be >= 0 (0: ranks x loader workers)"),
         (c.shuffle_buffer >= 0, "--shuffle_buffer must be >= 0"),
         (c.model_max_length >= 1, "--model_max_length must be >= 1"),
         (0 <= c.max_bad_sample_fraction <= 1, "--max_bad_sample_fraction must be within [0, 1]"),

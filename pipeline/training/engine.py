@@ -76,9 +76,10 @@ def check_scheduler(train) -> None:
                          f"{train.lr_scheduler_kwargs}: {e}") from None
 
 
-def build_engine(train, ds_cfg: dict, model, total_steps: int):
+def build_engine(train, ds_cfg: dict, model, total_steps: int, load_universal: bool = False):
     """(engine, scheduler) over the parameters that require gradients: AdamW with weight decay on matrices only,
-    the --lr_scheduler_type schedule with --warmup_ratio of `total_steps` to warm up."""
+    the --lr_scheduler_type schedule with --warmup_ratio of `total_steps` to warm up. `load_universal`: the
+    checkpoint to resume is a DeepSpeed universal one (another rank count wrote it; training/elastic.py)."""
     import deepspeed
     import torch
 
@@ -96,6 +97,8 @@ def build_engine(train, ds_cfg: dict, model, total_steps: int):
         # for CUDA and CPU parameters alike.
         optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas, fused=True)
     scheduler = make_scheduler(train, optimizer, total_steps)
+    if load_universal:
+        ds_cfg = dict(ds_cfg, checkpoint=dict(ds_cfg.get("checkpoint", {}), load_universal=True))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine, scheduler

@@ -5,8 +5,8 @@ model, method and its shape, data, learning-rate schedule, optimiser, seed, glob
 precision. A resume compares it with this command's before the model loads: a changed command on an existing folder
 (another learning rate, seed, batch, method, more steps) stops with one line listing each difference, instead of
 silently continuing the old schedule under the new flags. Not part of the identity: what does not change the
-numbers (logging, checkpoint cadence, threads, gradient checkpointing, --verify_shards) and the world size when the
-global batch stays the same.
+numbers (logging, checkpoint cadence, threads, loader workers, gradient checkpointing, --verify_shards) and the world
+size, when the global batch and the data slots stay the same (training/elastic.py says when a resume may change it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_
                     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay",
                     "adam_beta1", "adam_beta2", "max_grad_norm", "seed", "max_steps", "num_train_epochs",
                     "model_max_length", "group_by_length", "length_group_batches", "shuffle_buffer",
-                    "dataloader_num_workers", "bf16", "fp16")
+                    "per_device_train_batch_size", "bf16", "fp16")
 # What --overwrite_output_dir removes: everything a run writes into its folder, nothing else.
 RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "train_config.yaml",
              "run_state.json")
@@ -38,20 +38,23 @@ def data_fingerprint(shards) -> str:
     return h.hexdigest()[:16]
 
 
-def run_identity(cfg, m2pt_config, world: int, shards) -> dict:
-    """The settings of this run that change its trajectory (cfg: a TrainConfig)."""
+def run_identity(cfg, m2pt_config, world: int, shards, data_slots: int) -> dict:
+    """The settings of this run that change its trajectory (cfg: a TrainConfig; data_slots: the streams its data
+    is read in, data/stream.py)."""
     ident = {k: getattr(cfg, k) for k in TRAJECTORY_FLAGS}
     ident |= {k: v for k, v in dataclasses.asdict(m2pt_config).items() if k != "seed"}
     if cfg.method == "lora":
         ident |= dataclasses.asdict(cfg.lora)
     ident["global_batch"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     ident["data"] = data_fingerprint(shards)
+    ident["data_slots"] = data_slots
     return ident
 
 
 def _label(key: str) -> str:
     return {"global_batch": "global batch (per-device batch x accumulation x ranks)",
-            "data": "the training shards (names, sizes, counts)"}.get(key, f"--{key}")
+            "data": "the training shards (names, sizes, counts)",
+            "data_slots": "--data_slots (the streams the data is read in)"}.get(key, f"--{key}")
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -100,14 +103,13 @@ def clear_run_files(output_dir) -> list[str]:
     return removed
 
 
-def same_run_or_start_over(cfg, identity: dict) -> None:
-    """A folder holds one run: resume it only with its own settings; --overwrite_output_dir clears it first."""
-    from pipeline.training.checkpoint import find_resume
-
+def same_run_or_start_over(cfg, identity: dict, ckpt: Path | None) -> None:
+    """A folder holds one run: resume `ckpt` (what --resume found) only with its own settings;
+    --overwrite_output_dir clears the folder first."""
     if cfg.overwrite_output_dir:
         removed = clear_run_files(cfg.output_dir)
         if removed:
             logging.getLogger("m2pt.train").info("--overwrite_output_dir: removed %s from %s", ", ".join(removed),
                                                  cfg.output_dir)
         return
-    check_same_run(find_resume(cfg.output_dir, cfg.resume), identity, cfg.output_dir)
+    check_same_run(ckpt, identity, cfg.output_dir)
