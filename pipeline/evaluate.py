@@ -85,7 +85,12 @@ class EvalConfig:
     score_only: Path | None = field(default=None, metadata={"type": Path, "help": (
         "re-score an existing predictions.jsonl (fields task, category, image_id, question, target, prediction; "
         "scoring when present) without loading any model")})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
+    device: str | None = field(default=None, metadata={"help": (
+        "cuda / cpu (default: cuda when available; under a launcher each rank takes the GPU of its LOCAL_RANK)")})
+    dist_timeout: int = field(default=10800, metadata={"help": (
+        "seconds a rank waits for the others at the end of a row (under torchrun / deepspeed / srun); the largest "
+        "share's generation time must fit in it")})
+    local_rank: int = field(default=-1, metadata={"help": argparse.SUPPRESS})  # passed by the deepspeed launcher
 
 
 def parse_args(argv=None):
@@ -192,13 +197,17 @@ def plan_runs(cfg: EvalConfig) -> EvalPlan:
     return EvalPlan(runs, items, data_root, _titles(known), other_base)
 
 
+def _dtype(cfg: EvalConfig) -> str:
+    return "float16" if cfg.device.startswith("cuda") else "float32"
+
+
 def load_row_model(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
     """(base, model) of one row: the base alone, the base + an adapter, or a fully fine-tuned model folder."""
     import torch
 
     from pipeline.core.methods import load_artifact
 
-    dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, _dtype(cfg))
     kind = adapter_config["kind"] if adapter_config else None
     if kind == "full":  # a fully fine-tuned model folder is the model
         base = defaults.load_base(adapter, dtype=dtype)
@@ -208,20 +217,69 @@ def load_row_model(cfg: EvalConfig, adapter: str | None, adapter_config: dict | 
     return base, (load_artifact(base.model, adapter, kind) if adapter else base.model)
 
 
-def predict(cfg: EvalConfig, base, model, items: dict, judge) -> list[dict]:
-    """Prediction records for every task's items, marked correct (and judged, with --judge_model)."""
+def load_row(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
+    """(base, model on its device in eval mode, the chat template) of one row."""
     from pipeline.core.chat import VicunaTemplate
     from pipeline.core.m2pt import num_visual_tokens
-    from pipeline.evaluation.generate import generate
+
+    base, model = load_row_model(cfg, adapter, adapter_config)
+    model.to(cfg.device).eval()
+    return base, model, VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
+
+
+def _generate_share(cfg: EvalConfig, ranks, load, todo, answers, progress) -> None:
+    """This rank's share of every task's pending questions, each batch's answers appended as it finishes. The row's
+    model loads only when the rank has a question to answer (a resumed row may have none)."""
+    from pipeline.evaluation.generate import generate_batches
+    from pipeline.evaluation.parallel import share
+
+    loaded = None
+    for keyed in todo.items.values():
+        mine = share(keyed, ranks.rank, ranks.world, lambda it: len(it["question"]))
+        if not mine:
+            continue
+        base, model, template = loaded = loaded or load()
+        keys, done = [k for k, _ in mine], 0
+        for chunk, preds in generate_batches(model, base.tokenizer, base.image_processor, template,
+                                             [it for _, it in mine], cfg.batch_size, cfg.max_new_tokens,
+                                             cfg.temperature, cfg.seed, keys):
+            answers.write(keys[done:done + len(chunk)], preds)
+            done += len(chunk)
+            progress.update()
+
+
+def answer_share(cfg: EvalConfig, ranks, load, items: dict, row: str, fp: str) -> int:
+    """Every rank: generate its share of the row's unanswered questions, appending each batch's answers to its
+    answers file (evaluation/parallel.py); returns how many all ranks generated together. Ends at a barrier: all
+    answers are in. `load()` gives (base, model, template)."""
+    from pipeline.evaluation.parallel import AnswerLog, Progress, pending, read_answers
+
+    row_dir = cfg.output_dir / folder_name(row)
+    stored, other = read_answers(row_dir, fp)
+    ranks.barrier()  # everyone read the same stored answers before anyone appends: they deal the same questions
+    todo = pending(items, stored)
+    if ranks.rank == 0 and (todo.answered or other):
+        log.info("%s: %d of %d questions already answered under these settings%s", row, todo.answered, todo.total,
+                 f"; {other} stored answers of other settings (adapter, model or generation) not reused"
+                 if other else "")
+    progress = Progress(row_dir, todo, row, enabled=ranks.rank == 0)
+    answers = AnswerLog(row_dir, ranks.rank, fp)
+    try:
+        _generate_share(cfg, ranks, load, todo, answers, progress)
+    finally:
+        answers.close()
+    progress.wait_for_others(cfg.dist_timeout)
+    ranks.barrier()
+    return todo.total - todo.answered
+
+
+def predict(cfg: EvalConfig, items: dict, row: str, fp: str, judge) -> list[dict]:
+    """Rank 0, every answer in: prediction records in dataset order, marked correct (and judged)."""
+    from pipeline.evaluation.parallel import collect
     from pipeline.evaluation.scoring import prediction_record
 
-    model.to(cfg.device).eval()
-    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
-    recs = []
-    for its in items.values():
-        preds = generate(model, base.tokenizer, base.image_processor, template, its, cfg.batch_size,
-                         cfg.max_new_tokens, cfg.temperature, cfg.seed)
-        recs += [prediction_record(it, p) for it, p in zip(its, preds)]
+    preds = collect(items, cfg.output_dir / folder_name(row), fp)
+    recs = [prediction_record(it, p) for task, its in items.items() for it, p in zip(its, preds[task])]
     mark_correct(recs)
     if judge:
         judged = [r for r in recs if r["scoring"] != "mme"]
@@ -247,49 +305,71 @@ def _device(requested: str | None) -> str:
 
 
 def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, plan: EvalPlan,
-                 judge) -> dict:
-    """Generate for every task with one model (the base, or the base + one adapter); write its predictions."""
+                 judge, ranks) -> dict | None:
+    """One row (the base, or the base + one adapter) on every rank; rank 0 merges, writes its predictions and
+    returns its metrics (None on the other ranks)."""
+    from pipeline.core.chat import SYSTEM
+    from pipeline.evaluation.parallel import fingerprint
+    from pipeline.files import atomic_write_text
+
     t0 = time.time()
-    base, model = load_row_model(cfg, adapter, adapter_config)
-    recs = predict(cfg, base, model, plan.items, judge)
-    run_dir = cfg.output_dir / folder_name(name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "predictions.jsonl").open("w") as f:
-        for r in recs:
-            f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
+    kind = adapter_config["kind"] if adapter_config else None
+    fp = fingerprint(cfg, adapter, kind, _dtype(cfg), SYSTEM)
+    generated = answer_share(cfg, ranks, lambda: load_row(cfg, adapter, adapter_config), plan.items, name, fp)
+    if ranks.rank != 0:
+        return None
+    recs = predict(cfg, plan.items, name, fp, judge)
+    atomic_write_text(cfg.output_dir / folder_name(name) / "predictions.jsonl", "".join(
+        json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n" for r in recs))
     return {"tasks": score(recs), "provenance": {
-        "base_model": base.name, "adapter": adapter,
+        "base_model": defaults.base_name(adapter) if kind == "full" else defaults.base_name(
+            cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector), "adapter": adapter,
         "method": adapter_config["training_method"] if adapter_config else "base",
         "adapter_config": _artifact_config(adapter_config),
         "data_root": str(plan.data_root) if plan.data_root else None, "tasks": list(plan.items),
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "padding_side": "left", "dtype": _dtype(cfg), "world_size": ranks.world,
+        "fingerprint": fp, "generated": generated, "reused": len(recs) - generated,
         "seconds": round(time.time() - t0, 1), "other_base": plan.other_base.get(name)}}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Evaluate (or with score_only, re-score); returns {row: {"tasks": {task: metrics}, "provenance": ...}} and
-    writes results.json / results.md under cfg.output_dir."""
+    """Evaluate (or with score_only, re-score) on every rank of the launcher; returns {row: {"tasks": {task:
+    metrics}, "provenance": ...}} and writes results.json / results.md under cfg.output_dir (rank 0; the other
+    ranks return {})."""
     if cfg.score_only:
         return rescore(cfg)
+    from pipeline.evaluation.parallel import init_ranks
+
     cfg.output_dir = cfg.output_dir or defaults.EVAL_OUTPUT
     cfg.device = _device(cfg.device)
-    plan = plan_runs(cfg)
-    from pipeline.evaluation.generate import Judge
+    plan = plan_runs(cfg)  # every rank checks the same inputs: a mistake stops them all before a model loads
+    ranks = init_ranks(cfg.dist_timeout)
+    try:
+        if cfg.device == "cuda" and ranks.world > 1:
+            cfg.device = f"cuda:{ranks.local_rank}"
+        from pipeline.evaluation.generate import Judge
 
-    judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model else None
-    results = {MAJORITY: majority_baseline(plan.items)} if cfg.majority_baseline else {}
-    for name, adapter, adapter_config in plan.runs:
-        results[name] = evaluate_one(cfg, name, adapter, adapter_config, plan, judge)
-        log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in results[name]["tasks"].items()})
-    write_outputs(cfg.output_dir, results, plan.titles)
-    return results
+        judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model and ranks.rank == 0 else None
+        results = {MAJORITY: majority_baseline(plan.items)} if cfg.majority_baseline else {}
+        for name, adapter, adapter_config in plan.runs:
+            row = evaluate_one(cfg, name, adapter, adapter_config, plan, judge, ranks)
+            if row is not None:
+                results[name] = row
+                log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in row["tasks"].items()})
+        if ranks.rank != 0:
+            return {}
+        write_outputs(cfg.output_dir, results, plan.titles)
+        return results
+    finally:
+        ranks.close()
 
 
 def run(args) -> dict:
     """The CLI's namespace -> evaluate(); args.output_dir is updated to where the results went."""
     cfg = EvalConfig(**vars(args))
     results = evaluate(cfg)
+    args.rank0 = bool(results)
     args.output_dir = cfg.output_dir
     return results
 
@@ -303,6 +383,8 @@ def main(argv=None) -> int:
     except (LayoutError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.rank0:
+        return 0
     print((args.output_dir / "results.md").read_text(), end="")
     print(f"results: {args.output_dir / 'results.json'}")
     return 0

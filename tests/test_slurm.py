@@ -148,3 +148,51 @@ exec {sys.executable} "$@"
     assert r.returncode != 0, log[-3000:]
     assert elapsed < 120, f"job took {elapsed:.0f} s: a rank hung instead of being killed"
     assert "requeueing" not in log
+
+
+def _sbatch_eval(env, out, eval_args, *extra, wait=True):
+    exports = {"MASTER_ADDR": "127.0.0.1", "OUTPUT_DIR": str(out), "TASKS": "", "WITH_BASE": "1",
+               "EVAL_ARGS": eval_args, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", "1",
+           "--time", "30", "-o", str(out) + ".log",
+           "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), *extra]
+    if wait:
+        cmd.append("--wait")
+    cmd.append(str(REPO / "slurm" / "eval_m2pt.sh"))
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_evaluation_on_two_nodes_equals_one_process_and_continues_after_a_requeue(cluster, tmp_path):
+    """slurm/eval_m2pt.sh on 2 nodes x 1 rank: the predictions and metrics of one plain process. Then a job
+    signalled as at its time limit: it requeues itself and the second run answers only what the first left."""
+    env, _ = cluster
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--output_dir", str(single), "--limit", "7"],
+                       env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "two"
+    r = _sbatch_eval(env, out, "--limit 7")
+    log = Path(str(out) + ".log").read_text() if Path(str(out) + ".log").exists() else ""
+    assert r.returncode == 0, r.stderr + log[-4000:]
+    assert (out / "base" / "predictions.jsonl").read_text() == (single / "base" / "predictions.jsonl").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"]["tasks"] == json.loads((single / "results.json").read_text())["base"]["tasks"]
+    assert results["base"]["provenance"]["world_size"] == 2
+
+    out = tmp_path / "requeued"
+    r = _sbatch_eval(env, out, "--limit 60 --batch_size 1", wait=False)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    answers = out / "base" / "answers"
+    deadline = time.time() + 600
+    while time.time() < deadline and sum(len(f.read_text().splitlines()) for f in answers.glob("*.jsonl")) < 20:
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    while time.time() < deadline and not (out / "results.json").exists():
+        time.sleep(0.5)
+    log = Path(str(out) + ".log").read_text()
+    assert (out / "results.json").exists(), log[-4000:]
+    assert "got USR1: requeueing" in log and "restart 1)" in log, log[-4000:]
+    prov = json.loads((out / "results.json").read_text())["base"]["provenance"]
+    assert prov["reused"] >= 20 and prov["generated"] + prov["reused"] == 4 * 60
