@@ -87,6 +87,9 @@ class EvalConfig:
         "scoring when present) without loading any model")})
     device: str | None = field(default=None, metadata={"help": (
         "cuda / cpu (default: cuda when available; under a launcher each rank takes the GPU of its LOCAL_RANK)")})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float16", "bfloat16", "float32"), "help": (
+        "weights and activations while generating (auto: float16 on CUDA, float32 on CPU; part of the stored "
+        "answers' key)")})
     dist_timeout: int = field(default=10800, metadata={"help": (
         "seconds a rank waits for the others at the end of a row (under torchrun / deepspeed / srun); the largest "
         "share's generation time must fit in it")})
@@ -198,6 +201,8 @@ def plan_runs(cfg: EvalConfig) -> EvalPlan:
 
 
 def _dtype(cfg: EvalConfig) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
     return "float16" if cfg.device.startswith("cuda") else "float32"
 
 

@@ -9,7 +9,8 @@
 #    and which SDPA kernel a prompted, padded batch gets;
 # 3. benchmarks/bench_step.py --shape 7b: the real trainer's step (CLIP-L/336 + Vicuna-7B shapes, bf16, random
 #    weights) against the stock frozen floor, with model TFLOP/s, MFU and peak memory;
-# 4. summary.json + summary.md under $OUT (the device tool brings $OUT back; elsewhere out/gpu_check/).
+# 4. greedy evaluation answers at batch 1 vs 16 in bf16 (how many differ);
+# 5. summary.json + summary.md under $OUT (the device tool brings $OUT back; elsewhere out/gpu_check/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
@@ -38,5 +39,22 @@ t1=$(date +%s)
 timeout 200 $PY benchmarks/bench_step.py --shape 7b --rounds 3 --variants project,floor --device cuda \
   --append "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench.log"
 t2=$(date +%s)
-echo "{\"tests_seconds\": $((t1 - t0)), \"bench_seconds\": $((t2 - t1))}" > "$OUT/timing.json"
+# 4. Greedy answers at batch 1 vs 16 in bf16 on CUDA (the embedded base, 800 held-out questions): the share that
+#    batched kernels' rounding changes (fp32 on CPU: none).
+for b in 1 16; do
+  timeout 60 $PY -m pipeline.evaluate --device cuda --dtype bfloat16 --batch_size "$b" --no_majority_baseline \
+    --output_dir "$OUT/eval_b$b" > "$OUT/eval_b$b.log" 2>&1
+done
+$PY - "$OUT" <<'PY' | tee "$OUT/eval_batch.txt"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+try:
+    a, b = ((out / f"eval_b{n}" / "base" / "predictions.jsonl").read_text().splitlines() for n in (1, 16))
+    diff = sum(json.loads(x)["prediction"] != json.loads(y)["prediction"] for x, y in zip(a, b))
+    print(json.dumps({"eval_bf16_batch1_vs_16": {"questions": len(a), "differing": diff}}))
+except OSError as e:
+    print(json.dumps({"eval_bf16_batch1_vs_16": {"error": str(e)}}))
+PY
+t3=$(date +%s)
+echo "{\"tests_seconds\": $((t1 - t0)), \"bench_seconds\": $((t2 - t1)), \"eval_seconds\": $((t3 - t2))}" > "$OUT/timing.json"
 $PY scripts/gpu_summary.py "$OUT"

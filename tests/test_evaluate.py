@@ -369,3 +369,22 @@ def test_a_held_out_set_of_text_only_records_evaluates(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(recs))
     res = evaluate(EvalConfig(tasks=f"arith={tmp_path / 't.json'}", output_dir=tmp_path / "o", max_new_tokens=3))
     assert res["base"]["tasks"]["arith"]["questions"] == 3
+
+
+@pytest.mark.parametrize("answer, official", [
+    ("3,000", "3000"),  # a comma between digits: every mark is deleted, not spaced
+    ("don't", "don't"), ("dont", "don't"), ("Isnt", "isn't"),
+    ("1.5", "1.5"), ("5.", "5"), ("a dog.", "dog"), ("An apple?", "apple"),
+    ("Two dogs", "2 dogs"), ("ten", "10"), ("none", "0"),
+    ("t-shirt", "t shirt"), ("well - done", "well done"), ("The Cat, the hat", "cat hat"),
+    ("12:30", "12:30"), ("$3.50", "$3.50"),  # colon and dollar are not in the official set
+    ("yes!\n", "yes"),
+])
+def test_vqa_normalisation_follows_the_official_rule(answer, official):
+    """Values worked out by hand with the official VQA evaluation's rules (punctuation deleted next to a space or
+    around a comma in a number, else spaced; periods kept only before a digit; number words; articles;
+    contractions)."""
+    from pipeline.evaluation.metrics import vqa_accuracy, vqa_normalize
+
+    assert vqa_normalize(answer) == official
+    assert vqa_accuracy(answer, [official] * 10) == 1.0

@@ -116,22 +116,39 @@ def pope_scores(records: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ VQA / labels
+# The VQA evaluation's answer processing (the rules of the official evaluation, visualqa.org/evaluation.html, as its
+# evaluator and EvalAI's answer processor apply them). Contractions: the common single forms; the official table
+# also spells out rare double ones ("wouldn'tve"), which answers of a few words practically never contain.
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
                  "wont": "won't", "didnt": "didn't", "im": "i'm", "ive": "i've", "youre": "you're",
-                 "thats": "that's", "whats": "what's", "wasnt": "wasn't", "werent": "weren't"}
+                 "thats": "that's", "whats": "what's", "wasnt": "wasn't", "werent": "weren't", "couldnt": "couldn't",
+                 "wouldnt": "wouldn't", "shouldnt": "shouldn't", "hasnt": "hasn't", "havent": "haven't",
+                 "hadnt": "hadn't", "theyre": "they're", "theres": "there's", "whos": "who's", "wheres": "where's",
+                 "hes": "he's", "shes": "she's", "lets": "let's", "youll": "you'll", "youve": "you've",
+                 "theyve": "they've", "weve": "we've", "itll": "it'll", "ill": "i'll", "id": "i'd"}
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:]")
+# Replaced by a space, or deleted when the answer has it next to a space or has a comma between digits. Not in the
+# set (kept): ' : * # % ^ & $ | ~ and the period (its own rule).
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("1.5" keeps its, "5." and "dog." lose theirs)
+
+
+def _vqa_punctuation(text: str) -> str:
+    out = text
+    drop = _COMMA_IN_NUMBER.search(text) is not None  # "3,000": every mark goes, so the number stays "3000"
+    for p in _PUNCT:
+        out = out.replace(p, "" if drop or p + " " in text or " " + p in text else " ")
+    return _PERIOD.sub("", out)
 
 
 def vqa_normalize(ans: str) -> str:
-    """The VQA evaluation's answer normalisation: punctuation, periods not in numbers, number words, articles,
-    contractions."""
-    a = ans.replace("\n", " ").replace("\t", " ").strip().lower()
-    a = _PUNCT.sub(lambda m: "" if m.group(0) in "'" else " ", a)
-    a = re.sub(r"(?<!\d)\.(?!\d)", "", a)
-    words = [_NUMBERS.get(w, w) for w in a.split() if w not in _ARTICLES]
+    """The VQA evaluation's answer normalisation: punctuation, periods not before a digit, lower case, number words
+    to digits, articles dropped, missing apostrophes of contractions restored."""
+    a = _vqa_punctuation(ans.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBERS.get(w, w) for w in a.lower().split() if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
