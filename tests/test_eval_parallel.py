@@ -140,3 +140,17 @@ def test_killed_evaluation_resumes_without_losing_or_repeating_a_question(tmp_pa
     keys = [r["key"] for r in _stored(out)]
     assert len(keys) == len(set(keys)) == 160  # no question answered twice, none lost
     assert _preds(out) == _preds(straight)
+
+
+def test_a_replaced_image_file_changes_the_questions_key(tmp_path):
+    """An answer is not reused for another image stored under the same name (size or time differ)."""
+    from pipeline.evaluation.parallel import question_key
+
+    img = tmp_path / "x.png"
+    img.write_bytes(b"a" * 10)
+    item = {"question": "What is it?", "image_id": "x", "image": str(img)}
+    key = question_key("t", 0, item)
+    assert question_key("t", 0, dict(item)) == key
+    img.write_bytes(b"b" * 11)
+    assert question_key("t", 0, item) != key
+    assert question_key("t", 0, dict(item, image=b"png1")) != question_key("t", 0, dict(item, image=b"png2"))

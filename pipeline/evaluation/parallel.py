@@ -7,13 +7,14 @@ kill, with the same predictions whatever the batch size or rank count.
                 (written atomically) -> scores
 
 Why it is shaped this way:
-* An answer is stored under its question's key (task, position, a hash of the question and image id) and the row's
-  fingerprint: the base model's files (name, size, modification time), the adapter's files (sha256), and every
-  setting that changes an answer (max_new_tokens, temperature, the seed when sampling, dtype, the chat template's
-  system prompt). Batch size and rank count are not part of it, because they do not change an answer (greedy rows
-  are left-padded and masked; samples are seeded per question, evaluation/generate.py). So the same command run
-  again - on any number of ranks - generates only what no answers file holds yet, and a changed adapter or setting
-  reuses nothing (one log line says how many stored answers were set aside).
+* An answer is stored under its question's key (task, position, a hash of the question, its image id and its image
+  file's size and time) and the row's fingerprint: the base model's files (name, size, modification time), the
+  adapter's files (sha256), and every setting that changes an answer (max_new_tokens, temperature, the seed when
+  sampling, dtype, the chat template's system prompt). Batch size and rank count are not part of it, because they do
+  not change an answer (greedy rows are left-padded and masked; samples are seeded per question,
+  evaluation/generate.py). So the same command run again - on any number of ranks - generates only what no answers
+  file holds yet, and a changed adapter or setting reuses nothing (one log line says how many stored answers were set
+  aside).
 * Shares: a task's unanswered questions sorted by prompt length and dealt in turn, so every rank gets the same mix
   of long and short prompts, and its batches (of similar lengths) little padding.
 * Ranks meet only at barriers, two per row: after reading the stored answers (so everyone deals the same pending
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,21 @@ def fingerprint(cfg, adapter: str | None, kind: str | None, dtype: str, system_p
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _image_stamp(image) -> list | str | None:
+    """What tells an image file apart from its replacement under the same name: size and modification time of a
+    path, a checksum of in-memory bytes."""
+    if isinstance(image, (bytes, bytearray)):
+        return f"crc32:{zlib.crc32(image)}"
+    if isinstance(image, (str, Path)) and Path(image).is_file():
+        st = Path(image).stat()
+        return [st.st_size, st.st_mtime_ns]
+    return None
+
+
 def question_key(task: str, index: int, item: dict) -> str:
-    text = json.dumps([item.get("question"), item.get("image_id")], ensure_ascii=False)
+    """task / position / a hash of the question, its image id and its image file's stamp."""
+    text = json.dumps([item.get("question"), item.get("image_id"), _image_stamp(item.get("image"))],
+                      ensure_ascii=False)
     return f"{task}/{index}/{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
