@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_step.py --shape real [--rounds 5] [--threads 1] [--append docs/benchmarks.md]
 
 Variants (each in its own process, built from the same seed, so the weights are identical):
-  project  attach_m2pt (pv = pt = 10, official mode) + the trainer's forward (pipeline/core/step.py: supervised-only
-           logits, index splice, vision tower cut after its feature layer) + backward + fused AdamW step
+  project  attach_m2pt (pv = pt = 10, official mode; textual prompts as each layer's key/value prefix) + the trainer's
+           forward (pipeline/core/step.py: supervised-only logits, index splice, vision tower cut after its feature
+           layer) + backward + fused AdamW step
+  slots    the same with the textual prompts as extra positions through every layer (`--text_prompts slots`)
   before   the same prompts through the stock forward (all logits, masked_scatter, full tower): the trainer's forward
            before supervised-only logits and the tower cut
   floor    the stock model with no prompts and every weight frozen, `pixel_values.requires_grad_(True)` so the
@@ -40,7 +42,8 @@ SHAPES = {
     "7b": dict(v_layers=24, v_mlp=4096, image=336, t_layers=32, t_mlp=11008, vocab=32000, projector="mlp"),
 }
 BATCH, TEXT_TOKENS, ANSWER_TOKENS = 2, 137, 56
-VARIANTS = ("project", "before", "floor")
+VARIANTS = ("project", "slots", "before", "floor")
+TRAINER_LIKE = ("project", "slots")  # the trainer's forward
 
 
 def build(shape: str, variant: str, device, dtype, attn: str):
@@ -69,8 +72,9 @@ def build(shape: str, variant: str, device, dtype, attn: str):
     if variant == "floor":
         model.requires_grad_(False)
     else:
-        attach_m2pt(model, M2PTConfig(visual_prompt_length=10, text_prompt_length=10))
-        if variant == "project":
+        attach_m2pt(model, M2PTConfig(visual_prompt_length=10, text_prompt_length=10),
+                    text_prompts="slots" if variant in ("slots", "before") else "auto")
+        if variant in TRAINER_LIKE:
             skip_unused_vision_layers(model)
     return model.train()
 
@@ -97,7 +101,7 @@ def flops_of(model, variant: str, batch: dict) -> int:
     from pipeline.core.flops import FlopModel, batch_flops
 
     fm = FlopModel.from_model(model)
-    if variant == "project":
+    if variant in TRAINER_LIKE:
         return batch_flops(fm, batch)
     # all logits; the floor's tower work is counted up to the feature layer (its useful work)
     rows = batch["attention_mask"].sum(1).tolist()
@@ -129,7 +133,7 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step():
-        if variant == "project":
+        if variant in TRAINER_LIKE:
             loss = token_loss(model, model, batch, dev, dtype)
         elif variant == "before":
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -145,7 +145,7 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     base = defaults.load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
                               attn=cfg.attn_implementation)
     model = (load_adapter(base.model, cfg.init_adapter) if cfg.init_adapter
-             else methods.apply(base.model, cfg.method, m2pt_config, cfg.lora))
+             else methods.apply(base.model, cfg.method, m2pt_config, cfg.lora, cfg.text_prompts))
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -127,7 +127,8 @@ def test_vision_tower_stops_after_its_deepest_feature_layer_with_the_same_featur
 def test_flop_formula_matches_a_hand_count_on_the_tiny_config():
     from pipeline.core.flops import FlopModel, batch_flops
 
-    model = attach_m2pt(build_tiny().model, M2PTConfig())  # pv = pt = 10, official mode, projector trains
+    # pv = pt = 10, official mode, projector trains; textual prompts as slots (the prefix form: below)
+    model = attach_m2pt(build_tiny().model, M2PTConfig(), text_prompts="slots")
     fm = FlopModel.from_model(model)
     vocab = model.config.text_config.vocab_size
     # One row: 40 real tokens + 5 pads, one image, labels on its last 3 tokens.
@@ -156,5 +157,14 @@ def test_flop_formula_matches_a_hand_count_on_the_tiny_config():
     assert batch_flops(fm, batch) == forward + backward
 
     # --tune_lm_head adds exactly the head's weight gradient
-    head_model = attach_m2pt(build_tiny().model, M2PTConfig(tune_lm_head=True))
+    head_model = attach_m2pt(build_tiny().model, M2PTConfig(tune_lm_head=True), text_prompts="slots")
     assert batch_flops(FlopModel.from_model(head_model), batch) == forward + backward + head
+
+    # Prompts as a key/value prefix: the 40 tokens through q, k, v, o and the MLP, the 10 prompts through k and v
+    # only, and each token sees 10 more keys.
+    p_layer = 2 * 40 * 128 * 128 * 2 + 2 * 40 * 128 * 64 * 2 + 3 * 2 * 40 * 128 * 256 + 2 * 10 * 128 * 64 * 2
+    p_att = 4 * (2 * 40 * 41 * 128 + 4 * 40 * 10 * 128)
+    prefix = FlopModel.from_model(attach_m2pt(build_tiny().model, M2PTConfig(), text_prompts="prefix"))
+    p_fwd = v_mm + v_att + proj + 4 * p_layer + p_att + head
+    p_bwd = (v_mm - patch) + 2 * v_att + proj + 4 * p_layer + 2 * p_att + head + proj
+    assert batch_flops(prefix, batch) == p_fwd + p_bwd < forward + backward

@@ -7,9 +7,11 @@ forward
   vision, per layer that runs (up to the deepest feature layer), S_v = N patches + 1 CLS + p_v prompt slots:
       8 S_v d_v^2 (q, k, v, o)  +  4 S_v d_v i_v (MLP)  +  4 S_v^2 d_v (scores, values; bidirectional)
   patch embedding: 2 N (c k^2) d_v;  projector: 2 V (d_v d_t) for a linear one, 2 V (d_v d_t + d_t d_t) for an MLP
-  LLM, per layer, S = T + p_t:
+  LLM, per layer, S = T + p_t (textual prompts as slots):
       4 S d_t^2 + 4 S d_t d_kv (q, o; k, v with grouped heads)  +  6 S d_t i_t (gated MLP)
       +  2 S (S + 1) d_t (causal: each query sees (S + 1) / 2 keys on average)
+  or, prompts as a key/value prefix (pipeline/core/prefix.py): the T tokens as above, plus the prompts' k and v,
+      4 p_t d_t d_kv, and each token's p_t extra keys, 4 T p_t d_t
   lm_head: 2 n d_t |vocab| for the n rows whose logits are computed (the supervised ones here; all for the stock model)
 backward
   activation gradients: once more every forward matmul above the lowest trainable input (prompts enter at the first
@@ -56,6 +58,7 @@ class FlopModel:
     text_layers: int
     vocab: int
     pt: int
+    prefix: bool = False  # textual prompts as each layer's key/value prefix, not slots
     train_projector: bool = True
     train_lm_head: bool = False
     train_all: bool = False  # --method full: weight gradients of every matmul
@@ -80,7 +83,7 @@ class FlopModel:
             proj_flops_per_token=sum(m.in_features * m.out_features for m in lin),
             d_t=tc.hidden_size, d_kv=getattr(tc, "num_key_value_heads", heads) * head_dim,
             i_t=tc.intermediate_size, text_layers=tc.num_hidden_layers, vocab=tc.vocab_size,
-            pt=m2.text_prompt_length if m2 else 0,
+            pt=m2.text_prompt_length if m2 else 0, prefix=getattr(model, "m2pt_text_form", None) == "prefix",
             train_projector=any(p.requires_grad for p in proj.parameters()),
             train_lm_head=model.get_output_embeddings().weight.requires_grad,
             train_all=any(p.requires_grad for n, p in language_model(model).named_parameters() if "lora_" not in n))
@@ -94,9 +97,14 @@ class FlopModel:
 
     def text_forward(self, tokens: int) -> tuple[int, int]:
         """(matmul FLOPs, attention FLOPs) of one row of `tokens` real tokens through the decoder layers."""
-        s, d = tokens + self.pt, self.d_t
-        mm = self.text_layers * (4 * s * d * d + 4 * s * d * self.d_kv + 6 * s * d * self.i_t)
-        return mm, self.text_layers * 2 * s * (s + 1) * d
+        d, layers = self.d_t, self.text_layers
+        if self.prefix:
+            t, p = tokens, self.pt
+            mm = layers * (4 * t * d * d + 4 * t * d * self.d_kv + 6 * t * d * self.i_t + 4 * p * d * self.d_kv)
+            return mm, layers * (2 * t * (t + 1) * d + 4 * t * p * d)
+        s = tokens + self.pt
+        mm = layers * (4 * s * d * d + 4 * s * d * self.d_kv + 6 * s * d * self.i_t)
+        return mm, layers * 2 * s * (s + 1) * d
 
     def step(self, row_tokens: list[int], images: int, logit_rows: int) -> int:
         """Model FLOPs of forward + backward of one micro-batch (rows of `row_tokens` real tokens, `images` images,

@@ -12,7 +12,10 @@ Vision tower (sequence `[pv prompt slots ; CLS ; N patches]`):
     (`visual_token_mode="official"`: `pv - 1` raw prompts + CLS + N patches).
   * `clean` mode drops the prompt slots (and CLS, for the "default" strategy) with a pre-hook on the projector.
 
-Language model (sequence `[pt prompt slots ; BOS ; ...]`):
+Language model, by default as a key/value prefix (pipeline/core/prefix.py: each layer's prompt keys/values computed
+from `T_j` alone and handed to the stock attention as a cache; real tokens at positions `pt + ...`; the same function
+with less work). Where the LLM's attention does not allow that, and with `text_prompts="slots"`, as slots
+(sequence `[pt prompt slots ; BOS ; ...]`):
   * a pre-hook on the LLM prepends `pt` zero slots to `inputs_embeds`, `pt` ones to the attention mask and puts
     the real tokens at positions `pt + (cumsum(mask) - 1)`, so right- and left-padded rows are both correct;
   * a pre-hook on decoder layer `j` overwrites the slots with `T_j` (replace style: what layer `j-1` wrote there is
@@ -202,40 +205,44 @@ def _install_vision_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
     return handles
 
 
-def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
-    """Called only when there are text prompts."""
-    pt, tp, handles = cfg.text_prompt_length, prompts.text_prompts, []
-    lm = language_model(model)
-    state = _LMState()
+def _lm_inputs(module, args, kwargs, pt: int):
+    """(args, kwargs with inputs_embeds, 2-D mask and real positions shifted by pt, past length): the part of the
+    LLM pre-hook both prompt forms share. Real tokens sit at `pt + (cumsum(mask) - 1)`, so right- and left-padded
+    rows are both correct, and the mask gets `pt` ones in front."""
+    kwargs = dict(kwargs)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:  # LLaVA always passes embeddings; a direct LM call with ids gets them embedded here
+        embeds = module.embed_tokens(kwargs.pop("input_ids") if "input_ids" in kwargs else args[0])
+        args = ()
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None else 0
+    bsz, q = embeds.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError("M2PT text prompts need a 2-D attention mask (batch, seq), got a %d-D mask" % mask.dim())
+    real_past = past - pt if past else 0
+    if mask is None:
+        mask = torch.ones(bsz, real_past + q, dtype=torch.long, device=embeds.device)
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+    kwargs["attention_mask"] = torch.cat([torch.ones(bsz, pt, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    kwargs["position_ids"], kwargs["inputs_embeds"] = pos + pt, embeds
+    return args, kwargs, past
+
+
+def _install_slot_hooks(lm, tp, pt: int) -> list:
+    """Text prompts as `pt` slots in front of the tokens, overwritten with `T_j` before every decoder layer."""
+    state, handles = _LMState(), []
 
     def before_lm(module, args, kwargs):
-        kwargs = dict(kwargs)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:  # LLaVA always passes embeddings; a direct LM call with ids gets them embedded here
-            embeds = module.embed_tokens(kwargs.pop("input_ids") if "input_ids" in kwargs else args[0])
-            args = ()
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        args, kwargs, past = _lm_inputs(module, args, kwargs, pt)
         state.prefixed = past == 0
-        bsz, q = embeds.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise ValueError("M2PT text prompts need a 2-D attention mask (batch, seq), got a %d-D mask" % mask.dim())
-        real_past = past - pt if past else 0
-        if mask is None:
-            mask = torch.ones(bsz, real_past + q, dtype=torch.long, device=embeds.device)
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        pos = pos + pt
-        ones = torch.ones(bsz, pt, dtype=mask.dtype, device=mask.device)
-        kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
         if state.prefixed:
+            embeds, pos = kwargs["inputs_embeds"], kwargs["position_ids"]
             prompt_pos = torch.arange(pt, device=pos.device, dtype=pos.dtype).unsqueeze(0).expand(pos.shape[0], -1)
-            pos = torch.cat([prompt_pos, pos], dim=1)
-            embeds = torch.cat([embeds.new_zeros(bsz, pt, embeds.shape[2]), embeds], dim=1)
-        kwargs["position_ids"] = pos
-        kwargs["inputs_embeds"] = embeds
+            kwargs["position_ids"] = torch.cat([prompt_pos, pos], dim=1)
+            kwargs["inputs_embeds"] = torch.cat([embeds.new_zeros(embeds.shape[0], pt, embeds.shape[2]), embeds], 1)
         return args, kwargs
 
     def after_lm(module, args, kwargs, output):
@@ -259,9 +266,55 @@ def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig) -> list:
     return handles
 
 
+def _install_prefix_hooks(lm, tp, pt: int) -> list:
+    """Text prompts as each layer's key/value prefix (pipeline/core/prefix.py): one pre-hook on the LLM."""
+    from pipeline.core import prefix
+
+    def before_lm(module, args, kwargs):
+        args, kwargs, past = _lm_inputs(module, args, kwargs, pt)
+        if past == 0:  # a training forward or a prefill: the prompts' keys/values go in front
+            kv = prefix.prefix_kv(module, tp, pt, kwargs["inputs_embeds"])
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                kwargs["past_key_values"] = prefix.training_cache(module.config, kv)
+            else:
+                prefix.fill(cache, kv)
+        return args, kwargs
+
+    # transformers drops a layer's cache under gradient checkpointing unless the layer only reads it: a training
+    # forward's PrefixCache does (it stores nothing), so the recomputed layer sees the same prefix.
+    for layer in lm.layers:
+        layer._can_checkpoint_with_cache = True
+    return [lm.register_forward_pre_hook(before_lm, with_kwargs=True)]
+
+
+def _install_text_hooks(model, prompts: M2PTPrompts, cfg: M2PTConfig, form: str) -> list:
+    """Called only when there are text prompts; `form`: "prefix" or "slots"."""
+    pt, tp, lm = cfg.text_prompt_length, prompts.text_prompts, language_model(model)
+    return _install_prefix_hooks(lm, tp, pt) if form == "prefix" else _install_slot_hooks(lm, tp, pt)
+
+
+def text_prompt_form(model, requested: str = "auto") -> str:
+    """"prefix" (the prompts as each layer's key/value prefix) where the LLM allows it, else "slots"."""
+    from pipeline.core.prefix import prefix_unsupported
+
+    if requested not in ("auto", "prefix", "slots"):
+        raise ValueError(f"text prompt form {requested!r}: auto, prefix or slots")
+    if requested == "slots":
+        return "slots"
+    why = prefix_unsupported(language_model(model), model.config.text_config.num_hidden_layers)
+    if why and requested == "prefix":
+        raise ValueError(f"text prompts cannot be a key/value prefix here: {why}")
+    return "slots" if why else "prefix"
+
+
 # ------------------------------------------------------------------------------------------------- public API
-def attach_m2pt(model, cfg: M2PTConfig):
-    """Attach M²PT prompts to a `LlavaForConditionalGeneration` in place and set the trainable set. Returns model."""
+def attach_m2pt(model, cfg: M2PTConfig, text_prompts: str = "auto"):
+    """Attach M²PT prompts to a `LlavaForConditionalGeneration` in place and set the trainable set. Returns model.
+
+    `text_prompts`: "prefix" computes the textual prompts as each decoder layer's key/value prefix
+    (pipeline/core/prefix.py), "slots" runs them through every layer as extra positions (the reference's form; the
+    same function), "auto" the prefix where the LLM allows it."""
     if getattr(model, "m2pt", None) is not None:
         raise ValueError("this model already has M2PT prompts attached")
     vcfg, tcfg = model.config.vision_config, model.config.text_config
@@ -293,8 +346,10 @@ def attach_m2pt(model, cfg: M2PTConfig):
         head.requires_grad_(True)
 
     model.m2pt_config = cfg
+    model.m2pt_text_form = text_prompt_form(model, text_prompts) if len(prompts.text_prompts) else None
     model._m2pt_hooks = ((_install_vision_hooks(model, prompts, cfg) if len(prompts.vision_prompts) else [])
-                         + (_install_text_hooks(model, prompts, cfg) if len(prompts.text_prompts) else []))
+                         + (_install_text_hooks(model, prompts, cfg, model.m2pt_text_form)
+                            if len(prompts.text_prompts) else []))
     return model
 
 

@@ -56,13 +56,13 @@ def _lora_config(s: LoraSettings):
                       target_modules=rf".*language_model.*\.({names})", modules_to_save=["multi_modal_projector"])
 
 
-def apply(model, method: str, m2pt_cfg, lora: LoraSettings | None = None):
+def apply(model, method: str, m2pt_cfg, lora: LoraSettings | None = None, text_prompts: str = "auto"):
     """Attach `method` to a stock LLaVA model and set its trainable set. Returns the module to train (for `lora`,
-    a PeftModel wrapping `model`)."""
+    a PeftModel wrapping `model`). `text_prompts`: the prompt methods' LLM form (pipeline.core.m2pt.attach_m2pt)."""
     from pipeline.core.m2pt import _feature_layers, attach_m2pt, vision_core
 
     if method in PROMPT_METHODS:
-        return attach_m2pt(model, m2pt_cfg)
+        return attach_m2pt(model, m2pt_cfg, text_prompts)
     if method == "lora":
         from peft import get_peft_model
 

@@ -112,6 +112,10 @@ class TrainConfig:
     bf16: bool = _f("optim", False, "bfloat16 training (fp32 master weights of the trainables)")
     fp16: bool = _f("optim", False, "float16 training (GPU only)")
     gradient_checkpointing: bool = _f("optim", False, "non-reentrant activation checkpointing")
+    text_prompts: str = _f("optim", "auto", "how the LLM runs the textual prompts (the same function): prefix: each "
+                           "layer's keys/values, computed from its prompt alone; slots: extra positions through every "
+                           "layer (the reference's form); auto: prefix where the LLM allows it",
+                           choices=("auto", "prefix", "slots"))
     tf32: bool = _f("optim", False, "allow TF32 matmuls and convolutions on Ampere+ GPUs (no effect elsewhere)")
     seed: int = _f("optim", 42, "seed of prompts, data order and dropout")
     peak_tflops: float | None = _f("optim", None, "peak TFLOP/s of one device for the 'mfu' metric (default: the "
