@@ -105,7 +105,7 @@ def test_the_public_api_is_exported_lazily():
 
 def _parsers():
     from data_prep import build_shards, make_sample
-    from pipeline import chat, evaluate
+    from pipeline import chat, evaluate, serve
     from pipeline.demo import pretrain_base
     from pipeline.demo.compare import app
     from pipeline.training.config import build_parser as build_train_parser
@@ -113,6 +113,7 @@ def _parsers():
     yield "train", build_train_parser()
     yield "evaluate", _capture_parser(evaluate.parse_args)
     yield "chat", _capture_parser(chat.parse_args)
+    yield "serve", _capture_parser(serve.parse_args)
     yield "build_shards", _capture_parser(build_shards.main)
     yield "make_sample", _capture_parser(make_sample.main)
     yield "compare", app.build_parser()

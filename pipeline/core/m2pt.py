@@ -308,6 +308,16 @@ def text_prompt_form(model, requested: str = "auto") -> str:
     return "slots" if why else "prefix"
 
 
+def new_prompts(model, cfg: M2PTConfig) -> M2PTPrompts:
+    """Freshly initialised prompts for `model` (not attached). Only prompts whose values can reach the LLM are
+    created: layers before the feature layer always do; in official mode the feature layer's own (raw) prompt is
+    handed over too."""
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    top = max(_feature_layers(model))
+    n_vision = min(top + 1, vcfg.num_hidden_layers) if cfg.visual_token_mode == "official" else top
+    return M2PTPrompts(cfg, n_vision, vcfg.hidden_size, tcfg.num_hidden_layers, tcfg.hidden_size)
+
+
 # ------------------------------------------------------------------------------------------------- public API
 def attach_m2pt(model, cfg: M2PTConfig, text_prompts: str = "auto"):
     """Attach M²PT prompts to a `LlavaForConditionalGeneration` in place and set the trainable set. Returns model.
@@ -317,14 +327,7 @@ def attach_m2pt(model, cfg: M2PTConfig, text_prompts: str = "auto"):
     same function), "auto" the prefix where the LLM allows it."""
     if getattr(model, "m2pt", None) is not None:
         raise ValueError("this model already has M2PT prompts attached")
-    vcfg, tcfg = model.config.vision_config, model.config.text_config
-    n_vision_layers = vcfg.num_hidden_layers
-    top = max(_feature_layers(model))
-    # Only prompts whose values can reach the LLM are created: layers before the feature layer always do; in
-    # official mode the feature layer's own (raw) prompt is handed over too.
-    n_vision = min(top + 1, n_vision_layers) if cfg.visual_token_mode == "official" else top
-    n_text = tcfg.num_hidden_layers
-    prompts = M2PTPrompts(cfg, n_vision, vcfg.hidden_size, n_text, tcfg.hidden_size)
+    prompts = new_prompts(model, cfg)
     ref = next(model.parameters())
     if ref.device.type != "meta":
         prompts.to(device=ref.device)
@@ -494,7 +497,13 @@ def load_adapter(base_model, path):
     cfg = M2PTConfig.from_dict(meta["m2pt_config"])
     model = attach_m2pt(base_model, cfg)
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    expected = adapter_state_dict(model)
+    copy_adapter_tensors(path, meta, tensors, adapter_state_dict(model))
+    return model
+
+
+def copy_adapter_tensors(path: Path, meta: dict, tensors: dict, expected: dict) -> None:
+    """Copy an adapter file's `tensors` into the `expected` parameters (adapter_state_dict's names), after checking
+    that the keys and shapes fit: a ValueError naming the file, the keys or shapes, and the adapter's base."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -513,4 +522,3 @@ def load_adapter(base_model, path):
     with torch.no_grad():
         for k, t in tensors.items():
             expected[k].copy_(t.to(expected[k].dtype))
-    return model

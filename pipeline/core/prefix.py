@@ -14,8 +14,8 @@ same.
   `T_j` through the cached tensors.
 * Generation: at prefill the prefix is written into the cache `generate` passes, and the decode steps run as with
   slots (their keys/values were cached at prefill too).
-* A row's prefix depends on its prompts alone, so rows of different adapters could share a batch, each with its own
-  prefix (not built yet: the visual prompts and the projector would have to differ per row too).
+* A row's prefix depends on its prompts alone, so rows of different adapters share a batch, each with its own
+  prefix computed once per adapter (pipeline/serving/: the visual prompts and projector are applied per adapter).
 
 Where it does not apply, the slots stay: an attention with per-head key norms (Qwen3, ...), a sliding window, or a
 model whose layers do not all have prompts (`prefix_unsupported` says why). The vision tower keeps slots too: stock
@@ -62,8 +62,7 @@ def layer_prefix(lm, j: int, prompt: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 def prefix_kv(lm, prompts, pt: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's prefix for a batch shaped like `like` (batch, q, d); `prompts(j)`: layer j's (pt, d) prompt.
-    (`layer_prefix` takes a prompt per row: what a batch mixing adapters would need.)"""
+    """Every layer's prefix for a batch shaped like `like` (batch, q, d); `prompts(j)`: layer j's (pt, d) prompt."""
     bsz = like.shape[0]
     pos = torch.arange(pt, device=like.device).unsqueeze(0)
     cos, sin = lm.rotary_emb(like, position_ids=pos)

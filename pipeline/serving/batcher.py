@@ -1,0 +1,113 @@
+"""The one thread that runs the model: requests that arrive within a short window (or until the batch is full) are
+decoded together, whatever adapters they use (pipeline/serving/mixed.py), and each request's tokens are handed back
+to its waiting HTTP handler as they are generated.
+
+Why one thread: the model is shared, and the vision hooks of an adapter are attached to it around that adapter's
+rows. A batch runs until its last row finishes; requests arriving meanwhile wait for the next batch (no continuous
+batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline.serving.bank import AdapterBank
+from pipeline.serving.mixed import Row, decode
+
+log = logging.getLogger("m2pt.serve")
+
+
+@dataclass
+class Job:
+    row: Row
+    out: asyncio.Queue  # ("token", id) ... then ("end", "stop" | "length") or ("error", message)
+    loop: asyncio.AbstractEventLoop
+
+    def push(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+
+
+class Batcher:
+    def __init__(self, bank: AdapterBank, window_ms: float, max_batch_size: int, mix_adapters: bool = True):
+        self.bank, self.window, self.max_batch = bank, window_ms / 1000.0, max_batch_size
+        self.mix = mix_adapters  # False: a batch holds one adapter's rows (what serving without mixing does)
+        self.queue: queue.Queue = queue.Queue()
+        self.held: collections.deque = collections.deque()  # jobs set aside for a later batch (mix off)
+        self.batches = 0  # how many batches ran, and their sizes (the benchmark reads them)
+        self.sizes: list[int] = []
+        self.thread = threading.Thread(target=self._run, name="m2pt-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, row: Row) -> asyncio.Queue:
+        """Queue `row`; its tokens arrive on the returned queue (call from the event loop)."""
+        out: asyncio.Queue = asyncio.Queue()
+        self.queue.put(Job(row, out, asyncio.get_running_loop()))
+        return out
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _next(self, timeout: float | None):
+        """The next job (set-aside ones first); None at stop; queue.Empty when none came within `timeout`."""
+        if self.held:
+            return self.held.popleft()
+        return self.queue.get(timeout=timeout)
+
+    def _collect(self, first: Job) -> tuple[list[Job], bool]:
+        """`first` and whatever arrives within the window, up to the batch size; True once stop was asked."""
+        batch, deadline, later = [first], time.monotonic() + self.window, []
+        while len(batch) < self.max_batch:
+            wait = deadline - time.monotonic()
+            if wait <= 0 and not self.held:
+                break
+            try:
+                job = self._next(max(wait, 0.0))
+            except queue.Empty:
+                break
+            if job is None:
+                self.held.extendleft(reversed(later))
+                return batch, True
+            if self.mix or job.row.adapter is first.row.adapter:
+                batch.append(job)
+            else:
+                later.append(job)
+        self.held.extendleft(reversed(later))
+        return batch, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping or self.held:
+            job = self._next(None) if not stopping else self.held.popleft()
+            if job is None:
+                stopping = True
+                continue
+            batch, stop = self._collect(job)
+            stopping = stopping or stop
+            self._serve(batch)
+
+    def _serve(self, batch: list[Job]) -> None:
+        eos = self.bank.base.tokenizer.eos_token_id
+        last = [None] * len(batch)
+        try:
+            with self.bank.lock:
+                self.batches += 1
+                self.sizes.append(len(batch))
+                for step in decode(self.bank, [j.row for j in batch]):
+                    for i, (job, t) in enumerate(zip(batch, step)):
+                        if t is not None:
+                            last[i] = t
+                            job.push("token", t)
+        except Exception as e:  # noqa: BLE001 - a failing batch must answer its requests, not kill the server
+            log.exception("batch of %d failed", len(batch))
+            for job in batch:
+                job.push("error", f"{type(e).__name__}: {e}")
+            return
+        for job, t in zip(batch, last):
+            job.push("end", "stop" if t == eos else "length")
