@@ -6,6 +6,9 @@ Variants (each in its own process, built from the same seed, so the weights are 
   project  attach_m2pt (pv = pt = 10, official mode; textual prompts as each layer's key/value prefix) + the trainer's
            forward (pipeline/core/step.py: supervised-only logits, index splice, vision tower cut after its feature
            layer) + backward + fused AdamW step
+  trainer  `project` stepped as pipeline/train.py steps it: a DeepSpeed ZeRO-2 engine (ds_configs/zero2.json, one
+           rank; gloo on CPU) built by pipeline/training/engine.build_engine, the token count all-reduced, the loss
+           scaled, engine.backward and engine.step
   slots    the same with the textual prompts as extra positions through every layer (`--text_prompts slots`)
   before   the same prompts through the stock forward (all logits, masked_scatter, full tower): the trainer's forward
            before supervised-only logits and the tower cut
@@ -42,8 +45,8 @@ SHAPES = {
     "7b": dict(v_layers=24, v_mlp=4096, image=336, t_layers=32, t_mlp=11008, vocab=32000, projector="mlp"),
 }
 BATCH, TEXT_TOKENS, ANSWER_TOKENS = 2, 137, 56
-VARIANTS = ("project", "slots", "before", "floor")
-TRAINER_LIKE = ("project", "slots")  # the trainer's forward
+VARIANTS = ("trainer", "project", "slots", "before", "floor")
+TRAINER_LIKE = ("trainer", "project", "slots")  # the trainer's forward
 
 
 def build(shape: str, variant: str, device, dtype, attn: str):
@@ -114,8 +117,6 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
 
     import torch
 
-    from pipeline.core.step import token_loss
-
     torch.set_num_threads(threads)
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -128,30 +129,8 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
     batch = make_batch(model, variant, dev, dtype)
     if variant == "floor":
         batch["pixel_values"].requires_grad_(True)
-        opt = None
-    else:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-
-    def step():
-        if variant in TRAINER_LIKE:
-            loss = token_loss(model, model, batch, dev, dtype)
-        elif variant == "before":
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"].to(dtype)).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-                                                     reduction="sum")
-        else:
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"].to(dtype), labels=batch["labels"]).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            batch["pixel_values"].grad = None
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    step = trainer_step(model, batch, dev, dtype) if variant == "trainer" else plain_step(model, variant, batch,
+                                                                                          dev, dtype)
 
     step()  # warm-up (allocator, kernels, lazy hooks)
     if dev.type == "cuda":
@@ -159,11 +138,92 @@ def worker(shape: str, variant: str, threads: int, device: str, conn) -> None:
     conn.send({"ready": True, "flops": flops_of(model, variant, batch), "attn": attn})
     while conn.recv() == "step":
         w0, c0 = time.perf_counter(), time.process_time()
-        step()
-        conn.send((time.perf_counter() - w0, time.process_time() - c0))
+        parts = step()
+        conn.send((time.perf_counter() - w0, time.process_time() - c0, parts))
     mem = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     conn.send(mem)
+
+
+def _sync(dev) -> float:
+    """CPU-seconds so far, after the device has finished its work."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.process_time()
+
+
+def plain_step(model, variant: str, batch: dict, dev, dtype):
+    """A step function returning its parts' CPU-seconds: (forward, backward, optimizer)."""
+    import torch
+
+    from pipeline.core.step import token_loss
+
+    opt = None if variant == "floor" else torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def forward():
+        if variant in TRAINER_LIKE:
+            return token_loss(model, model, batch, dev, dtype)
+        if variant == "before":
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"].to(dtype)).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                     reduction="sum")
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"].to(dtype), labels=batch["labels"]).loss
+
+    def step():
+        t0 = _sync(dev)
+        loss = forward()
+        t1 = _sync(dev)
+        loss.backward()
+        t2 = _sync(dev)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            batch["pixel_values"].grad = None
+        return t1 - t0, t2 - t1, _sync(dev) - t2
+
+    return step
+
+
+def trainer_step(model, batch: dict, dev, dtype):
+    """The trainer's step (pipeline/train.py train_step, one micro-batch) through a one-rank DeepSpeed engine."""
+    import socket
+
+    import deepspeed
+    import deepspeed.comm as dist
+    import torch
+
+    from pipeline.core.step import token_loss
+    from pipeline.train import backprop_scale
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.engine import build_engine, ds_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl" if dev.type == "cuda" else "gloo")
+    train = TrainConfig(per_device_train_batch_size=BATCH, bf16=dtype == torch.bfloat16)
+    engine, _ = build_engine(train, ds_config(str(REPO / "ds_configs" / "zero2.json"), train, 1), model, 1000)
+
+    def step():
+        t0 = _sync(dev)
+        n_tok = torch.tensor([float((batch["labels"][:, 1:] != -100).sum())], device=dev)
+        dist.all_reduce(n_tok)
+        loss = token_loss(engine, model, batch, dev, dtype) * backprop_scale(n_tok.item(), 1, 1)
+        t1 = _sync(dev)
+        engine.backward(loss)
+        t2 = _sync(dev)
+        engine.step()
+        return t1 - t0, t2 - t1, _sync(dev) - t2
+
+    return step
 
 
 def peak(device: str, threads: int) -> tuple[float, str]:
@@ -233,12 +293,14 @@ def main(argv=None) -> int:
              f"{machine() if not args.device.startswith('cuda') else torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}; 1-min load {load0[0]:.2f} before, {load1[0]:.2f} after; peak {pk:.3g} TFLOP/s "
              f"({pk_from})", "",
-             f"| variant | wall s/step (median) | CPU-s/step (median) | vs {ref} (CPU-s) | {unit} | model TFLOP/step "
-             "| share of peak |", "|---|---|---|---|---|---|---|"]
+             f"| variant | wall s/step (median) | CPU-s/step (median) | vs {ref} (CPU-s) | forward / backward / "
+             f"optimizer CPU-s (medians) | {unit} | model TFLOP/step | share of peak |",
+             "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         wall, cpu = med[v]
         rate = info[v]["flops"] / wall / 1e12
-        lines.append(f"| {v} | {wall:.3f} | {cpu:.3f} | {cpu / med[ref][1]:.3f}x | {mem[v] / 1024:.2f} | "
+        parts = " / ".join(f"{statistics.median(t[2][i] for t in times[v]):.3f}" for i in range(3))
+        lines.append(f"| {v} | {wall:.3f} | {cpu:.3f} | {cpu / med[ref][1]:.3f}x | {parts} | {mem[v] / 1024:.2f} | "
                      f"{info[v]['flops'] / 1e12:.3f} | {rate / pk:.2f} |")
     table = "\n".join(lines)
     print(table)

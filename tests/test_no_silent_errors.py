@@ -27,7 +27,8 @@ def test_a_changed_command_on_a_finished_run_is_refused_and_the_run_untouched(sh
                         (["--per_device_train_batch_size", "2"], "global batch (per-device batch x accumulation x "
                                                                 "ranks) 4 -> 2"),
                         (["--max_steps", "6"], "--max_steps 3 -> 6"),
-                        (["--method", "lora"], "--method m2pt -> lora")):
+                        (["--method", "lora"], "--method m2pt -> lora"),
+                        (["--text_prompts", "slots"], "--text_prompts auto -> slots")):
         capsys.readouterr()
         assert main([*common, *extra]) == 2, extra
         err = capsys.readouterr().err

@@ -23,7 +23,9 @@ TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_
                     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay",
                     "adam_beta1", "adam_beta2", "max_grad_norm", "seed", "max_steps", "num_train_epochs",
                     "model_max_length", "group_by_length", "length_group_batches", "shuffle_buffer",
-                    "per_device_train_batch_size", "bf16", "fp16")
+                    "per_device_train_batch_size", "bf16", "fp16",
+                    # the same function either way, but not the same float rounding: an exact resume keeps the form
+                    "text_prompts")
 # What --overwrite_output_dir removes: everything a run writes into its folder, nothing else.
 RUN_FILES = ("checkpoints", "adapter", "eval", "tb", "metrics.jsonl", "config.json", "train_config.yaml",
              "run_state.json")
