@@ -84,7 +84,7 @@ def _number(body: dict, key: str, default, kind, low, high):
 def build_row(folder: AdapterFolder, body: dict, cfg) -> Row:
     """The decoding row of one request body (RequestError for anything wrong in it)."""
     adapter = folder.adapter(body.get("model"))
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise RequestError(400, "n: only 1 answer per request", param="n")
     max_new = body.get("max_completion_tokens", body.get("max_tokens"))
     max_new = _number({"max_tokens": max_new}, "max_tokens", cfg.max_new_tokens, int, 1, cfg.max_tokens_limit)

@@ -87,6 +87,9 @@ class AdapterBank:
         from pipeline.evaluation.rows import check_safetensors
 
         path = Path(path)
+        if name == self.base_id:
+            raise ValueError(f"{path}: an adapter cannot take the base's model name {name!r} (rename its folder, or "
+                             "give the base another --base_id)")
         meta = _m2pt_meta(path)
         check_safetensors(path / ADAPTER_WEIGHTS)  # a truncated or foreign file: a clear error, not a Rust panic
         cfg = M2PTConfig.from_dict(meta["m2pt_config"])
