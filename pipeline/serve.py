@@ -98,14 +98,13 @@ def load_bank(cfg: ServeConfig):
     import torch
 
     from pipeline import defaults
-    from pipeline.evaluate import _device
+    from pipeline.evaluate import _device, _dtype
     from pipeline.serving.bank import AdapterBank
 
-    device = _device(cfg.device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    cfg.device = _device(cfg.device)
     base = defaults.load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
-                              dtype=getattr(torch, dtype))
-    return AdapterBank(base, device, cfg.base_id)
+                              dtype=getattr(torch, _dtype(cfg)))
+    return AdapterBank(base, cfg.device, cfg.base_id)
 
 
 def serve(cfg: ServeConfig) -> int:

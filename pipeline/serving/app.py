@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pipeline.evaluation.generate import _load_image
 from pipeline.serving.bank import AdapterBank
 from pipeline.serving.batcher import Batcher
 from pipeline.serving.mixed import Row, encode, max_prompt_tokens
@@ -98,9 +99,7 @@ def build_row(folder: AdapterFolder, body: dict, cfg) -> Row:
         raise RequestError(400, f"the prompt is {len(ids)} tokens (image included); {adapter.name} takes at most "
                                 f"{limit} with max_tokens={max_new}", code="context_length_exceeded",
                            param="messages")
-    pixels = None
-    if conv.image is not None:
-        pixels = bank.base.image_processor(images=conv.image, return_tensors="pt")["pixel_values"][0]
+    pixels = _load_image(conv.image, bank.base.image_processor)  # None without an image
     return Row(adapter, ids, pixels, max_new, temperature, seed)
 
 

@@ -30,7 +30,6 @@ from pipeline.core.m2pt import (
     language_model,
     new_prompts,
     projector,
-    read_adapter_config,
     visual_tokens_for_config,
 )
 
@@ -140,12 +139,13 @@ class AdapterBank:
 
 
 def _m2pt_meta(path: Path) -> dict:
-    """The adapter's config, or why this folder cannot be served in a mixed batch."""
-    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    """The adapter's config, or why this artifact cannot be served in a mixed batch."""
+    from pipeline.core.methods import read_artifact
+
+    info = read_artifact(path)
+    if info["kind"] == "full":
         raise ValueError(f"{path}: a fully fine-tuned model is a model of its own; serve it with --model")
-    cfg_file = path / "adapter_config.json"
-    if cfg_file.is_file() and '"peft_type"' in cfg_file.read_text():
+    if info["kind"] == "lora":
         raise ValueError(f"{path}: a LoRA adapter changes the base's weights, so it cannot share a batch with other "
                          "adapters; merge it and serve the merged model with --model")
-    return read_adapter_config(path)
-
+    return info["config"]

@@ -80,7 +80,7 @@ def _prefix_cache(bank: AdapterBank, rows: list[Row]):
     cache = DynamicCache(config=lm.config)
     if width == 0:
         return cache, mask
-    k0 = rows[0].adapter.kv or next(r.adapter.kv for r in rows if r.adapter.kv)
+    k0 = next(r.adapter.kv for r in rows if r.adapter.kv)
     kv = []
     for j in range(len(lm.layers)):
         shape = (len(rows), k0[j][0].shape[1], width, k0[j][0].shape[3])
