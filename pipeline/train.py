@@ -428,7 +428,8 @@ def _summary(counts: dict, steps: int, adapter_dir: Path) -> str:
 
 
 def finish(state: TrainState) -> None:
-    """Final checkpoint, adapter, end line and summary; on the embedded default, the zero-shot table."""
+    """Final checkpoint, adapter, end line and summary; on the embedded default, the zero-shot table (every rank
+    answers its share of the questions, rank 0 prints it)."""
     import deepspeed.comm as dist
 
     state.checkpointer.save(state.progress, "final")
@@ -437,19 +438,23 @@ def finish(state: TrainState) -> None:
     dist.all_gather(all_steps, steps)
     counts = global_counts(state.progress.totals, state.device)
     tensors = state.checkpointer.adapter_tensors()
-    if state.rank != 0:
-        return
-    adapter_dir = state.checkpointer.write_adapter(state.out / "adapter", tensors, base=state.base)
-    state.metrics.write({"event": "end", "step": state.progress.step,
-                         "steps_per_rank": [int(s.item()) for s in all_steps], **counts})
-    state.metrics.close()
-    write_run_state(state.out, state="finished", step=state.progress.step, total_steps=state.total_steps,
-                    run_id=state.run_id, adapter=str(adapter_dir))
-    print(_summary(counts, state.progress.step, adapter_dir), flush=True)
+    adapter_dir = state.out / "adapter"
+    if state.rank == 0:
+        adapter_dir = state.checkpointer.write_adapter(adapter_dir, tensors, base=state.base)
+        state.metrics.write({"event": "end", "step": state.progress.step,
+                             "steps_per_rank": [int(s.item()) for s in all_steps], **counts})
+        state.metrics.close()
+        write_run_state(state.out, state="finished", step=state.progress.step, total_steps=state.total_steps,
+                        run_id=state.run_id, adapter=str(adapter_dir))
+        state.bar.close()  # the bar's last line before the summary, not after the table
+        print(_summary(counts, state.progress.step, adapter_dir), flush=True)
     if uses_demo_data(state.cfg) and state.cfg.final_eval:
         from pipeline.demo.sample_data import closing_table
 
-        print(closing_table(adapter_dir, state.out / "eval"), end="", flush=True)
+        dist.barrier()  # the adapter is on disk before any rank reads it
+        table = closing_table(adapter_dir, state.out / "eval")
+        if table:
+            print(table, end="", flush=True)
 
 
 def train(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, stop) -> dict:
@@ -501,6 +506,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, CheckpointError) else 2
+    finally:
+        pdist.close()
     return 0
 
 

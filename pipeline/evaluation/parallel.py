@@ -45,6 +45,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owned: bool = True  # this evaluation started the process group, so it ends it
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -53,25 +54,31 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.world > 1 and self.owned:
             import torch.distributed as dist
 
             dist.destroy_process_group()
 
 
 def init_ranks(timeout_s: int) -> Ranks:
-    """The process group of whatever launched us (gloo on CPU, nccl on CUDA); one plain process needs none."""
+    """The process group of whatever launched us (gloo on CPU, nccl on CUDA); one plain process needs none.
+
+    Inside a process that already has one (the closing table of a training run on several ranks), evaluation runs
+    on that group and leaves it to its owner: a second init_process_group fails ("trying to initialize the default
+    process group twice"), and destroying the trainer's group would break the trainer's last barrier."""
     import torch
+    import torch.distributed as dist
 
     from pipeline.training.dist import map_launcher_env
 
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return Ranks(dist.get_rank(), dist.get_world_size(), local, owned=False)
     map_launcher_env()
     env = os.environ
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if world == 1:
         return Ranks()
-    import torch.distributed as dist
-
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
