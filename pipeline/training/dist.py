@@ -75,6 +75,21 @@ def init(timeout_s: int) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def close() -> None:
+    """End the process group while the interpreter is still whole; a no-op when there is none.
+
+    Why: a process that exits with its gloo group alive leaves the group's C++ worker threads to interpreter
+    finalization, and under load one of them may still be running there: the process prints "terminate called
+    without an active exception" and dies of SIGABRT after its own last line (a refused start exited -6 instead of
+    2; pytorch/pytorch#190489). Called by the entry point on the ways out it chose (finished, stopped, refused),
+    not from inside run(): the in-process tests run the trainer many times on one group."""
+    import deepspeed.comm as dist
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device():
     from deepspeed.accelerator import get_accelerator
 
