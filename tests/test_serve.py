@@ -176,18 +176,21 @@ def server(world, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--adapters", str(root), "--port", "0",
                              "--image_root", image_root, "--api_key", "sesame", "--max_batch_size", "16"],
                             env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    port = None
-    for _ in range(600):
-        text = log.read_text()
-        if "Application startup complete" in text:
-            port = int(text.split("http://127.0.0.1:")[1].split("/")[0])
-            break
-        assert proc.poll() is None, text[-3000:]
-        time.sleep(0.2)
-    assert port, log.read_text()[-3000:]
-    yield proc, port, log
-    if proc.poll() is None:
-        proc.kill()
+    try:  # the server goes, also when it failed to start or a test failed
+        port = None
+        for _ in range(600):
+            text = log.read_text()
+            if "Application startup complete" in text:
+                port = int(text.split("http://127.0.0.1:")[1].split("/")[0])
+                break
+            assert proc.poll() is None, text[-3000:]
+            time.sleep(0.2)
+        assert port, log.read_text()[-3000:]
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
 # slurm-wlm + munge (no systemd, no cgroups).
 #
 #   tests/slurm/cluster.sh start DIR      # prints the SLURM_CONF path when the nodes are idle
-#   tests/slurm/cluster.sh stop DIR       # kills the daemons by PID, whatever state they are in
+#   tests/slurm/cluster.sh stop DIR       # cancels the jobs, kills the daemons by PID and every process left
+#                                         # with this cluster's SLURM_CONF, whatever state they are in
 set -euo pipefail
 cmd=$1 S=$(realpath -m "$2")
 PORT_BASE=${SLURM_TEST_PORT_BASE:-17817}
@@ -14,12 +15,27 @@ R=/tmp/m2pt-munge-$(printf %s "$S" | sha1sum | cut -c1-12)
 CPUS=${SLURM_TEST_CPUS_PER_NODE:-1}
 
 stop() {
+  # The jobs first: slurmstepd and srun ignore SIGTERM and outlive the daemons that started them.
+  if [ -f "$S"/slurm.conf ] && [ -f "$S"/slurmctld.pid ]; then
+    SLURM_CONF="$S"/slurm.conf scancel --full -u root 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      [ -z "$(SLURM_CONF="$S"/slurm.conf squeue -h 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+  fi
   for f in "$S"/slurmd-n1.pid "$S"/slurmd-n2.pid "$S"/slurmctld.pid "$R"/munged.pid; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
   sleep 0.5
   for f in "$S"/slurmd-n1.pid "$S"/slurmd-n2.pid "$S"/slurmctld.pid "$R"/munged.pid; do
     [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+  done
+  # Whatever is left of this cluster's jobs (slurmstepd, the batch shell, srun, the ranks): each was started with
+  # this cluster's SLURM_CONF in its environment.
+  for e in /proc/[0-9]*/environ; do
+    tr '\0' '\n' < "$e" 2>/dev/null | grep -qx "SLURM_CONF=$S/slurm.conf" || continue
+    p=${e#/proc/}; p=${p%/environ}
+    [ "$p" != $$ ] && kill -9 "$p" 2>/dev/null || true
   done
   rm -rf "$R"
   return 0
