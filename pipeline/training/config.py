@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags
+from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags, parse_bool
 from pipeline.core.m2pt import M2PTConfig
 from pipeline.core.methods import FIXED_LENGTHS, METHODS, PROMPT_METHODS, LoraSettings
 from pipeline.defaults import REPO, TRAIN_OUTPUT
@@ -342,7 +342,47 @@ def _config_file(argv: list[str], ap) -> tuple[list[str], dict, str | None]:
     unknown = sorted(set(data) - known)
     if unknown:
         ap.error(f"--config {path}: {unknown[0]!r} is not a flag of this trainer (see --help)")
-    return rest, data, path
+    return rest, {k: _typed(ap, path, k, v) for k, v in data.items()}, path
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", parse_bool: "true or false"}
+
+
+def _typed(ap, path: str, key: str, value):
+    """A file's value checked as the command line checks a flag's, then converted by the flag's own type.
+
+    Why: argparse applies a flag's type to what is typed on the command line, never to a default, and a file's
+    values become defaults. Unchecked, `learning_rate: true` trained at lr 1.0 (True == 1) and `seed: 1.9` or
+    `max_steps: [3]` ended in tracebacks far from the file."""
+    action = next(a for a in ap._actions if a.dest == key and not isinstance(a, argparse._StoreFalseAction))
+    want = action.type or str
+    expected = _TYPE_NAMES.get(want, getattr(want, "__name__", "a value"))
+    if action.nargs in ("+", "*"):
+        expected = f"{expected} or a list of them"
+        items = value if isinstance(value, list) else [value]
+    else:
+        items = [value]
+
+    def fail():
+        ap.error(f"--config {path}: {key}: expected {expected}, got {value!r}")
+
+    if value is None:  # unset: a path or name may be, a number with a default may not
+        return value if action.default is None or want is str else fail()
+    out = []
+    for v in items:
+        if isinstance(v, (list, dict)) or (isinstance(v, bool) and want is not parse_bool):
+            fail()
+        if want is int and isinstance(v, float):
+            fail()  # 2.5 is no integer (int() would make it 2)
+        try:  # a string as the command line would read it: YAML reads 1e-3 (no dot) as the string '1e-3'
+
+            v = want(v) if want is not parse_bool or not isinstance(v, bool) else v
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            fail()
+        if action.choices is not None and v not in action.choices:
+            ap.error(f"--config {path}: {key}: expected one of {', '.join(map(str, action.choices))}, got {v!r}")
+        out.append(v)
+    return out if isinstance(value, list) else out[0]
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
