@@ -355,34 +355,35 @@ def _typed(ap, path: str, key: str, value):
     values become defaults. Unchecked, `learning_rate: true` trained at lr 1.0 (True == 1) and `seed: 1.9` or
     `max_steps: [3]` ended in tracebacks far from the file."""
     action = next(a for a in ap._actions if a.dest == key and not isinstance(a, argparse._StoreFalseAction))
-    want = action.type or str
-    expected = _TYPE_NAMES.get(want, getattr(want, "__name__", "a value"))
-    if action.nargs in ("+", "*"):
-        expected = f"{expected} or a list of them"
-        items = value if isinstance(value, list) else [value]
-    else:
-        items = [value]
-
-    def fail():
-        ap.error(f"--config {path}: {key}: expected {expected}, got {value!r}")
-
-    if value is None:  # unset: a path or name may be, a number with a default may not
-        return value if action.default is None or want is str else fail()
-    out = []
-    for v in items:
-        if isinstance(v, (list, dict)) or (isinstance(v, bool) and want is not parse_bool):
-            fail()
-        if want is int and isinstance(v, float):
-            fail()  # 2.5 is no integer (int() would make it 2)
-        try:  # a string as the command line would read it: YAML reads 1e-3 (no dot) as the string '1e-3'
-
-            v = want(v) if want is not parse_bool or not isinstance(v, bool) else v
-        except (ValueError, TypeError, argparse.ArgumentTypeError):
-            fail()
-        if action.choices is not None and v not in action.choices:
+    want, listed = action.type or str, action.nargs in ("+", "*")
+    try:
+        out = _convert(action, want, listed, value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        expected = _TYPE_NAMES.get(want, getattr(want, "__name__", "a value"))
+        ap.error(f"--config {path}: {key}: expected {expected}{' or a list of them' if listed else ''}, got {value!r}")
+    for v in out if isinstance(out, list) else [out]:
+        if action.choices and v not in action.choices:
             ap.error(f"--config {path}: {key}: expected one of {', '.join(map(str, action.choices))}, got {v!r}")
-        out.append(v)
-    return out if isinstance(value, list) else out[0]
+    return out
+
+
+def _convert(action, want, listed: bool, value):
+    if value is None and (action.default is None or want is str):  # a path or name may be unset, a number not
+        return None
+    if isinstance(value, list) and listed:
+        return [_scalar(want, v) for v in value]
+    return _scalar(want, value)
+
+
+def _scalar(want, v):
+    """One value through a flag's type; ValueError for what the command line could not have said."""
+    if v is None or isinstance(v, (list, dict)) or (isinstance(v, bool) and want is not parse_bool):
+        raise ValueError
+    if want is int and isinstance(v, float):
+        raise ValueError  # 2.5 is no integer (int() would make it 2)
+    if want is parse_bool and isinstance(v, bool):
+        return v
+    return want(v)  # a string as the command line reads it: YAML reads 1e-3 (no dot) as the string '1e-3'
 
 
 def parse_args(argv=None, description: str | None = None) -> TrainConfig:
