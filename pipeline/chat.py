@@ -108,6 +108,13 @@ class Session:
             pixels = None
         self.pixels, self.history = pixels, []
 
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt that leaves room for --max_new_tokens within the LLM's positions (the textual prompts
+        take the first ones), as the server's context_length_exceeded check counts it."""
+        m2pt = getattr(self.model, "m2pt_config", None)
+        pt = m2pt.text_prompt_length if m2pt is not None else 0
+        return self.model.config.text_config.max_position_embeddings - pt - self.cfg.max_new_tokens
+
     def ask(self, question: str) -> str:
         """The model's answer to `question` after the turns so far, streamed to `out` as it is generated."""
         import torch
@@ -115,6 +122,11 @@ class Session:
         first = not self.history
         text = ("<image>\n" + question) if first and self.pixels is not None else question
         ids = torch.tensor([self.template.prompt(text, history=self.history)], device=self.model.device)
+        limit = self.max_prompt_tokens()
+        if ids.shape[1] > limit:  # generate() would answer nothing (or garbage past the positions) and say nothing
+            raise UsageError(f"the prompt is {ids.shape[1]} tokens (image and earlier turns included); this model "
+                             f"takes at most {limit} with --max_new_tokens {self.cfg.max_new_tokens}: ask a shorter "
+                             "question, or /reset the conversation")
         extra = {"pixel_values": self.pixels[None].to(self.model.device, self.model.dtype)} \
             if self.pixels is not None else {}
         sampling = dict(do_sample=True, temperature=self.cfg.temperature) if self.cfg.temperature > 0 \
@@ -179,7 +191,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.prompt is not None:
-        session.ask(cfg.prompt)
+        try:
+            session.ask(cfg.prompt)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     interact(session, sys.stdin)
     return 0

@@ -55,7 +55,7 @@ class EvalConfig:
         "evaluate an adapter on a base other than the one it records (by default an error); each such row's "
         "provenance says so")})
     with_base: bool = field(default=False, metadata={"help": (
-        "also evaluate the un-tuned base (the 'LLaVA_Align' row); implied when no --adapter is given")})
+        "also evaluate the un-tuned base (the 'base' row); implied when no --adapter is given")})
     tasks: str | None = field(default=None, metadata={"help": (
         f"comma-separated; built-in: {', '.join(TASKS)}; or your own held-out set as a path (LLaVA .json / .jsonl, "
         "or a shard folder) or name=path, scored by label match (default: the embedded sample set's held-out "
@@ -101,7 +101,16 @@ def parse_args(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_config_flags(ap, EvalConfig)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # Values that would answer other questions than asked: --limit -1 scored all but the last of each task,
+    # --batch_size 0 ended in "range() arg 3 must not be zero".
+    for bad, why in ((args.limit is not None and args.limit < 1, "--limit must be >= 1 (or left out: every question)"),
+                     (args.batch_size < 1, "--batch_size must be >= 1"),
+                     (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+                     (not 0 <= args.temperature < float("inf"), "--temperature must be a finite number >= 0")):
+        if bad:
+            ap.error(why)
+    return args
 
 
 def limit_items(items: list[dict], limit: int | None) -> list[dict]:

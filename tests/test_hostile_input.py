@@ -38,3 +38,30 @@ def test_config_values_the_command_line_would_accept_are_read_as_it_reads_them(t
     cfg = parse_args(["--config", str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "o")])
     assert (cfg.learning_rate, cfg.max_steps, cfg.bf16, cfg.num_threads, cfg.warmup_ratio) == (1e-3, 7, True, None, 0.0)
     assert isinstance(cfg.warmup_ratio, float) and cfg.report_to == ["none"]
+
+
+# ------------------------------------------------------------------ chat and evaluation answer only what they saw
+def test_an_over_long_chat_prompt_is_an_error_not_an_empty_answer(capsys):
+    """Before: an empty answer and exit 0 (the server refuses the same prompt as context_length_exceeded)."""
+    from pipeline.chat import main
+
+    assert main(["--prompt", "word " * 1100, "--max_new_tokens", "8"]) == 2
+    out = capsys.readouterr()
+    assert "ASSISTANT" not in out.out and out.err.startswith("error: the prompt is ")
+    assert "this model takes at most 1016 with --max_new_tokens 8" in out.err  # the base: 1024 positions - 8
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--limit", "-1"], "--limit must be >= 1"),  # scored all but the last question of each task
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),  # range() arg 3 must not be zero
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+])
+def test_evaluation_values_that_would_answer_other_questions_are_refused(capsys, flags, message):
+    from pipeline.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
