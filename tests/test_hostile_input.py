@@ -65,3 +65,46 @@ def test_evaluation_values_that_would_answer_other_questions_are_refused(capsys,
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- files only from where the user said
+@pytest.mark.parametrize("form", ["parquet file", "parquet folder"])
+def test_an_hf_image_value_that_kept_only_its_path_is_read_only_inside_the_image_root(tmp_path, form):
+    """Before: a parquet row whose Image cell held only a path (a .parquet file, or a folder of them as Hub data sets
+    ship) was read from wherever it pointed; the same path in a JSON record was refused. (A folder written by
+    `save_to_disk` always holds the images' bytes.)"""
+    import datasets
+    from PIL import Image
+
+    from data_prep.build_shards import main as build_main
+
+    root, secret = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    secret.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "ok.png")
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(secret / "private.png")
+    (root / "link.png").symlink_to(secret / "private.png")
+    conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "a square"}]
+    paths = {"inside": str(root / "ok.png"), "inside2": str(root / "." / "ok.png"),
+             "outside": str(secret / "private.png"), "dotdot": str(root / ".." / "elsewhere" / "private.png"),
+             "symlink": str(root / "link.png")}
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(decode=False),
+                                  "conversations": [{"from": datasets.Value("string"),
+                                                     "value": datasets.Value("string")}]})
+    ds = datasets.Dataset.from_list([{"id": k, "image": {"path": p, "bytes": None}, "conversations": conv}
+                                     for k, p in paths.items()], features=features)
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet" if form == "parquet file" else tmp_path / "hub" / "data"
+    src.parent.mkdir(exist_ok=True)
+    if form == "parquet folder":
+        src.mkdir()
+        src = src.parent
+    # as pyarrow writes it, with the features in its metadata (Dataset.to_parquet would embed the files' bytes)
+    pq.write_table(ds.data.table, str(src if form == "parquet file" else src / "data" / "train-0.parquet"))
+    out = tmp_path / "out"
+    build_main(["--input", str(src), "--image_root", str(root), "--output", str(out), "--quiet", "--workers", "1"])
+    rejected = {r["id"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert rejected == {"outside": "path_outside_root", "dotdot": "path_outside_root", "symlink": "path_outside_root"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["written"] == 2 and manifest["totals"]["rejected"] == 3

@@ -245,26 +245,15 @@ def sample_key(rid: str) -> str:
 
 
 def _read_record_image(image) -> bytes:
-    """The encoded bytes a record's `image` names: an HF Image value, or a path inside --image_root."""
+    """The encoded bytes a record's `image` names: an HF Image value's own bytes, or a file inside --image_root."""
     data = hf_image_bytes(image) if not isinstance(image, str) else None
     if data is not None:
         return data
-    if isinstance(image, dict) and isinstance(image.get("path"), str):  # an HF Image value that kept only its path
-        try:
-            with open(image["path"], "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise Rejected("missing_image", f"{image['path']!r}: {e.strerror}") from None
+    if isinstance(image, dict) and isinstance(image.get("path"), str):
+        image = image["path"]  # an HF Image value (parquet, a datasets folder) that kept only its path
     if not isinstance(image, str):
         raise Rejected("bad_record", f"'image' must be a relative path, got {type(image).__name__}")
-    root = _worker["root"]
-    if root is None:
-        raise Rejected("missing_image", "record has an image but no --image_root was given")
-    if os.path.isabs(image):
-        raise Rejected("path_outside_root", f"absolute image path {image!r}")
-    real = os.path.realpath(os.path.join(root, image))  # resolves '..' and symlinks
-    if not real.startswith(root + os.sep):
-        raise Rejected("path_outside_root", f"{image!r} resolves to {real}, outside --image_root")
+    real = _inside_image_root(image)
     try:
         with open(real, "rb") as f:
             return f.read()
@@ -272,6 +261,21 @@ def _read_record_image(image) -> bytes:
         raise Rejected("missing_image", f"{image!r}: no such file") from None
     except OSError as e:
         raise Rejected("missing_image", f"{image!r}: {e.strerror}") from None
+
+
+def _inside_image_root(image: str) -> str:
+    """The one rule for an image file a record names, whatever the input format (a JSON path, a parquet or
+    `datasets` Image value's path): its real path (after '..' and symlinks) lies inside --image_root, or the record
+    is rejected as path_outside_root. Why: a data file may come from someone else, and a shard is shared further:
+    a path must not pull /etc/shadow or another user's files into it."""
+    root = _worker["root"]
+    if root is None:
+        raise Rejected("missing_image", f"record names the image file {image!r} but no --image_root was given")
+    real = os.path.realpath(os.path.join(root, image))  # an absolute path stays itself
+    if not real.startswith(root + os.sep):
+        what = "absolute image path" if os.path.isabs(image) else "image path"
+        raise Rejected("path_outside_root", f"{what} {image!r} resolves to {real}, outside --image_root")
+    return real
 
 
 def _check_image(data: bytes):
