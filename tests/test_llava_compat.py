@@ -183,7 +183,12 @@ def test_trackers_log_what_metrics_jsonl_records(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = train_args(shards, out, "--max_steps", "3", "--dataloader_num_workers", "0", "--run_name", "tracked")
     argv[argv.index("--report_to") + 1] = "all"
-    run_inprocess(argv)
+    try:
+        run_inprocess(argv)
+    finally:
+        import wandb
+
+        wandb.teardown()  # wandb's service process would live as long as this pytest
     losses = [s["loss"] for s in read_metrics(out)[0]]
     assert len(losses) == 3 and (out / "tb").is_dir()
     client = MlflowClient((tmp_path / "mlruns").as_uri())
