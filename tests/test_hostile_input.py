@@ -108,3 +108,30 @@ def test_an_hf_image_value_that_kept_only_its_path_is_read_only_inside_the_image
     assert rejected == {"outside": "path_outside_root", "dotdot": "path_outside_root", "symlink": "path_outside_root"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["totals"]["written"] == 2 and manifest["totals"]["rejected"] == 3
+
+
+# ------------------------------------------------------------------------------------- trackers fail before work
+@pytest.mark.parametrize("tracker,env,message", [
+    ("wandb", {}, "--report_to wandb: no W&B API key (set WANDB_API_KEY or run `wandb login`), or set "
+                  "WANDB_MODE=offline"),
+    ("mlflow", {}, "--report_to mlflow: the tracking URI sqlite:///"),  # mlflow-skinny's default: no registry
+    ("mlflow", {"MLFLOW_TRACKING_URI": "file:///{tmp}/mlruns"}, "--report_to mlflow: the tracking URI file:///"),
+    ("mlflow", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "--report_to mlflow: the tracking URI http://127.0.0."),
+])
+def test_a_tracker_that_cannot_log_is_one_line_before_the_model_loads(shards, tmp_path, capsys, monkeypatch, tracker,
+                                                                      env, message):
+    """Before: tracebacks after 9-109 s (the model loaded, the first step ran)."""
+    from helpers import train_args
+
+    from pipeline.train import main
+
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.format(tmp=tmp_path))
+    assert main([*train_args(shards, tmp_path / "o"), "--report_to", tracker]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

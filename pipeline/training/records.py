@@ -29,7 +29,8 @@ def peak_memory_mb() -> float:
 
 
 def check_trackers(names: list[str]) -> None:
-    """A tracker whose package is missing is an error before the model loads, not after."""
+    """A tracker that cannot log is an error before the model loads, not a traceback minutes later: its package is
+    missing, wandb has no API key (and is not offline), or MLflow's tracking URI cannot be used."""
     for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
         if name in names:
             try:
@@ -37,6 +38,52 @@ def check_trackers(names: list[str]) -> None:
             except ImportError:
                 raise UsageError(f"--report_to {name}: the {module} package is not installed (pip install {module}, "
                                  "or pip install -e .[trackers])") from None
+    if "wandb" in names:
+        _check_wandb_key()
+    if "mlflow" in names:
+        _check_mlflow_store()
+
+
+def _check_wandb_key() -> None:
+    """Online wandb needs an API key: WANDB_API_KEY, or the netrc entry `wandb login` writes. Without one, wandb.init
+    asked for it on a terminal nobody reads, or failed after the model had loaded."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UsageError("--report_to wandb: no W&B API key (set WANDB_API_KEY or run `wandb login`), or set "
+                     "WANDB_MODE=offline to log into OUTPUT/wandb and `wandb sync` it later")
+
+
+def _check_mlflow_store() -> None:
+    """One cheap request to the tracking store MLflow would use (MLFLOW_TRACKING_URI, else its default), without
+    its retries: the default URI of mlflow-skinny (sqlite, without a model registry) and the file store (in
+    maintenance mode) failed only at the first logged value."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"--report_to mlflow: the tracking URI {mlflow.get_tracking_uri()} cannot be used ({first}); "
+                         "set MLFLOW_TRACKING_URI to a tracking server (http://...), or to a file: URI with "
+                         "MLFLOW_ALLOW_FILE_STORE=true") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class MetricsWriter:
