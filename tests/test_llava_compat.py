@@ -97,8 +97,11 @@ def test_every_scheduler_is_accepted_with_its_arguments_or_refused_before_the_mo
 @pytest.mark.parametrize("method", ["m2pt", "lora"])
 def test_the_gpu_users_first_flags_train_here(shards, tmp_path, method):
     """--gradient_checkpointing and --bf16 (the README's own example) as trainings, not only as config values:
-    checkpointing gives the same losses as without; bf16 stays within 5 % (+ 0.01) of fp32 over the first steps and
-    writes an fp32 artifact."""
+    checkpointing gives the same losses as without; bf16 stays within 5 % + 0.05 of fp32 over the first steps and
+    writes an fp32 artifact. Why + 0.05: bf16 rounds the logits to 8 bits of mantissa, an error in the loss that does
+    not shrink with the loss (m2pt's first loss is 0.026 in fp32, 0.031 in bf16 on AVX-512, 0.040 with AVX2 forced;
+    LoRA's third step differs by 0.038 natively, 0.014 with AVX2). A broken bf16 path (NaN, fp16 overflow, a lost
+    cast) is off by far more."""
     from safetensors.torch import load_file
 
     def losses(name, *flags):
@@ -109,7 +112,7 @@ def test_the_gpu_users_first_flags_train_here(shards, tmp_path, method):
     fp32 = losses("fp32")
     assert losses("ckpt", "--gradient_checkpointing", "True") == fp32
     bf16 = losses("bf16", "--bf16", "True")
-    assert all(abs(b - f) <= 0.05 * f + 0.01 for b, f in zip(bf16, fp32)), (bf16, fp32)
+    assert all(abs(b - f) <= 0.05 * f + 0.05 for b, f in zip(bf16, fp32)), (bf16, fp32)
     tensors = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
     assert {str(t.dtype) for t in tensors.values()} == {"torch.float32"}
 
