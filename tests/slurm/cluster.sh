@@ -33,7 +33,7 @@ stop() {
   # Whatever is left of this cluster's jobs (slurmstepd, the batch shell, srun, the ranks): each was started with
   # this cluster's SLURM_CONF in its environment.
   for e in /proc/[0-9]*/environ; do
-    tr '\0' '\n' < "$e" 2>/dev/null | grep -qx "SLURM_CONF=$S/slurm.conf" || continue
+    tr '\0' '\n' 2>/dev/null < "$e" | grep -qx "SLURM_CONF=$S/slurm.conf" || continue
     p=${e#/proc/}; p=${p%/environ}
     [ "$p" != $$ ] && kill -9 "$p" 2>/dev/null || true
   done
