@@ -81,8 +81,8 @@ def close() -> None:
     Why: a process that exits with its gloo group alive leaves the group's C++ worker threads to interpreter
     finalization, and under load one of them may still be running there: the process prints "terminate called
     without an active exception" and dies of SIGABRT after its own last line (a refused start exited -6 instead of
-    2; pytorch/pytorch#190489). Called by the entry point on the ways out it chose (finished, stopped, refused),
-    not from inside run(): the in-process tests run the trainer many times on one group."""
+    2; pytorch/pytorch#190489). Called by the entry point on its way out (finished, stopped, refused, failed), not
+    from inside run(): the in-process tests run the trainer many times on one group."""
     import deepspeed.comm as dist
     import torch.distributed as tdist
 
