@@ -440,7 +440,7 @@ def finish(state: TrainState) -> None:
     tensors = state.checkpointer.adapter_tensors()
     adapter_dir = state.out / "adapter"
     if state.rank == 0:
-        adapter_dir = state.checkpointer.write_adapter(adapter_dir, tensors, base=state.base)
+        state.checkpointer.write_adapter(adapter_dir, tensors, base=state.base)  # every rank reads it there
         state.metrics.write({"event": "end", "step": state.progress.step,
                              "steps_per_rank": [int(s.item()) for s in all_steps], **counts})
         state.metrics.close()

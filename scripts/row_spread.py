@@ -72,9 +72,9 @@ def distinct(runs: list[dict]) -> list[dict]:
 def summary(runs: list[dict]) -> dict:
     """Per column over the distinct runs: min, max, mean, std, and the band a run is expected to land in: mean +-
     4 std, rounded outward to half a point (the scores are multiples of 0.5 on 200 questions)."""
-    cols = {}
+    cols, once = {}, distinct(runs)
     for c in COLUMNS:
-        xs = [r[c] for r in distinct(runs)]
+        xs = [r[c] for r in once]
         mean, std = statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
         band = (max(0.0, math.floor((mean - 4 * std) * 2) / 2), min(100.0, math.ceil((mean + 4 * std) * 2) / 2))
         cols[c] = {"min": min(xs), "max": max(xs), "mean": round(mean, 2), "std": round(std, 2), "band": band}
