@@ -17,8 +17,9 @@ names it. Then, with the official client:
 Requests that arrive within --batch_window_ms of each other are decoded in one batch (up to --max_batch_size),
 whatever adapters they name: each adapter's textual prompts are a key/value prefix computed once when it loads, its
 visual prompts and projector encode its rows' images (pipeline/serving/). Greedy answers (temperature 0, the
-default here) are those `pipeline.evaluate` generates. SIGTERM (or Ctrl-C) stops accepting requests, finishes the
-ones in flight and exits 0. LoRA adapters and fully fine-tuned models are not batched this way: serve a merged
+default here) are those `pipeline.evaluate` generates. A request's values, image size (--max_image_pixels) and
+body size (--max_request_mb) are checked before it joins a batch; a client that goes takes its row out of the batch.
+SIGTERM (or Ctrl-C) stops accepting requests, finishes the ones in flight and exits 0. LoRA adapters and fully fine-tuned models are not batched this way: serve a merged
 model with --model.
 """
 
@@ -63,6 +64,12 @@ class ServeConfig:
         "no_help": "Keep each batch to one adapter's requests (what serving without mixing does; for comparison)."})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length when a request gives no max_tokens"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "the largest max_tokens a request may ask for"})
+    max_request_mb: float = field(default=32.0, metadata={"help": (
+        "the largest request body in MiB (an image travels base64-encoded, a third larger than its file); a larger "
+        "one is refused (413) before it is read")})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": (
+        "the largest image a request may send, in pixels (width x height, read from the file's header before it is "
+        "decoded; the model sees it resized to the vision tower's input anyway)")})
     temperature: float = field(default=0.0, metadata={"help": (
         "when a request gives none (0: greedy, the answers `pipeline.evaluate` gives; the OpenAI API's default is 1)")})
     device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
@@ -90,6 +97,8 @@ def check(cfg: ServeConfig) -> None:
         raise UsageError(f"--image_root {cfg.image_root}: no such folder")
     if cfg.max_batch_size < 1 or cfg.batch_window_ms < 0 or cfg.max_new_tokens < 1:
         raise UsageError("--max_batch_size and --max_new_tokens must be >= 1, --batch_window_ms >= 0")
+    if cfg.max_request_mb <= 0 or cfg.max_image_pixels < 1:
+        raise UsageError("--max_request_mb must be > 0 and --max_image_pixels >= 1")
     if cfg.max_new_tokens > cfg.max_tokens_limit:
         raise UsageError(f"--max_new_tokens {cfg.max_new_tokens} is over --max_tokens_limit {cfg.max_tokens_limit}")
 

@@ -255,3 +255,264 @@ def test_the_server_answers_as_generate_does_over_real_http(world, server):
     assert text == alone["c"][2]
     assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     assert "stopped after" in log.read_text()
+
+
+# ------------------------------------------------------------------ hostile and careless requests (issue 33)
+def _collect(batcher, rows):
+    """Each row's (tokens, how it ended) through the batcher, all submitted at once."""
+    import asyncio
+
+    async def run():
+        outs = [batcher.submit(r) for r in rows]
+        got = []
+        for out in outs:
+            tokens = []
+            while True:
+                kind, value = await out.get()
+                if kind == "token":
+                    tokens.append(value)
+                else:
+                    got.append((tokens, kind, value))
+                    break
+        return got
+
+    return asyncio.run(run())
+
+
+def test_a_row_that_breaks_its_batch_fails_alone_and_the_others_are_answered(world, caplog):
+    import torch
+
+    from pipeline.evaluation.generate import _load_image
+    from pipeline.serving import mixed
+    from pipeline.serving.batcher import Batcher
+
+    _, paths, items, alone = world
+    bank = _bank(paths)
+
+    def row(name, k, pixels=None, **kw):
+        adapter = bank.get(name)
+        px = _load_image(items[k]["image"], bank.base.image_processor) if pixels is None else pixels
+        return mixed.Row(adapter, mixed.encode(bank, adapter, "<image>\n" + items[k]["question"]), px, NEW_TOKENS,
+                         **kw)
+
+    poisoned = row("b", 0, pixels=torch.zeros(3, 5, 5))  # an image the vision tower cannot take fails the batch
+    rows = [row("a", 0), poisoned, row("c", 1), row("base", 2), row("a", 1, temperature=1e-300)]
+    batcher = Batcher(bank, window_ms=500, max_batch_size=16)
+    try:
+        got = _collect(batcher, rows)
+    finally:
+        batcher.stop()
+    assert batcher.sizes[0] == 5, batcher.sizes  # they did share a batch
+    tok = bank.base.tokenizer
+    text = [tok.decode(t, skip_special_tokens=True).strip() for t, _, _ in got]
+    assert [g[1] for g in got] == ["end", "error", "end", "end", "end"]
+    assert (text[0], text[2], text[3]) == (alone["a"][0], alone["c"][1], alone["base"][2])
+    assert text[4] == alone["a"][1]  # a temperature of 1e-300 samples what greedy picks, no nan
+    assert "decoding its rows one by one" in caplog.text
+
+
+def test_a_row_whose_client_went_leaves_its_batch(world):
+    from pipeline.serving import mixed
+
+    _, paths, _, _ = world
+    bank = _bank(paths)
+    a = bank.get("a")
+    eos = {bank.base.tokenizer.eos_token_id: -100.0}  # no row ends by itself
+    rows = [mixed.Row(a, mixed.encode(bank, a, "hello"), None, 40, logit_bias=eos) for _ in range(3)]
+    seen = {0: 0, 1: 0, 2: 0}
+    for step in mixed.decode(bank, rows):
+        for i, t in enumerate(step):
+            seen[i] += t is not None
+        if seen[1] == 3:
+            rows[1].cancelled = True
+    assert seen == {0: 40, 1: 3, 2: 40}  # no token after the step it left at; the others went on
+
+
+@pytest.fixture
+def strict_server(world, tmp_path):
+    """A server over a copy of the adapters that the test may change, with a 1 MiB body limit."""
+    import shutil
+
+    root, paths, items, _ = world
+    adapters = tmp_path / "adapters"
+    for name in ("a", "b"):
+        shutil.copytree(paths[name], adapters / name)
+    shutil.copytree(paths["a"], adapters / "base")  # takes the base's name: not served, logged once
+    (adapters / "notes").mkdir()  # no adapter in it: logged once
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--adapters", str(adapters), "--port", "0",
+                             "--max_request_mb", "1"], env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        port = None
+        for _ in range(600):
+            text = log.read_text()
+            if "Application startup complete" in text:
+                port = int(text.split("http://127.0.0.1:")[1].split("/")[0])
+                break
+            assert proc.poll() is None, text[-3000:]
+            time.sleep(0.2)
+        assert port, log.read_text()[-3000:]
+        yield proc, port, log, adapters
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _post(port, body, headers=None, raw=None):
+    """(status, parsed JSON answer) of one POST to /v1/chat/completions."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = raw if raw is not None else json.dumps(body).encode()
+    conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json",
+                                                                       **(headers or {})})
+    r = conn.getresponse()
+    status, text = r.status, r.read()
+    conn.close()
+    return status, json.loads(text)
+
+
+def _rss_mb(pid) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _bomb_url(side: int) -> str:
+    """A PNG of side x side black pixels: a few hundred KB on disk, side² pixels decoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.slow
+def test_hostile_requests_are_refused_alone_in_the_openai_error_form(world, strict_server):
+    proc, port, log, _ = strict_server
+    _, _, items, alone = world
+    ask = {"model": "a", "messages": _question(items[0]), "max_tokens": NEW_TOKENS}
+    image = _question(items[0])[0]["content"][0]
+    cases = [  # (changes to a good request, status, words in the message)
+        ({"max_tokens": 1.7}, 400, "max_tokens: an integer"),
+        ({"n": True}, 400, "n: an integer"),
+        ({"stream": "no"}, 400, "stream: true or false"),
+        ({"model": ["a"]}, 400, "model: a string"),
+        ({"temperature": float("nan")}, 400, "temperature: a number"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]}, 400,
+         "parts are"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [image]},
+                       {"role": "user", "content": "and?"}]}, 400, "image in an assistant turn"),
+        ({"messages": [{"role": "system", "content": [image]}, {"role": "user", "content": "hi"}]}, 400,
+         "image in the system message"),
+        ({"model": "../a"}, 404, "does not exist"),
+        ({"logit_bias": {"x": 1}}, 400, "not a token id"),
+        ({"logit_bias": {"2": 101}}, 400, "from -100 to 100"),
+    ]
+    for change, status, words in cases:
+        got, answer = _post(port, {**ask, **change})
+        assert got == status and words in answer["error"]["message"], (change, got, answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+    got, answer = _post(port, None, raw=b'{"model": "a", "messages": [')
+    assert got == 400 and answer["error"]["message"] == "the request body is not JSON"
+
+    # a 50 MB body is refused from its Content-Length, before it is sent
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(50 * 2**20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "over 1,048,576 bytes" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    # ... and a body without a length is cut off once it has passed the limit
+    got, answer = _post(port, None, raw=b" " * (2 * 2**20))
+    assert got == 413, answer
+
+    # a decompression bomb: a 400 read from the header, the server's memory about where it was
+    before = _rss_mb(proc.pid)
+    bomb = _bomb_url(10_000)
+    assert len(bomb) < 2**20
+    got, answer = _post(port, {**ask, "messages": _question(items[0], bomb)})
+    assert got == 400 and answer["error"]["code"] == "image_too_large", answer
+    assert "10000 x 10000" in answer["error"]["message"]
+    assert _rss_mb(proc.pid) - before < 200
+
+    # an unknown path is an OpenAI error too
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/v1/nothing")
+    r = conn.getresponse()
+    assert r.status == 404 and json.loads(r.read())["error"]["code"] == "not_found"
+    conn.close()
+
+    # a tiny temperature batched with others: every one answered
+    jobs = [{**ask, "temperature": 1e-300}, *[{**ask, "model": m} for m in ("a", "b", "base")]]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: _post(port, b), jobs))
+    assert [g[0] for g in got] == [200] * 4, got
+    assert [g[1]["choices"][0]["message"]["content"] for g in got] == [alone[m][0] for m in ("a", "a", "b", "base")]
+    assert "failed" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_adapters_on_disk_are_the_adapters_served(world, strict_server):
+    import shutil
+
+    from openai import NotFoundError, OpenAI
+
+    proc, port, log, adapters = strict_server
+    _, paths, items, alone = world
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+    def ask(name):
+        r = client.chat.completions.create(model=name, messages=_question(items[1]), max_tokens=NEW_TOKENS)
+        return r.choices[0].message.content
+
+    assert {m.id for m in client.models.list().data} == {"base", "a", "b"}
+    assert ask("a") == alone["a"][1]
+    for f in ("adapter_config.json", "adapter_model.safetensors"):  # a rewritten in place: c's weights now
+        (adapters / "a" / f).write_bytes((paths["c"] / f).read_bytes())
+    assert ask("a") == alone["c"][1]
+    shutil.rmtree(adapters / "b")
+    with pytest.raises(NotFoundError):
+        ask("b")
+    assert {m.id for m in client.models.list().data} == {"base", "a"}
+    text = log.read_text()
+    assert "adapter a loaded again: its files changed" in text
+    assert "adapter b is no longer served: its folder is gone" in text
+    assert text.count("adapter folder 'base' is not served: it takes the base's model name") == 1
+    assert text.count("adapter folder 'notes' is not served: no adapter_config.json") == 1
+
+
+@pytest.mark.slow
+def test_a_client_that_drops_its_stream_frees_the_batch(world, strict_server):
+    proc, port, log, _ = strict_server
+    _, _, items, alone = world
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": "a", "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 900,
+        "logit_bias": {"2": -100}, "stream": True}), headers={"Content-Type": "application/json"})  # 2: EOS
+    r = conn.getresponse()
+    assert r.status == 200
+    events = 0
+    while events < 4:  # the role, then three pieces of the answer: its row is decoding
+        events += r.fp.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    start = time.monotonic()
+    got, answer = _post(port, {"model": "b", "messages": _question(items[0]), "max_tokens": NEW_TOKENS})
+    assert got == 200 and answer["choices"][0]["message"]["content"] == alone["b"][0]
+    assert time.monotonic() - start < 5
+    for _ in range(50):
+        if "a client went after" in log.read_text():
+            break
+        time.sleep(0.1)
+    went = log.read_text().split("a client went after ")[1]
+    assert int(went.split()[0]) < 900, went[:80]

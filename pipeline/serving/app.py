@@ -1,10 +1,13 @@
 """The OpenAI-compatible HTTP app: `GET /v1/models` and `POST /v1/chat/completions` (whole or streamed as server-sent
 events, as the OpenAI API streams), over an adapter bank and its batcher.
 
-Adapters are the sub-folders of `--adapters`; the folder is looked at again whenever a request names a model the
-server does not know and whenever the models are listed, so an adapter copied there while the server runs is
-served from its next request on. An adapter that does not fit the base is reported (400, with the reason) to every
-request that names it, and the others keep being served.
+Adapters are the sub-folders of `--adapters`, and what is on disk is what is served: a request naming an adapter
+looks at its folder first (two `stat` calls), so an adapter copied there while the server runs is served from its
+next request on, one whose files were rewritten is loaded again before it answers, and one whose folder is gone is
+dropped (404). An adapter that does not fit the base is reported (400, with the reason) to every request that names
+it, and the others keep being served; a sub-folder that cannot be served at all is logged once with the reason.
+
+Every answer that is not a completion, whatever went wrong, is an error object in the OpenAI form.
 """
 
 from __future__ import annotations
@@ -19,51 +22,105 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations from here
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from pipeline.evaluation.generate import _load_image
 from pipeline.serving.bank import AdapterBank
 from pipeline.serving.batcher import Batcher
 from pipeline.serving.mixed import Row, encode, max_prompt_tokens
-from pipeline.serving.requests import RequestError, parse_messages
+from pipeline.serving.requests import RequestError, boolean, integer, logit_bias, number, parse_messages
 
 log = logging.getLogger("m2pt.serve")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _signature(folder: Path) -> tuple | None:
+    """What changes when an adapter's files are rewritten; None when the folder holds no adapter config."""
+    if not (folder / ADAPTER_FILES[0]).is_file():
+        return None
+    stats = [(folder / f).stat() for f in ADAPTER_FILES if (folder / f).exists()]
+    return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in stats)
 
 
 class AdapterFolder:
-    """The `--adapters` folder: one adapter per sub-folder, named after it."""
+    """The `--adapters` folder: one adapter per sub-folder, named after it, kept as it is on disk."""
 
     def __init__(self, bank: AdapterBank, root: Path | None):
         self.bank, self.root = bank, root
-        self.failed: dict[str, tuple[float, str]] = {}  # name -> (config mtime, why it was refused)
-        self.lock = threading.Lock()  # requests are parsed in worker threads: one scan at a time
+        self.loaded: dict[str, tuple] = {}  # name -> the signature of the files it was loaded from
+        self.failed: dict[str, tuple[tuple, str]] = {}  # name -> (signature, why it was refused)
+        self.noted: dict[str, str] = {}  # name -> why it is not served, as last logged
+        self.lock = threading.Lock()  # requests are parsed in worker threads: one look at the folder at a time
 
     def refresh(self) -> None:
+        """Look at every sub-folder (for `/v1/models`)."""
         if self.root is None:
             return
         with self.lock:
-            self._scan()
-
-    def _scan(self) -> None:
-        for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            cfg = sub / "adapter_config.json"
-            name = sub.name
-            if self.bank.get(name) is not None or not cfg.is_file():
-                continue
-            mtime = cfg.stat().st_mtime
-            if name in self.failed and self.failed[name][0] == mtime:
-                continue
             try:
-                self.bank.add(name, sub)
-                self.failed.pop(name, None)
-            except (ValueError, FileNotFoundError, OSError) as e:
-                log.warning("adapter %s refused: %s", name, e)
-                self.failed[name] = (mtime, str(e))
+                subs = {p.name: p for p in self.root.iterdir() if p.is_dir()}
+            except OSError as e:
+                self._note("", f"the --adapters folder {self.root} cannot be read ({e}); its adapters are not served")
+                subs = {}
+            for name in [n for n in self.loaded if n not in subs]:
+                self._drop(name, "its folder is gone")
+            for name in sorted(subs):
+                self._sync(name, subs[name])
+
+    def _note(self, name: str, why: str) -> None:
+        if self.noted.get(name) != why:
+            log.warning("%s", why if not name else f"adapter folder {name!r} is not served: {why}")
+            self.noted[name] = why
+
+    def _drop(self, name: str, why: str) -> None:
+        self.bank.remove(name)
+        self.loaded.pop(name, None)
+        log.warning("adapter %s is no longer served: %s", name, why)
+
+    def _sync(self, name: str, folder: Path) -> None:
+        """Make the bank hold what `folder` holds now: load it, load it again, or drop it."""
+        if name == self.bank.base_id:
+            self._note(name, f"it takes the base's model name {name!r} (rename the folder or give --base_id)")
+            return
+        try:
+            sig = _signature(folder)
+        except OSError as e:
+            sig, why = None, f"its files cannot be read ({e})"
+        else:
+            why = f"no {ADAPTER_FILES[0]} in it"
+        if sig is None:
+            if name in self.loaded:
+                self._drop(name, why)
+            self._note(name, why)
+            return
+        if self.loaded.get(name) == sig or self.failed.get(name, (None,))[0] == sig:
+            return
+        try:
+            self.bank.add(name, folder)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            log.warning("adapter %s refused: %s", name, e)
+            self.failed[name] = (sig, str(e))
+            if name in self.loaded:
+                self._drop(name, "its files changed into ones that cannot be served")
+            return
+        if name in self.loaded:
+            log.info("adapter %s loaded again: its files changed", name)
+        self.loaded[name] = sig
+        self.failed.pop(name, None)
+        self.noted.pop(name, None)
 
     def adapter(self, name):
-        found = self.bank.get(name) if isinstance(name, str) else None
-        if found is None:
-            self.refresh()
-            found = self.bank.get(name) if isinstance(name, str) else None
+        """The adapter a request names, as its folder holds it now; RequestError when there is none."""
+        if not isinstance(name, str):
+            raise RequestError(400, f"model: a string (GET /v1/models lists them), got {name!r}", param="model")
+        if name != self.bank.base_id and self.root is not None and _plain_name(name):
+            with self.lock:
+                folder = self.root / name
+                if folder.is_dir():
+                    self._sync(name, folder)
+                elif name in self.loaded:
+                    self._drop(name, "its folder is gone")
+        found = self.bank.get(name)
         if found is None and name in self.failed:
             raise RequestError(400, f"model {name!r} does not fit the base: {self.failed[name][1]}",
                                code="adapter_does_not_fit", param="model")
@@ -73,25 +130,24 @@ class AdapterFolder:
         return found
 
 
-def _number(body: dict, key: str, default, kind, low, high):
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-        raise RequestError(400, f"{key}: a number from {low} to {high}, got {value!r}", param=key)
-    return kind(value)
+def _plain_name(name: str) -> bool:
+    """A name that can only be a direct sub-folder of --adapters (no path, no `..`)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def build_row(folder: AdapterFolder, body: dict, cfg) -> Row:
-    """The decoding row of one request body (RequestError for anything wrong in it)."""
+    """The decoding row of one request body (RequestError for anything wrong in it), every value checked before the
+    row can join a batch."""
     adapter = folder.adapter(body.get("model"))
-    if body.get("n") not in (None, 1):
+    if integer(body, "n", 1, 1, 1) != 1:
         raise RequestError(400, "n: only 1 answer per request", param="n")
-    max_new = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_new = _number({"max_tokens": max_new}, "max_tokens", cfg.max_new_tokens, int, 1, cfg.max_tokens_limit)
-    temperature = _number(body, "temperature", cfg.temperature, float, 0.0, 2.0)
-    seed = _number(body, "seed", None, int, 0, 2**63 - 1)
-    conv = parse_messages(body.get("messages"), cfg.image_root)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_new = integer(body, key, cfg.max_new_tokens, 1, cfg.max_tokens_limit)
+    temperature = number(body, "temperature", cfg.temperature, 0.0, 2.0)
+    seed = integer(body, "seed", None, 0, 2**63 - 1)
+    boolean(body, "stream", False)
+    bias = logit_bias(body, folder.bank.model.config.text_config.vocab_size)
+    conv = parse_messages(body.get("messages"), cfg.image_root, cfg.max_image_pixels)
     bank = folder.bank
     ids = encode(bank, adapter, conv.question, conv.history, conv.system)
     limit = max_prompt_tokens(bank, adapter, max_new)
@@ -100,7 +156,30 @@ def build_row(folder: AdapterFolder, body: dict, cfg) -> Row:
                                 f"{limit} with max_tokens={max_new}", code="context_length_exceeded",
                            param="messages")
     pixels = _load_image(conv.image, bank.base.image_processor)  # None without an image
-    return Row(adapter, ids, pixels, max_new, temperature, seed)
+    return Row(adapter, ids, pixels, max_new, temperature, seed, logit_bias=bias)
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object, refused (413) as soon as it is known to be over `limit` bytes: from its
+    Content-Length before a byte of it is read, else while it streams in."""
+    size = request.headers.get("content-length", "")
+    too_big = RequestError(413, f"the request body is over {limit:,} bytes (--max_request_mb)",
+                           code="request_too_large")
+    if size.isdigit() and int(size) > limit:
+        raise too_big
+    chunks, got = [], 0
+    async for chunk in request.stream():
+        got += len(chunk)
+        if got > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError:  # UnicodeDecodeError included
+        raise RequestError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return body
 
 
 class TextStream:
@@ -128,26 +207,40 @@ def _chunk(rid: str, model: str, created: int, delta: dict, finish=None) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _stream(out, text: TextStream, rid: str, model: str, created: int):
-    yield _chunk(rid, model, created, {"role": "assistant", "content": ""})
-    while True:
-        kind, value = await out.get()
-        if kind == "token":
-            delta = text.add(value)
-            if delta:
-                yield _chunk(rid, model, created, {"content": delta})
-        elif kind == "error":
-            yield f"data: {json.dumps(RequestError(500, value, code='generation_failed').body())}\n\n"
-            return
-        else:
-            yield _chunk(rid, model, created, {}, finish=value)
-            yield "data: [DONE]\n\n"
-            return
+async def _stream(out, text: TextStream, row: Row, rid: str, model: str, created: int):
+    try:
+        yield _chunk(rid, model, created, {"role": "assistant", "content": ""})
+        while True:
+            kind, value = await out.get()
+            if kind == "token":
+                delta = text.add(value)
+                if delta:
+                    yield _chunk(rid, model, created, {"content": delta})
+            elif kind == "error":
+                yield f"data: {json.dumps(RequestError(500, value, code='generation_failed').body())}\n\n"
+                return
+            else:
+                yield _chunk(rid, model, created, {}, finish=value)
+                yield "data: [DONE]\n\n"
+                return
+    finally:  # also when the client went: Starlette cancels the stream, and the row leaves its batch
+        row.cancelled = True
 
 
-async def _whole(out, text: TextStream, row: Row, rid: str, model: str, created: int) -> dict:
+async def _next(out: asyncio.Queue, request: Request, row: Row):
+    """The next item for a whole answer; a client that went meanwhile cancels its row (checked every second)."""
     while True:
-        kind, value = await out.get()
+        try:
+            return await asyncio.wait_for(out.get(), timeout=1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                row.cancelled = True
+                raise RequestError(499, "the client closed the request", code="client_closed") from None
+
+
+async def _whole(out, text: TextStream, row: Row, rid: str, model: str, created: int, request: Request) -> dict:
+    while True:
+        kind, value = await _next(out, request, row)
         if kind == "token":
             text.add(value)
         elif kind == "error":
@@ -162,22 +255,47 @@ async def _whole(out, text: TextStream, row: Row, rid: str, model: str, created:
                       "total_tokens": len(row.ids) + completion}}
 
 
+class ApiKey:
+    """Every request needs `Authorization: Bearer KEY`. A plain ASGI middleware, not `@app.middleware`: Starlette's
+    BaseHTTPMiddleware can swallow the disconnect of a client that goes right after its stream starts, and then the
+    row would generate on for nobody."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
+            e = RequestError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
+            await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(bank: AdapterBank, batcher: Batcher, cfg):
     folder = AdapterFolder(bank, cfg.adapters)
     folder.refresh()
     app = FastAPI(title="M2PT adapters", docs_url=None, redoc_url=None)
     app.state.folder, app.state.batcher = folder, batcher
+    limit = int(cfg.max_request_mb * 2**20)
 
     @app.exception_handler(RequestError)
     async def refused(request, e: RequestError):
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-            e = RequestError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key")
-            return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)  # unknown paths and methods
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(RequestError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404
+                                         else "invalid_request").body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crashed(request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse(RequestError(500, f"the server failed on this request ({type(e).__name__}: {e}); "
+                                              "its log has the details", code="internal_error").body(),
+                            status_code=500)
+
+    if cfg.api_key:
+        app.add_middleware(ApiKey, key=cfg.api_key)
 
     @app.get("/v1/models")
     async def models():
@@ -190,19 +308,14 @@ def create_app(bank: AdapterBank, batcher: Batcher, cfg):
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError(400, "the request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
+        body = await read_json(request, limit)
         # Off the event loop: reading an image, tokenising and loading a new adapter take a while.
         row = await asyncio.to_thread(build_row, folder, body, cfg)
         out = batcher.submit(row)
         rid, created, text = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), TextStream(bank.base.tokenizer)
         if body.get("stream"):
-            return StreamingResponse(_stream(out, text, rid, row.adapter.name, created),
+            return StreamingResponse(_stream(out, text, row, rid, row.adapter.name, created),
                                      media_type="text/event-stream")
-        return await _whole(out, text, row, rid, row.adapter.name, created)
+        return await _whole(out, text, row, rid, row.adapter.name, created, request)
 
     return app

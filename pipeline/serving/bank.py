@@ -78,6 +78,11 @@ class AdapterBank:
     def get(self, name: str) -> Adapter | None:
         return self.adapters.get(name)
 
+    def remove(self, name: str) -> None:
+        """Stop serving `name` (a batch already running with it finishes with it)."""
+        with self.lock:
+            self.adapters.pop(name, None)
+
     def add(self, name: str, path) -> Adapter:
         """Load the M²PT adapter folder `path` as `name`. A folder that is not an M²PT adapter, or one that does not
         fit the base, is a ValueError / FileNotFoundError naming the file and the reason."""

@@ -3,8 +3,12 @@ decoded together, whatever adapters they use (pipeline/serving/mixed.py), and ea
 to its waiting HTTP handler as they are generated.
 
 Why one thread: the model is shared, and the vision hooks of an adapter are attached to it around that adapter's
-rows. A batch runs until its last row finishes; requests arriving meanwhile wait for the next batch (no continuous
-batching).
+rows. A row leaves its batch when it finishes or its client goes (`Row.cancelled`); the batch runs until its last
+row has left, and requests arriving meanwhile wait for the next batch (no continuous batching).
+
+A batch that fails answers only the rows that make it fail: its rows are decoded again one by one (the tokens a
+client already has are not sent twice: greedy rows and seeded draws give the same tokens again), so one poisoned
+request is its own 500 and the others in its batch are answered as if it had not been there.
 """
 
 from __future__ import annotations
@@ -93,6 +97,29 @@ class Batcher:
             self._serve(batch)
 
     def _serve(self, batch: list[Job]) -> None:
+        waited = len(batch)
+        batch = [j for j in batch if not j.row.cancelled]
+        if len(batch) < waited:
+            log.info("%d client(s) went before their rows started", waited - len(batch))
+        if not batch:
+            return
+        sent = [0] * len(batch)  # tokens each job has been sent
+        error = self._decode(batch, sent)
+        if error is None:
+            return
+        if len(batch) == 1:
+            batch[0].push("error", error)
+            return
+        log.warning("a batch of %d failed (%s); decoding its rows one by one", len(batch), error)
+        for job, already in zip(batch, sent):
+            job.row.generator = None  # the same draws again from the row's seed
+            again = self._decode([job], [0], skip=already)
+            if again is not None:
+                job.push("error", again)
+
+    def _decode(self, batch: list[Job], sent: list[int], skip: int = 0) -> str | None:
+        """Decode `batch`, pushing each job its tokens and its end; the error message if decoding failed (its jobs
+        are then not ended). `skip`: tokens not to send again (one-job batches only)."""
         eos = self.bank.base.tokenizer.eos_token_id
         last = [None] * len(batch)
         try:
@@ -101,13 +128,20 @@ class Batcher:
                 self.sizes.append(len(batch))
                 for step in decode(self.bank, [j.row for j in batch]):
                     for i, (job, t) in enumerate(zip(batch, step)):
-                        if t is not None:
-                            last[i] = t
-                            job.push("token", t)
+                        if t is None:
+                            continue
+                        last[i] = t
+                        if skip:
+                            skip -= 1
+                            continue
+                        sent[i] += 1
+                        job.push("token", t)
         except Exception as e:  # noqa: BLE001 - a failing batch must answer its requests, not kill the server
-            log.exception("batch of %d failed", len(batch))
-            for job in batch:
-                job.push("error", f"{type(e).__name__}: {e}")
-            return
-        for job, t in zip(batch, last):
+            log.exception("a batch of %d failed", len(batch))
+            return f"{type(e).__name__}: {e}"
+        for job, t, n in zip(batch, last, sent):
+            if job.row.cancelled and t != eos and n < job.row.max_new_tokens:
+                log.info("a client went after %d of its %d token(s); its row left the batch", n,
+                         job.row.max_new_tokens)
             job.push("end", "stop" if t == eos else "length")
+        return None

@@ -37,6 +37,8 @@ class Row:
     temperature: float = 0.0
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False)
+    cancelled: bool = False  # set by the server when the client has gone: the row leaves at the next step
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit at every step (OpenAI's logit_bias)
 
 
 def encode(bank: AdapterBank, adapter: Adapter, question: str, history=(), system: str = SYSTEM) -> list[int]:
@@ -103,7 +105,12 @@ def _logits(bank: AdapterBank, rows: list[Row], hidden: torch.Tensor) -> torch.T
     for i, r in enumerate(rows):
         if r.adapter.lm_head is not None:
             logits[i] = hidden[i] @ r.adapter.lm_head.t()
-    return logits.float()
+    logits = logits.float()
+    for i, r in enumerate(rows):
+        if r.logit_bias:
+            index = torch.tensor(list(r.logit_bias), device=logits.device)
+            logits[i, index] += torch.tensor(list(r.logit_bias.values()), device=logits.device)
+    return logits
 
 
 def _choose(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
@@ -111,18 +118,20 @@ def _choose(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r.temperature > 0:
             if r.generator is None:
+                if r.seed is None:  # kept, so that the row can be decoded again with the same draws
+                    r.seed = torch.seed()
                 r.generator = torch.Generator(device=logits.device)
-                r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
-            probs = torch.softmax(logits[i] / r.temperature, -1)
-            out[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+                r.generator.manual_seed(r.seed)
+            # In float64 and after subtracting the maximum: a tiny temperature (1e-300, which float32 rounds to 0)
+            # then tends to greedy instead of turning the logits into 0 / 0 or inf - inf = nan.
+            scaled = (logits[i] - logits[i].max()).double() / r.temperature
+            out[i] = torch.multinomial(torch.softmax(scaled, -1), 1, generator=r.generator)[0]
     return out
 
 
-@torch.no_grad()
-def decode(bank: AdapterBank, rows: list[Row]):
-    """Yields, per decoding step, each row's new token id (None once the row has finished: EOS or its
-    max_new_tokens)."""
-    pad, eos = bank.base.tokenizer.pad_token_id, bank.base.tokenizer.eos_token_id
+def _prefill(bank: AdapterBank, rows: list[Row]):
+    """The LLM's output over the left-padded prompts behind their prefixes, with the cache, mask and positions."""
+    pad = bank.base.tokenizer.pad_token_id
     n = max(len(r.ids) for r in rows)
     ids = torch.tensor([[pad] * (n - len(r.ids)) + r.ids for r in rows], device=bank.device)
     mask = torch.tensor([[0] * (n - len(r.ids)) + [1] * len(r.ids) for r in rows], device=bank.device)
@@ -130,21 +139,39 @@ def decode(bank: AdapterBank, rows: list[Row]):
     pt = torch.tensor([[r.adapter.pt] for r in rows], device=bank.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0) + pt
     mask = torch.cat([prefix_mask, mask], dim=1)
+    out = language_model(bank.model)(inputs_embeds=_embeds(bank, rows, ids), attention_mask=mask, position_ids=pos,
+                                     past_key_values=cache, use_cache=True)
+    return out, cache, mask, pos
+
+
+@torch.no_grad()
+def decode(bank: AdapterBank, rows: list[Row]):
+    """Yields, per decoding step, each row's new token id (None once the row has finished: EOS, its max_new_tokens,
+    or `cancelled` set while it ran). A finished row leaves the batch: its cache, mask and position rows are dropped
+    before the next step, so the steps after it cost what the remaining rows cost."""
+    eos = bank.base.tokenizer.eos_token_id
     lm = language_model(bank.model)
-    out = lm(inputs_embeds=_embeds(bank, rows, ids), attention_mask=mask, position_ids=pos, past_key_values=cache,
-             use_cache=True)
+    out, cache, mask, pos = _prefill(bank, rows)
+    live = list(range(len(rows)))  # the rows still in the batch, by their index in `rows`
     left = [r.max_new_tokens for r in rows]
     while True:
-        tokens = _choose(rows, _logits(bank, rows, out.last_hidden_state[:, -1]))
-        step = []
-        for i, t in enumerate(tokens.tolist()):
-            step.append(t if left[i] > 0 else None)
+        active = [rows[i] for i in live]
+        tokens = _choose(active, _logits(bank, active, out.last_hidden_state[:, -1]))
+        step: list[int | None] = [None] * len(rows)
+        for i, t in zip(live, tokens.tolist()):
+            step[i] = t
             left[i] = 0 if t == eos else left[i] - 1
         yield step
-        if max(left) <= 0:
+        keep = [k for k, i in enumerate(live) if left[i] > 0 and not rows[i].cancelled]
+        if not keep:
             return
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         pos = pos[:, -1:] + 1
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=bank.device)
+            cache.batch_select_indices(index)
+            mask, pos, tokens = mask[index], pos[index], tokens[index]
+            live = [live[k] for k in keep]
         out = lm(inputs_embeds=lm.embed_tokens(tokens[:, None]), attention_mask=mask, position_ids=pos,
                  past_key_values=cache, use_cache=True)
 

@@ -2,9 +2,11 @@
 
 Messages: an optional system message first (it replaces the training template's system line), then user and
 assistant turns alternating, ending with a user turn. A user message's content is a string or a list of parts:
-`{"type": "text", "text": ...}` and at most one image in the whole conversation, `{"type": "image_url",
-"image_url": {"url": ...}}`, where the url is a `data:image/...;base64,` URL or, under `--image_root` only, a local
-path (`file://` or plain). The image goes where LLaVA puts it: at the start of its turn.
+`{"type": "text", "text": ...}` and at most one image in the whole conversation, in a user turn (the template has no
+place for one anywhere else), `{"type": "image_url", "image_url": {"url": ...}}`, where the url is a
+`data:image/...;base64,` URL or, under `--image_root` only, a local path (`file://` or plain). The image goes where
+LLaVA puts it: at the start of its turn. Its size is read from the file's header and checked against the server's
+pixel limit before it is decoded (a 316 KB PNG can hold a 10000 × 10000 image).
 """
 
 from __future__ import annotations
@@ -32,6 +34,53 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+def number(body: dict, key: str, default, low: float, high: float) -> float:
+    """`body[key]` as a float in [low, high] (JSON numbers only: `true` is not 1), or `default` when absent."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(400, f"{key}: a number from {low} to {high}, got {value!r}", param=key)
+    return float(value)
+
+
+def integer(body: dict, key: str, default, low: int, high: int) -> int:
+    """`body[key]` as an int in [low, high] (`1.7` and `true` are not integers), or `default` when absent."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(400, f"{key}: an integer from {low} to {high}, got {value!r}", param=key)
+    return value
+
+
+def boolean(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{key}: true or false, got {value!r}", param=key)
+    return value
+
+
+def logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's `logit_bias`: {"token id": bias from -100 to 100} (-100 bans a token, 100 forces it)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > 300:
+        raise RequestError(400, "logit_bias: an object of at most 300 token ids to biases", param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+            raise RequestError(400, f"logit_bias: {key!r} is not a token id below {vocab_size}", param="logit_bias")
+        if not isinstance(bias, int | float) or isinstance(bias, bool) or not -100 <= bias <= 100:
+            raise RequestError(400, f"logit_bias[{key!r}]: a number from -100 to 100, got {bias!r}",
+                               param="logit_bias")
+        out[int(key)] = float(bias)
+    return out
+
+
 @dataclass
 class Conversation:
     system: str
@@ -51,13 +100,17 @@ def _parts(content, k: int) -> tuple[str, list[str]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url" and isinstance(part.get("image_url"), dict | str):
-            url = part["image_url"]
-            urls.append(url.get("url", "") if isinstance(url, dict) else url)
+        elif kind == "image_url" and isinstance(_url(part), str):
+            urls.append(_url(part))
         else:
             raise RequestError(400, f"messages[{k}].content: parts are {{'type': 'text'}} or {{'type': "
                                     "'image_url'}}", param="messages")
     return "\n".join(texts), urls
+
+
+def _url(part: dict):
+    url = part.get("image_url")
+    return url.get("url") if isinstance(url, dict) else url
 
 
 def _turns(messages) -> tuple[str, list[tuple[str, str, list[str]]]]:
@@ -66,7 +119,10 @@ def _turns(messages) -> tuple[str, list[tuple[str, str, list[str]]]]:
         raise RequestError(400, "messages: a non-empty list", param="messages")
     system = SYSTEM
     if isinstance(messages[0], dict) and messages[0].get("role") in ("system", "developer"):
-        system, _ = _parts(messages[0].get("content", ""), 0)
+        system, urls = _parts(messages[0].get("content", ""), 0)
+        if urls:
+            raise RequestError(400, "messages[0]: an image in the system message; images go in a user turn",
+                               param="messages")
         messages = messages[1:]
     turns = []
     for k, m in enumerate(messages):
@@ -77,6 +133,9 @@ def _turns(messages) -> tuple[str, list[tuple[str, str, list[str]]]]:
                                     f"alternate and the last is the user's (message {k} is {role!r}, expected "
                                     f"{want!r})", param="messages")
         text, urls = _parts(m.get("content", ""), k)
+        if urls and role != "user":
+            raise RequestError(400, f"messages[{k}]: an image in an assistant turn; images go in a user turn",
+                               param="messages")
         if IMAGE in text:
             raise RequestError(400, f"messages[{k}]: the text holds the {IMAGE} placeholder; send the image as an "
                                     "image_url part", param="messages")
@@ -86,19 +145,22 @@ def _turns(messages) -> tuple[str, list[tuple[str, str, list[str]]]]:
     return system, turns
 
 
-def parse_messages(messages, image_root: Path | None) -> Conversation:
+def parse_messages(messages, image_root: Path | None, max_pixels: int | None = None) -> Conversation:
+    """The conversation of a request's `messages`; images are read from under `image_root` only and refused over
+    `max_pixels` (None: PIL's own decompression-bomb limit)."""
     system, turns = _turns(messages)
     urls = [(k, u) for k, (_, _, us) in enumerate(turns) for u in us]
     if len(urls) > 1:
         raise RequestError(400, f"{len(urls)} images in the conversation: this model takes one", param="messages")
-    image = load_image(urls[0][1], image_root) if urls else None
+    image = load_image(urls[0][1], image_root, max_pixels) if urls else None
     values = [(IMAGE + "\n" + text) if urls and k == urls[0][0] else text for k, (_, text, _) in enumerate(turns)]
     history = [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values[:-1])]
     return Conversation(system, history, values[-1], image)
 
 
-def load_image(url: str, image_root: Path | None):
-    """A PIL image from a data: URL or a local path under `image_root`; RequestError(400) otherwise."""
+def load_image(url: str, image_root: Path | None, max_pixels: int | None = None):
+    """A PIL image from a data: URL or a local path under `image_root`, at most `max_pixels` large;
+    RequestError(400) otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     if url.startswith("data:"):
@@ -116,9 +178,14 @@ def load_image(url: str, image_root: Path | None):
     else:
         source = _local(url.removeprefix("file://"), image_root)
     try:
-        with Image.open(source) as im:
+        with Image.open(source) as im:  # reads the header only
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise RequestError(400, f"image_url: the image is {width} x {height} = {width * height:,} pixels; "
+                                        f"this server takes at most {max_pixels:,} (--max_image_pixels)",
+                                   code="image_too_large", param="messages")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise RequestError(400, f"image_url: not a readable image ({e})", param="messages") from None
 
 
