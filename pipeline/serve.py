@@ -19,8 +19,8 @@ whatever adapters they name: each adapter's textual prompts are a key/value pref
 visual prompts and projector encode its rows' images (pipeline/serving/). Greedy answers (temperature 0, the
 default here) are those `pipeline.evaluate` generates. A request's values, image size (--max_image_pixels) and
 body size (--max_request_mb) are checked before it joins a batch; a client that goes takes its row out of the batch.
-SIGTERM (or Ctrl-C) stops accepting requests, finishes the ones in flight and exits 0. LoRA adapters and fully fine-tuned models are not batched this way: serve a merged
-model with --model.
+SIGTERM (or Ctrl-C) stops accepting requests, finishes the ones in flight and exits 0. LoRA adapters and fully
+fine-tuned models are not batched this way: serve a merged model with --model.
 """
 
 from __future__ import annotations

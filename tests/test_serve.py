@@ -516,3 +516,19 @@ def test_a_client_that_drops_its_stream_frees_the_batch(world, strict_server):
         time.sleep(0.1)
     went = log.read_text().split("a client went after ")[1]
     assert int(went.split()[0]) < 900, went[:80]
+
+    # a client waiting for a whole answer that goes is heard of too
+    import socket
+
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 900,
+                       "logit_bias": {"2": -100}}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)
+    for _ in range(50):
+        if log.read_text().count("a client went after ") == 2:
+            break
+        time.sleep(0.1)
+    went = log.read_text().split("a client went after ")[2]
+    assert int(went.split()[0]) < 900, went[:80]

@@ -227,20 +227,16 @@ async def _stream(out, text: TextStream, row: Row, rid: str, model: str, created
         row.cancelled = True
 
 
-async def _next(out: asyncio.Queue, request: Request, row: Row):
-    """The next item for a whole answer; a client that went meanwhile cancels its row (checked every second)."""
-    while True:
-        try:
-            return await asyncio.wait_for(out.get(), timeout=1.0)
-        except TimeoutError:
-            if await request.is_disconnected():
-                row.cancelled = True
-                raise RequestError(499, "the client closed the request", code="client_closed") from None
+async def _watch(request: Request, row: Row) -> None:
+    """Cancel `row` once its client has gone (a whole answer's client is only heard from when it is sent)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    row.cancelled = True
 
 
-async def _whole(out, text: TextStream, row: Row, rid: str, model: str, created: int, request: Request) -> dict:
+async def _whole(out, text: TextStream, row: Row, rid: str, model: str, created: int) -> dict:
     while True:
-        kind, value = await _next(out, request, row)
+        kind, value = await out.get()
         if kind == "token":
             text.add(value)
         elif kind == "error":
@@ -316,6 +312,10 @@ def create_app(bank: AdapterBank, batcher: Batcher, cfg):
         if body.get("stream"):
             return StreamingResponse(_stream(out, text, row, rid, row.adapter.name, created),
                                      media_type="text/event-stream")
-        return await _whole(out, text, row, rid, row.adapter.name, created, request)
+        watcher = asyncio.create_task(_watch(request, row))
+        try:
+            return await _whole(out, text, row, rid, row.adapter.name, created)
+        finally:
+            watcher.cancel()
 
     return app
