@@ -144,10 +144,39 @@ def _titles(known: dict) -> dict:
     return {name: t.title for name, t in known.items() if t.title}
 
 
-def write_outputs(out: Path, results: dict, titles: dict | None = None) -> None:
+def write_outputs(out: Path, results: dict, titles: dict | None = None) -> dict:
+    """Write results.json / results.md with this run's rows added to the rows already there: a row of the same name
+    is replaced in place, the others are kept (evaluating a second adapter into a folder adds its row). Returns
+    every row written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results, titles))
+    earlier = _earlier_rows(out / "results.json")
+    merged = {name: results.get(name, row) for name, row in earlier.items()}
+    merged |= {name: row for name, row in results.items() if name not in merged}
+    kept = [name for name in earlier if name not in results]
+    if kept:
+        log.info("%s: kept %d earlier row(s) of this folder: %s", out / "results.json", len(kept), ", ".join(kept))
+    (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(merged, titles))
+    return merged
+
+
+def _earlier_rows(path: Path) -> dict:
+    """The rows an earlier evaluation wrote to `path`; one that cannot be read is moved aside (and logged), never
+    silently overwritten."""
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text())
+        if isinstance(rows, dict) and all(isinstance(r, dict) and isinstance(r.get("tasks"), dict)
+                                          for r in rows.values()):
+            return rows
+        why = "not a results file of pipeline.evaluate"
+    except (OSError, ValueError) as e:
+        why = str(e)
+    aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+    path.rename(aside)
+    log.warning("%s could not be read (%s): moved to %s, its rows are not in the new table", path, why, aside)
+    return {}
 
 
 @dataclass
@@ -269,13 +298,15 @@ def answer_share(cfg: EvalConfig, ranks, load, items: dict, row: str, fp: str) -
     from pipeline.evaluation.parallel import AnswerLog, Progress, pending, read_answers
 
     row_dir = cfg.output_dir / folder_name(row)
-    stored, other = read_answers(row_dir, fp)
+    stored = read_answers(row_dir, fp)
     ranks.barrier()  # everyone read the same stored answers before anyone appends: they deal the same questions
-    todo = pending(items, stored)
-    if ranks.rank == 0 and (todo.answered or other):
-        log.info("%s: %d of %d questions already answered under these settings%s", row, todo.answered, todo.total,
-                 f"; {other} stored answers of other settings (adapter, model or generation) not reused"
-                 if other else "")
+    todo = pending(items, stored.answers)
+    if ranks.rank == 0 and (todo.answered or stored.other or stored.stale):
+        log.info("%s: %d of %d questions already answered under these settings%s%s", row, todo.answered, todo.total,
+                 f"; {stored.other} stored answers of other settings (adapter, model or generation) not reused"
+                 if stored.other else "",
+                 f"; {stored.stale} stored answers set aside as stale (their line does not match its checksum: "
+                 "edited, or stored before answers carried one), asked again" if stored.stale else "")
     progress = Progress(row_dir, todo, row, enabled=ranks.rank == 0)
     answers = AnswerLog(row_dir, ranks.rank, fp)
     try:

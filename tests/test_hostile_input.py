@@ -135,3 +135,74 @@ def test_a_tracker_that_cannot_log_is_one_line_before_the_model_loads(shards, tm
     err = capsys.readouterr().err
     assert err.startswith("error: " + message) and err.count("\n") == 1, err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------- evaluation outputs
+def _adapter(folder, seed):
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
+    from pipeline.demo.tiny import build_tiny
+
+    return save_adapter(attach_m2pt(build_tiny().model, M2PTConfig(seed=seed)), folder, base_name="tiny")
+
+
+def test_a_second_evaluation_into_one_folder_keeps_the_first_row(tmp_path, caplog):
+    import logging
+
+    from pipeline.evaluate import main
+
+    a, b, out = _adapter(tmp_path / "a", 1), _adapter(tmp_path / "b", 2), tmp_path / "eval"
+    caplog.set_level(logging.INFO)
+    assert main(["--output_dir", str(out), "--limit", "2", "--adapter", str(a), "--names", "a"]) == 0
+    assert main(["--output_dir", str(out), "--limit", "2", "--adapter", str(b), "--names", "b"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == ["majority answer", "a", "b"] and res["a"]["provenance"]["adapter"] == str(a)
+    rows = [line.split(" | ")[0] for line in (out / "results.md").read_text().splitlines()[2:]]
+    assert rows == ["| majority answer", "| a", "| b"]
+    assert "kept 1 earlier row(s) of this folder: a" in caplog.text
+    # a row of the same name is replaced where it stood, not repeated
+    assert main(["--output_dir", str(out), "--limit", "2", "--adapter", str(b), "--names", "a"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res) == ["majority answer", "a", "b"] and res["a"]["provenance"]["adapter"] == str(b)
+    # a results file that is not one is moved aside, named in the log, not overwritten unread
+    (out / "results.json").write_text("{not json")
+    assert main(["--output_dir", str(out), "--limit", "2", "--adapter", str(b), "--names", "b"]) == 0
+    assert list(json.loads((out / "results.json").read_text())) == ["majority answer", "b"]
+    assert [p.read_text() for p in out.glob("results.json.unreadable-*")] == ["{not json"]
+    assert "could not be read" in caplog.text
+
+
+def test_an_edited_stored_answer_is_asked_again(tmp_path, caplog):
+    import logging
+
+    from pipeline.evaluate import main
+
+    out = tmp_path / "eval"
+    assert main(["--output_dir", str(out), "--limit", "2"]) == 0
+    answers = out / "base" / "answers" / "rank-00000.jsonl"
+    lines = answers.read_text().splitlines()
+    rec = json.loads(lines[0])
+    original, rec["prediction"] = rec["prediction"], "edited in place"
+    answers.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")  # still valid JSON, still the same key
+    caplog.set_level(logging.INFO)
+    assert main(["--output_dir", str(out), "--limit", "2"]) == 0
+    prov = json.loads((out / "results.json").read_text())["base"]["provenance"]
+    assert (prov["generated"], prov["reused"]) == (1, len(lines) - 1)
+    assert "1 stored answers set aside as stale" in caplog.text
+    preds = [json.loads(x)["prediction"] for x in (out / "base" / "predictions.jsonl").read_text().splitlines()]
+    assert "edited in place" not in preds and preds.count(original) >= 1
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+def test_resuming_another_runs_checkpoint_names_that_checkpoint(tmp_path):
+    from pipeline.errors import UsageError
+    from pipeline.training.identity import check_same_run
+
+    ckpt = tmp_path / "old-run" / "checkpoints" / "step-00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"run": {"learning_rate": 0.01}}))
+    with pytest.raises(UsageError) as e:  # named by path, from another run's folder
+        check_same_run(ckpt, {"learning_rate": 0.02}, tmp_path / "new-run")
+    assert str(e.value).startswith(f"--resume_from_checkpoint {ckpt} was written by a run with other settings")
+    assert "new-run" not in str(e.value) and "0.01 -> 0.02" in str(e.value)
+    with pytest.raises(UsageError, match="old-run holds a run with other settings"):  # found in its own folder
+        check_same_run(ckpt, {"learning_rate": 0.02}, tmp_path / "old-run")

@@ -133,10 +133,25 @@ def question_key(task: str, index: int, item: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ answers
-def read_answers(row_dir: Path, fp: str) -> tuple[dict, int]:
-    """({question key: prediction} stored under `fp` in every rank's answers file, answers stored under other
-    fingerprints). A line cut short by a kill is skipped."""
-    found, other = {}, 0
+def answer_sum(fp: str, key: str, prediction: str) -> str:
+    """The checksum a stored answer's line carries: an answer edited in place no longer matches it."""
+    text = json.dumps([fp, key, prediction], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stored:
+    """What the answers files of a row hold for one fingerprint."""
+
+    answers: dict  # question key -> prediction, under this fingerprint, checksum intact
+    other: int  # answers of other settings (adapter, model or generation)
+    stale: int  # questions whose only answers do not match their checksum (edited, or stored before lines had one)
+
+
+def read_answers(row_dir: Path, fp: str) -> Stored:
+    """The answers stored under `fp` in every rank's answers file. A line cut short by a kill is skipped; a line
+    whose checksum does not match is counted as stale and its question is asked again."""
+    found, other, stale = {}, 0, set()
     for f in sorted((row_dir / ANSWERS).glob("rank-*.jsonl")):
         for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
@@ -144,11 +159,13 @@ def read_answers(row_dir: Path, fp: str) -> tuple[dict, int]:
                 key, pred, rec_fp = rec["key"], rec["prediction"], rec["fp"]
             except (ValueError, KeyError, TypeError):
                 continue
-            if rec_fp == fp:
+            if rec_fp != fp:
+                other += 1
+            elif isinstance(pred, str) and rec.get("sum") == answer_sum(fp, key, pred):
                 found[key] = pred
             else:
-                other += 1
-    return found, other
+                stale.add(key)
+    return Stored(found, other, len(stale - found.keys()))  # an answer asked again since counts no more
 
 
 class AnswerLog:
@@ -164,7 +181,8 @@ class AnswerLog:
 
     def write(self, keys: list[str], predictions: list[str]) -> None:
         for k, p in zip(keys, predictions):
-            self.f.write(json.dumps({"fp": self.fp, "key": k, "prediction": p}, ensure_ascii=False) + "\n")
+            line = {"fp": self.fp, "key": k, "prediction": p, "sum": answer_sum(self.fp, k, p)}
+            self.f.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
 
@@ -219,7 +237,7 @@ def share(keyed: list, rank: int, world: int, prompt_length) -> list:
 
 def collect(items: dict, row_dir: Path, fp: str) -> dict:
     """task -> predictions in dataset order, from every rank's answers file (rank 0, after the last barrier)."""
-    stored, _ = read_answers(row_dir, fp)
+    stored = read_answers(row_dir, fp).answers
     out, missing = {}, []
     for task, its in items.items():
         keys = [question_key(task, i, it) for i, it in enumerate(its)]

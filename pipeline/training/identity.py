@@ -81,11 +81,17 @@ def check_same_run(ckpt: Path | None, identity: dict, output_dir) -> None:
     if old is None:
         return  # an older checkpoint: nothing to compare against (its run is resumed as before)
     diffs = differences(old, json.loads(json.dumps(identity, default=str)))
-    if diffs:
+    if not diffs:
+        return
+    if Path(ckpt).resolve().is_relative_to(Path(output_dir).resolve()):
         raise UsageError(f"{output_dir} holds a run with other settings (checkpoint {ckpt.name}): "
                          + "; ".join(diffs) + ". Resuming would continue that run's schedule under the new flags: "
                          "use another --output_dir, or --overwrite_output_dir to start this folder over (removes its "
                          "checkpoints, adapter and logs)")
+    # A checkpoint named by path, from another run's folder: that folder is the one to name, not the new one.
+    raise UsageError(f"--resume_from_checkpoint {ckpt} was written by a run with other settings: " + "; ".join(diffs)
+                     + ". Resuming would continue that run's schedule under the new flags: give that run's flags "
+                     "(its train_config.yaml, through --config), or leave out --resume_from_checkpoint to start anew")
 
 
 def clear_run_files(output_dir) -> list[str]:
