@@ -95,7 +95,7 @@ def measure(port: int, jobs: list, clients: int) -> tuple[float, list[float], li
 
 
 def questions() -> list[dict]:
-    from pipeline.evaluate import EvalConfig, plan_runs
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
 
     items = [it for its in plan_runs(EvalConfig(limit=8)).items.values() for it in its]
     return [{"url": "data:image/png;base64," + base64.b64encode(Path(it["image"]).read_bytes()).decode(),
@@ -168,8 +168,8 @@ def model_only(args) -> str:
     import torch
 
     from pipeline import defaults
-    from pipeline.evaluate import EvalConfig, plan_runs
     from pipeline.evaluation.generate import _load_image
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
     from pipeline.serving import mixed
     from pipeline.serving.bank import AdapterBank
 

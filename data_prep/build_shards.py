@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags
 from pipeline.core.m2pt import M2PTConfig
 from pipeline.data.shards import REJECTED, InputError, ShardBuildConfig, build
+from pipeline.defaults import load_text_side
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        m = build(ShardBuildConfig(**vars(args)))
+        m = build(ShardBuildConfig(**vars(args)), load_text_side(args.model))
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

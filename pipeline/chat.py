@@ -12,26 +12,21 @@ tests): greedy by default, so the answer is the one `pipeline.evaluate` generate
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.source import ModelSource, Runtime, resolve_device
 
 log = logging.getLogger("m2pt.chat")
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(Runtime, ModelSource):
     """The model to talk to and how it answers (every field is a flag)."""
 
-    model: str = field(default="tiny", metadata={"help": (
-        "Hugging Face llava folder, 'tiny' (the embedded demo's pretrained base) or 'tiny-random'")})
-    model_llm: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: Vicuna/Llama folder"})
-    model_vision: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: CLIP vision folder"})
-    mm_projector: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: stage-1 mm_projector.bin"})
     adapter: str | None = field(default=None, metadata={"help": (
         "a training artifact: an M2PT adapter, a PEFT LoRA adapter or a fully fine-tuned model folder")})
     allow_other_base: bool = field(default=False, metadata={"help": (
@@ -42,24 +37,20 @@ class ChatConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "tokens per answer at most"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy (deterministic); > 0: sampling"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
 
 
 def parse_args(argv=None):
-    from pipeline.cli import HelpFormatter, add_config_flags
+    from pipeline.cli import config_parser
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_config_flags(ap, ChatConfig)
-    return ap.parse_args(argv)
+    return config_parser(ChatConfig, __doc__).parse_args(argv)
 
 
 def load_model(cfg: ChatConfig):
     """(base, model, template): the adapter's files and recorded base are checked first, as `evaluate` does."""
-    from pipeline.evaluate import EvalConfig, _device, load_row, plan_rows
+    from pipeline.evaluation.runner import EvalConfig, load_row, plan_rows
 
-    ecfg = EvalConfig(model=cfg.model, model_llm=cfg.model_llm, model_vision=cfg.model_vision,
-                      mm_projector=cfg.mm_projector, adapter=[cfg.adapter] if cfg.adapter else None,
-                      allow_other_base=cfg.allow_other_base, device=_device(cfg.device))
+    ecfg = EvalConfig(**cfg.source(), adapter=[cfg.adapter] if cfg.adapter else None,
+                      allow_other_base=cfg.allow_other_base, device=resolve_device(cfg.device), dtype=cfg.dtype)
     rows, _ = plan_rows(ecfg)
     _, adapter, info = rows[0]  # the base row without --adapter, else the adapter's alone
     return load_row(ecfg, adapter, info)

@@ -74,6 +74,14 @@ def add_config_flags(parser, cls, include=None, exclude=(), aliases=None) -> Non
         parser.add_argument(*names, **kw)
 
 
+def config_parser(cls, description: str | None) -> argparse.ArgumentParser:
+    """The parser of an app whose flags are the fields of one config dataclass (evaluate, chat, serve): its module
+    docstring as the description, every field a flag."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_config_flags(parser, cls)
+    return parser
+
+
 def normalize_kebab_flags(argv: list[str], parser: argparse.ArgumentParser, renamed: dict | None = None) -> list[str]:
     """Rewrite deprecated spellings (`--image-root`, or a renamed flag) to the current one, with a warning on
     stderr; anything else is left for argparse to judge."""

@@ -25,7 +25,6 @@ fine-tuned models are not batched this way: serve a merged model with --model.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import socket
@@ -33,18 +32,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.source import ModelSource, Runtime, resolve_device, resolve_dtype
+
 log = logging.getLogger("m2pt.serve")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Runtime, ModelSource):
     """The base, the adapters, and how requests are batched and answered (every field is a flag)."""
 
-    model: str = field(default="tiny", metadata={"help": (
-        "Hugging Face llava folder, 'tiny' (the embedded demo's pretrained base) or 'tiny-random'")})
-    model_llm: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: Vicuna/Llama folder"})
-    model_vision: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: CLIP vision folder"})
-    mm_projector: str | None = field(default=None, metadata={"help": "LLaVA-v1 parts: stage-1 mm_projector.bin"})
     adapters: Path | None = field(default=None, metadata={"type": Path, "help": (
         "folder of M2PT adapters, one sub-folder each (the model name is the sub-folder's name); looked at again "
         "when a request names an unknown model")})
@@ -72,19 +68,14 @@ class ServeConfig:
         "decoded; the model sees it resized to the vision tower's input anyway)")})
     temperature: float = field(default=0.0, metadata={"help": (
         "when a request gives none (0: greedy, the answers `pipeline.evaluate` gives; the OpenAI API's default is 1)")})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu (default: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float16", "bfloat16", "float32"), "help": (
-        "weights and activations (auto: float16 on CUDA, float32 on CPU)")})
     log_level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error"), "help": (
         "server log level")})
 
 
 def parse_args(argv=None):
-    from pipeline.cli import HelpFormatter, add_config_flags
+    from pipeline.cli import config_parser
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_config_flags(ap, ServeConfig)
-    return ap.parse_args(argv)
+    return config_parser(ServeConfig, __doc__).parse_args(argv)
 
 
 def check(cfg: ServeConfig) -> None:
@@ -106,14 +97,11 @@ def check(cfg: ServeConfig) -> None:
 def load_bank(cfg: ServeConfig):
     import torch
 
-    from pipeline import defaults
-    from pipeline.evaluate import _device, _dtype
     from pipeline.serving.bank import AdapterBank
 
-    cfg.device = _device(cfg.device)
-    base = defaults.load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
-                              dtype=getattr(torch, _dtype(cfg)))
-    return AdapterBank(base, cfg.device, cfg.base_id)
+    device = resolve_device(cfg.device)
+    base = cfg.load_base(dtype=getattr(torch, resolve_dtype(cfg.dtype, device)))
+    return AdapterBank(base, device, cfg.base_id)
 
 
 def serve(cfg: ServeConfig) -> int:

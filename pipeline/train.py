@@ -60,7 +60,7 @@ def parse_args(argv=None) -> TrainConfig:
 def expected_visual_tokens(cfg: TrainConfig, m2pt_config: M2PTConfig) -> int | None:
     """Visual tokens per <image> this model and method will give, from the model's config alone (None for LLaVA-v1
     parts, whose config exists only once they are assembled)."""
-    if cfg.model_llm or cfg.model_vision or cfg.mm_projector:
+    if any(cfg.parts()):
         return None
     return visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config)
 
@@ -86,7 +86,7 @@ def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PT
     from pipeline.training.engine import check_engine_flags, ds_config
     from pipeline.training.records import check_trackers
 
-    defaults.check_model_source(cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)
+    cfg.check_source()
     check_engine_flags(cfg)
     check_trackers(trackers(cfg.report_to))
     if cfg.resume not in (None, "auto"):
@@ -142,8 +142,7 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     from pipeline.core import methods
     from pipeline.core.m2pt import load_adapter
 
-    base = defaults.load_base(cfg.model, llm=cfg.model_llm, vision=cfg.model_vision, mm_projector=cfg.mm_projector,
-                              attn=cfg.attn_implementation)
+    base = cfg.load_base(attn=cfg.attn_implementation)
     model = (load_adapter(base.model, cfg.init_adapter) if cfg.init_adapter
              else methods.apply(base.model, cfg.method, m2pt_config, cfg.lora, cfg.text_prompts))
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
@@ -452,7 +451,7 @@ def finish(state: TrainState) -> None:
         from pipeline.demo.sample_data import closing_table
 
         dist.barrier()  # the adapter is on disk before any rank reads it
-        table = closing_table(adapter_dir, state.out / "eval")
+        table = closing_table(adapter_dir, state.out / "eval", defaults.demo_sample())
         if table:
             print(table, end="", flush=True)
 
@@ -479,8 +478,7 @@ def train(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, stop) -> dict:
 # ------------------------------------------------------------------------------------------------- the app
 def uses_demo_data(cfg: TrainConfig) -> bool:
     """The embedded default: the demo model on the demo's sample set (no --train_shards)."""
-    return not cfg.train_shards and defaults.uses_demo_model(cfg.model, cfg.model_llm, cfg.model_vision,
-                                                             cfg.mm_projector)
+    return not cfg.train_shards and cfg.uses_demo_model()
 
 
 def set_threads(cfg: TrainConfig) -> None:

@@ -37,7 +37,7 @@ def test_prompt_prints_the_answer_evaluate_generates(tmp_path, adapter):
     out = tmp_path / "eval"
     assert main(["--output_dir", str(out), "--limit", "2", "--with_base", "--adapter", str(adapter),
                  "--names", "tuned"]) == 0
-    from pipeline.evaluate import EvalConfig, plan_runs
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
 
     items = [it for its in plan_runs(EvalConfig(limit=2)).items.values() for it in its]
     for row, extra in (("base", []), ("tuned", ["--adapter", str(adapter)])):
@@ -51,7 +51,7 @@ def test_prompt_prints_the_answer_evaluate_generates(tmp_path, adapter):
 
 
 def test_a_session_goes_on_after_a_missing_image_and_an_unknown_command(tmp_path):
-    from pipeline.evaluate import EvalConfig, plan_runs
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
 
     it = plan_runs(EvalConfig(limit=1)).items["sample_bigger"][0]
     session = (f"{it['question']}\n/image {tmp_path / 'missing.png'}\nAnd the other one?\n/reset\n/nope\n"

@@ -313,8 +313,9 @@ def test_old_kebab_case_flags_still_work_with_a_warning(tmp_path, capsys):
 
 def _init_then_wait(ready):
     from pipeline.data.shards import _init_worker
+    from pipeline.demo.tiny import tiny_text_side
 
-    _init_worker(None, 1000, None, 16, 512, True)
+    _init_worker(None, 1000, tiny_text_side(), 16, 512, True)
     ready.set()
     time.sleep(60)
 

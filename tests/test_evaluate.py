@@ -80,7 +80,7 @@ def test_mme_image_without_two_questions_is_an_error():
 
 
 def test_limit_keeps_mme_pairs_whole():
-    from pipeline.evaluate import limit_items
+    from pipeline.evaluation.runner import limit_items
 
     items = [{"scoring": "mme", "category": "c", "image_id": str(i // 2), "qid": str(i)} for i in range(10)]
     assert [it["qid"] for it in limit_items(items, 3)] == ["0", "1", "2", "3"]
@@ -198,12 +198,16 @@ def test_layout_errors_name_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------------- end to end (tiny)
 def test_evaluate_every_layout_and_rescore(eval_root, tmp_path):
-    from pipeline.evaluate import main, parse_args, run
+    from pipeline.evaluate import main, parse_args
+    from pipeline.evaluation.runner import EvalConfig, evaluate
 
     out = tmp_path / "out"
     args = parse_args(["--tasks", "mme,pope,textvqa,cifar10", "--data_root", str(eval_root), "--output_dir", str(out),
                        "--max_new_tokens", "4", "--batch_size", "3"])
-    res = run(args)
+    cfg = EvalConfig(**vars(args))
+    given = vars(cfg).copy()
+    res = evaluate(cfg)
+    assert vars(cfg) == given  # evaluate() leaves its config as it was given
     tasks = res["base"]["tasks"]
     assert set(tasks) == {"mme", "pope", "textvqa", "cifar10"}
     assert tasks["mme"]["subtasks"]["artwork"]["questions"] == 4 and tasks["pope"]["splits"]["random"]["questions"] == 3
@@ -362,7 +366,7 @@ def test_majority_baseline_answers_each_task_with_its_most_frequent_target():
 def test_a_held_out_set_of_text_only_records_evaluates(tmp_path):
     """Before: a batch without any image passed pixel_values=None, and transformers' generate ran the vision
     tower on it (AttributeError)."""
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.evaluation.runner import EvalConfig, evaluate
 
     recs = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"What is {i} plus one?"},
                                               {"from": "gpt", "value": str(i + 1)}]} for i in range(3)]

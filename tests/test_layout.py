@@ -86,6 +86,18 @@ def test_module_level_imports_form_no_cycle():
     assert cycles == []
 
 
+ENTRY_POINTS = {"pipeline.train", "pipeline.evaluate", "pipeline.chat", "pipeline.serve", "pipeline.compare",
+                "pipeline.pretrain_base"}
+
+
+def test_no_module_imports_an_entry_point_at_any_depth():
+    """The apps share libraries (pipeline/evaluation/runner.py, pipeline/source.py), never each other: imports inside
+    functions count too (chat and serve used to borrow evaluate's private helpers there)."""
+    found = {_module(f): sorted(m for m in _imports(f) if m in ENTRY_POINTS or m.rsplit(".", 1)[0] in ENTRY_POINTS)
+             for f in PIPELINE}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
 def test_a_run_on_your_own_model_loads_neither_the_demo_nor_data_prep():
     code = ("import sys, pipeline.train, pipeline.evaluate, pipeline.data.shards, pipeline.data.stream, "
             "pipeline.core.models, pipeline.training.checkpoint, pipeline.evaluation.scoring; "

@@ -106,7 +106,7 @@ def test_a_method_flag_that_contradicts_the_method_is_refused(shards, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["m2pt", "visual", "text", "projector", "lora", "full"])
 def test_each_method_runs_on_two_ranks_through_the_launcher_and_evaluates(shards, tmp_path, method):
-    from pipeline import evaluate
+    from pipeline.evaluation import runner as evaluate
 
     port = 29700 + ["m2pt", "visual", "text", "projector", "lora", "full"].index(method)
     cmd = deepspeed_cmd(2, port, *train_args(shards, tmp_path, "--method", method, "--max_steps", "3",

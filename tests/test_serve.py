@@ -51,8 +51,8 @@ def world(tmp_path_factory):
     from pipeline import defaults
     from pipeline.core.chat import VicunaTemplate
     from pipeline.core.m2pt import num_visual_tokens
-    from pipeline.evaluate import EvalConfig, plan_runs
     from pipeline.evaluation.generate import generate
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
 
     root = tmp_path_factory.mktemp("adapters")
     paths = {n: _make(root, n, c) for n, c in ADAPTERS.items()}

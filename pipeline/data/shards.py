@@ -1,7 +1,8 @@
 """Vision-Flan / LLaVA records + images -> validated WebDataset shards (+ manifest.json, rejected.jsonl).
 
-Library code: the CLI is data_prep/build_shards.py (flags generated from ShardBuildConfig below); the trainer
-calls `build(ShardBuildConfig(...))` for the embedded default.
+Library code: the CLI is data_prep/build_shards.py (flags generated from ShardBuildConfig below); the embedded
+default's shards are built by pipeline/demo/sample_data.py. Both call `build(ShardBuildConfig(...), text_side)` with
+the model's (tokenizer, config): this module resolves no model names.
 
 Every input record ends up either in a shard or as one line of rejected.jsonl with its file, index, id and a
 reason code, so `read = written + rejected` always holds (it is asserted before the manifest is written).
@@ -204,7 +205,7 @@ def _read_hf(p: Path) -> list[Job]:
 _worker: dict = {}  # worker state, set by _init_worker
 
 
-def _init_worker(image_root: str, max_pixels: int, model: str | None, image_tokens: int, max_length: int,
+def _init_worker(image_root: str, max_pixels: int, text_side: tuple, image_tokens: int, max_length: int,
                  in_pool: bool = False):
     import signal
 
@@ -216,10 +217,9 @@ def _init_worker(image_root: str, max_pixels: int, model: str | None, image_toke
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     from pipeline.core.chat import VicunaTemplate
-    from pipeline.defaults import load_text_side
 
     Image.MAX_IMAGE_PIXELS = None  # our own header check below is the guard; PIL's would raise a bare error
-    tok, cfg = load_text_side(model)
+    tok, cfg = text_side
     _worker.update(
         root=os.path.realpath(image_root) if image_root else None, max_pixels=max_pixels, max_length=max_length,
         template=VicunaTemplate(tok, cfg.image_token_id, image_tokens),
@@ -403,14 +403,12 @@ def _fingerprint(args, jobs_files: list[str]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _image_tokens(args) -> int:
+def _image_tokens(args, config) -> int:
     if args.image_tokens:
         return args.image_tokens
     from pipeline.core.m2pt import M2PTConfig, visual_tokens_for_config
-    from pipeline.defaults import load_text_side
 
-    _, cfg = load_text_side(args.model)
-    return visual_tokens_for_config(cfg, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
+    return visual_tokens_for_config(config, M2PTConfig(visual_prompt_length=args.visual_prompt_length,
                                                visual_token_mode=args.visual_token_mode))
 
 
@@ -475,9 +473,9 @@ def _pending_jobs(jobs: list[Job], order: list[int], done: int):
         yield job
 
 
-def _results(cfg: ShardBuildConfig, todo):
+def _results(cfg: ShardBuildConfig, todo, text_side: tuple):
     """Processed records in input order (so the output does not depend on --workers), and the pool to end."""
-    init = (cfg.image_root, cfg.max_image_pixels, cfg.model, cfg.image_tokens, cfg.model_max_length)
+    init = (cfg.image_root, cfg.max_image_pixels, text_side, cfg.image_tokens, cfg.model_max_length)
     if cfg.workers > 1:
         import multiprocessing as mp
 
@@ -533,13 +531,15 @@ class _BuildWriter:
         self.rej_f.close()
 
 
-def build(args: ShardBuildConfig) -> dict:
-    """Run a build; returns the manifest. Raises InputError for unreadable input or bad settings."""
+def build(args: ShardBuildConfig, text_side: tuple) -> dict:
+    """Run a build; returns the manifest. `text_side`: (tokenizer, LlavaConfig) of `args.model`, which the lengths
+    are measured with (the caller resolves the model name: this library knows no model names). Raises InputError
+    for unreadable input or bad settings."""
     from tqdm import tqdm
 
     t0 = time.time()
     args.check()
-    args.image_tokens = _image_tokens(args)
+    args.image_tokens = _image_tokens(args, text_side[1])
     jobs = read_inputs(args.input)
     order = list(range(len(jobs)))
     if args.shuffle:
@@ -552,7 +552,7 @@ def build(args: ShardBuildConfig) -> dict:
         log.info("%s is already complete for these arguments; nothing to do", out)
         return state
     writer = _BuildWriter(out, args, state)
-    results, pool = _results(args, _pending_jobs(jobs, order, state["records_done"]))
+    results, pool = _results(args, _pending_jobs(jobs, order, state["records_done"]), text_side)
     bar = tqdm(total=len(jobs), initial=writer.done, unit="rec", desc="shards", dynamic_ncols=True,
                disable=args.quiet or None)
     try:

@@ -122,11 +122,12 @@ def build_sample_shards(sample: Path, output: Path, visual_prompt_length: int = 
     visual-prompt settings only set the token count the lengths are measured with; the records and their order do
     not change."""
     from pipeline.data.shards import ShardBuildConfig, build
+    from pipeline.demo.tiny import tiny_text_side
 
     build(ShardBuildConfig(input=[str(Path(sample) / "train.json")], image_root=str(sample), output=str(output),
                            samples_per_shard=256, shuffle=True, workers=2, model_max_length=model_max_length,
                            quiet=True, visual_prompt_length=visual_prompt_length, visual_token_mode=visual_token_mode,
-                           overwrite=True))
+                           overwrite=True), tiny_text_side())
     return Path(output)
 
 
@@ -168,15 +169,13 @@ SAMPLE_TASKS = {name: Task(name, "yes_no" if name == "sample_pope" else "accurac
 SCORING = {name: t.scoring for name, t in SAMPLE_TASKS.items()}
 
 
-def closing_table(adapter: Path, output_dir: Path) -> str | None:
+def closing_table(adapter: Path, output_dir: Path, sample: Path) -> str | None:
     """The table that ends a training run on the embedded default: the majority answer, the un-tuned base and the
     new adapter on the held-out task types (zero-shot) and on fresh records of the training task types. Every rank
     of a multi-rank run calls it and answers its share; rank 0 gets the table, the others None."""
-    from pipeline import defaults
-    from pipeline.evaluate import EvalConfig, evaluate
+    from pipeline.evaluation.runner import EvalConfig, evaluate
     from pipeline.evaluation.scoring import markdown_table
 
-    sample = defaults.demo_sample()
     res = evaluate(EvalConfig(adapter=[str(adapter)], with_base=True, data_root=sample, output_dir=output_dir,
                               tasks=f"{DEFAULT_TASKS},{VAL_TASK}={sample / 'val.json'}"))
     if not res:

@@ -23,6 +23,7 @@ from pipeline.core.m2pt import M2PTConfig
 from pipeline.core.methods import FIXED_LENGTHS, METHODS, PROMPT_METHODS, LoraSettings
 from pipeline.defaults import REPO, TRAIN_OUTPUT
 from pipeline.errors import UsageError
+from pipeline.source import ModelSource
 
 M2PT_FLAGS = tuple(f.name for f in fields(M2PTConfig) if f.name != "seed")  # the prompt init is seeded by --seed
 # Other spellings of the same flag: the reference M2PT scripts' and LLaVA's (docs/llava_flags.md has the whole table).
@@ -46,19 +47,13 @@ def _f(group: str, default, help: str, **meta):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelSource):
     """One training run (pipeline/train.py); `m2pt_flags` (the M2PT flags as given), `lora` and `explicit` are
-    filled by `parse_args`."""
+    filled by `parse_args`. The model flags come from ModelSource (pipeline/source.py), shared with every app."""
 
     # model
     config: str | None = _f("model", None, "a YAML or JSON file of flags (keys as --help spells them); flags given "
                             "here override it. Every run writes its own as OUTPUT/train_config.yaml")
-    model: str = _f("model", "tiny", "Hugging Face llava folder (llava-hf layout), 'tiny' (the embedded demo's "
-                    "pretrained base) or 'tiny-random' (the same architecture, random weights)")
-    model_llm: str | None = _f("model", None, "LLaVA-v1 parts: Vicuna/Llama folder")
-    model_vision: str | None = _f("model", None, "LLaVA-v1 parts: CLIP vision tower folder")
-    mm_projector: str | None = _f("model", None, "LLaVA parts: stage-1 mm_projector.bin (LLaVA-v1 linear or "
-                                  "LLaVA-1.5 mlp2x_gelu, told apart by its tensors)")
     attn_implementation: str = _f("model", "auto", "auto: flash_attention_2 when CUDA + flash-attn are present, "
                                   "else sdpa", choices=("auto", "flash_attention_2", "sdpa", "eager"))
     init_adapter: str | None = _f("model", None, "start from this adapter's prompts/projector (and its config)")
