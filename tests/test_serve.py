@@ -173,10 +173,16 @@ def server(world, tmp_path_factory):
     root, _, items, _ = world
     log = tmp_path_factory.mktemp("log") / "serve.log"
     image_root = os.path.dirname(items[0]["image"])
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--adapters", str(root), "--port", "0",
-                             "--image_root", image_root, "--api_key", "sesame", "--max_batch_size", "16"],
-                            env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:  # the server goes, also when it failed to start or a test failed
+    yield from _running_server(log, "--adapters", str(root), "--image_root", image_root, "--api_key", "sesame",
+                               "--max_batch_size", "16")
+
+
+def _running_server(log, *flags):
+    """(process, port, log) of `python -m pipeline.serve FLAGS` on a free port, once it has started; the server
+    goes afterwards, also when it failed to start or a test failed."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--port", "0", *flags], env=ENV,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
         port = None
         for _ in range(600):
             text = log.read_text()
@@ -339,24 +345,9 @@ def strict_server(world, tmp_path):
         shutil.copytree(paths[name], adapters / name)
     shutil.copytree(paths["a"], adapters / "base")  # takes the base's name: not served, logged once
     (adapters / "notes").mkdir()  # no adapter in it: logged once
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--adapters", str(adapters), "--port", "0",
-                             "--max_request_mb", "1"], env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:
-        port = None
-        for _ in range(600):
-            text = log.read_text()
-            if "Application startup complete" in text:
-                port = int(text.split("http://127.0.0.1:")[1].split("/")[0])
-                break
-            assert proc.poll() is None, text[-3000:]
-            time.sleep(0.2)
-        assert port, log.read_text()[-3000:]
+    for proc, port, log in _running_server(tmp_path / "serve.log", "--adapters", str(adapters), "--max_request_mb",
+                                           "1"):
         yield proc, port, log, adapters
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _post(port, body, headers=None, raw=None):
