@@ -118,8 +118,10 @@ class AdapterFolder:
                 folder = self.root / name
                 if folder.is_dir():
                     self._sync(name, folder)
-                elif name in self.loaded:
-                    self._drop(name, "its folder is gone")
+                else:  # gone: a 404 now, whether it was served or refused
+                    self.failed.pop(name, None)
+                    if name in self.loaded:
+                        self._drop(name, "its folder is gone")
         found = self.bank.get(name)
         if found is None and name in self.failed:
             raise RequestError(400, f"model {name!r} does not fit the base: {self.failed[name][1]}",
