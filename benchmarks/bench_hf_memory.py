@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def image_dataset(n: int, size: int = 128, seed: int | None = None):
     """(Dataset, {id: encoded bytes}): n records with an HF `Image` column of noise images, 2 of 3 JPEG and 1 of 3
-    PNG, stored as `datasets` stores them (bytes inside). Also the tests' data (tests/test_data_prep.py)."""
+    PNG, stored as `datasets` stores them (bytes inside). Also the tests' data (tests/data/test_data_prep.py)."""
     import datasets
     import numpy as np
     from PIL import Image

@@ -4,6 +4,6 @@ pipeline/demo/compare/."""
 import sys
 
 if __name__ == "__main__":
-    from pipeline.demo.compare import main
+    from pipeline.demo.compare.app import main
 
     sys.exit(main())

@@ -16,7 +16,9 @@ DATA_HOME = Path(os.environ.get("M2PT_DATA", REPO / "data"))  # where the embedd
 TRAIN_OUTPUT = REPO / "out" / "default"
 EVAL_OUTPUT = REPO / "out" / "eval"
 
-TINY, TINY_RANDOM = "tiny", "tiny-random"  # --model names of the embedded demo model (pipeline/demo/tiny.py)
+# --model names of the embedded demo model; pipeline/demo/tiny.py records the same ones as the base's name
+# (tests/demo/test_base.py checks both agree: spelled twice so that neither module imports the other).
+TINY, TINY_RANDOM = "tiny", "tiny-random"
 DEMO_MODELS = (None, "", TINY, TINY_RANDOM)  # None / "": no --model given (the apps' default is "tiny")
 
 
@@ -52,7 +54,7 @@ def load_base(model=None, llm=None, vision=None, mm_projector=None, dtype=None, 
     if uses_demo_model(model, llm, vision, mm_projector):
         from pipeline.demo.tiny import load_tiny
 
-        return load_tiny(model or TINY, dtype=dtype, attn=attn, seed=seed)
+        return load_tiny(pretrained=model != TINY_RANDOM, dtype=dtype, attn=attn, seed=seed)
     from pipeline.core.models import load_base as load
 
     return load(_folder(model), llm, vision, mm_projector, dtype=dtype, attn=attn)

@@ -11,6 +11,7 @@ process, and ends with a zero-shot table.
   parse_args       the flags (pipeline/training/config.py: TrainConfig)
   start_up_checks  everything that can be checked before the model loads (a 7B takes minutes): the DeepSpeed
                    config, one run per output folder, the model's files, the method, the shards -> a RunPlan
+                   (training/plan.py)
   setup            model + method, engine (training/engine.py), resume (training/checkpoint.py), data loader
                    (data/stream.py)
   train_loop       train_step (the loss normalisation; the forward is core/step.py), a metrics line every
@@ -25,115 +26,43 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import defaults
-from pipeline.core.m2pt import M2PTConfig, num_visual_tokens, visual_tokens_for_config
+from pipeline import defaults, launcher
+from pipeline.core.m2pt import M2PTConfig, num_visual_tokens
 from pipeline.core.methods import unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
 from pipeline.training import elastic
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
-from pipeline.training.config import TrainConfig, resolve_m2pt_config, trackers
+from pipeline.training.config import TrainConfig, trackers
 from pipeline.training.config import parse_args as _parse_args
-from pipeline.training.elastic import SavedLayout
-from pipeline.training.identity import run_identity, same_run_or_start_over
+from pipeline.training.loader import rank_loader
+from pipeline.training.plan import RunPlan, check_visual_tokens, count_steps, start_up_checks
 from pipeline.training.records import MetricsWriter, check_bad_samples, global_counts, peak_memory_mb, write_run_state
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from tqdm import tqdm
+
+    from pipeline.core.flops import FlopModel
+    from pipeline.core.models import Base
 
 log = logging.getLogger("m2pt.train")
 
 
 def parse_args(argv=None) -> TrainConfig:
     return _parse_args(argv, description=__doc__)
-
-
-# ----------------------------------------------------------------------------------------------- start-up checks
-def expected_visual_tokens(cfg: TrainConfig, m2pt_config: M2PTConfig) -> int | None:
-    """Visual tokens per <image> this model and method will give, from the model's config alone (None for LLaVA-v1
-    parts, whose config exists only once they are assembled)."""
-    if any(cfg.parts()):
-        return None
-    return visual_tokens_for_config(defaults.load_text_side(cfg.model)[1], m2pt_config)
-
-
-@dataclass
-class RunPlan:
-    """What the start-up checks resolved: the filled DeepSpeed config, the method's config, the shards."""
-
-    ds_config: dict
-    m2pt_config: M2PTConfig
-    shards: object  # pipeline.data.stream.ShardSet
-    identity: dict  # the settings that make this run this run (pipeline/training/identity.py)
-    ckpt: Path | None  # the checkpoint to resume (None: a fresh start, also after --overwrite_output_dir)
-    saved: SavedLayout | None  # the rank count, data slots and batch of the run that wrote it
-    data_slots: int  # the streams the data is read in (data/stream.py), fixed for the whole run
-
-    def changes_world(self, world: int) -> bool:
-        return self.saved is not None and self.saved.world != world
-
-
-def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
-    from pipeline.training.checkpoint import find_resume
-    from pipeline.training.engine import check_engine_flags, ds_config
-    from pipeline.training.records import check_trackers
-
-    cfg.check_source()
-    check_engine_flags(cfg)
-    check_trackers(trackers(cfg.report_to))
-    if cfg.resume not in (None, "auto"):
-        find_resume(cfg.output_dir, cfg.resume)  # a damaged checkpoint: one line naming what is missing
-    return ds_config(cfg.deepspeed, cfg, world), resolve_m2pt_config(cfg)
-
-
-def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
-    """Everything that can be checked without loading the model, before it loads: the output-folder lock, the
-    model's files, the scheduler and precision, the DeepSpeed config, the method, the shards (built first on the
-    default) and what their manifests say, and that the folder holds no run of other settings."""
-    from pipeline.data.stream import resolve_shards
-    from pipeline.training.checkpoint import find_resume
-
-    def local():
-        if rank == 0:
-            lock.acquire()
-        return _check_flags_against_files(cfg, world)
-
-    ds_cfg, m2pt_config = pdist.agree_on(local)
-    visual_tokens = pdist.agree_on(lambda: expected_visual_tokens(cfg, m2pt_config))
-    spec = cfg.train_shards
-    if not spec:  # the demo's shards, measured with this run's visual-token count (one folder per count)
-        folder = defaults.demo_shards_dir(visual_tokens)
-        pdist.agree_on(lambda: defaults.build_demo_shards(
-            folder, m2pt_config.visual_prompt_length, m2pt_config.visual_token_mode, cfg.model_max_length)
-            if rank == 0 else None)
-        spec = str(folder)
-    shards = pdist.agree_on(lambda: resolve_shards(spec, verify_sha256=cfg.verify_shards and rank == 0))
-    pdist.agree_on(lambda: _check_shards_fit(cfg, visual_tokens, shards, world))
-    ckpt = None if cfg.overwrite_output_dir else pdist.agree_on(lambda: find_resume(cfg.output_dir, cfg.resume))
-    saved = pdist.agree_on(lambda: elastic.saved_layout(ckpt)) if ckpt else None
-    if saved is not None:
-        pdist.agree_on(lambda: elastic.check_world_change(cfg, world, saved, ckpt))
-    slots = pdist.agree_on(lambda: elastic.plan_data_slots(cfg, world, saved))
-    identity = run_identity(cfg, m2pt_config, world, shards, slots)
-    pdist.agree_on(lambda: same_run_or_start_over(cfg, identity, ckpt) if rank == 0 else None)
-    return RunPlan(ds_cfg, m2pt_config, shards, identity, ckpt, saved, slots)
-
-
-def _check_shards_fit(cfg: TrainConfig, visual_tokens: int | None, shards, world: int) -> None:
-    """What the manifests say, checked before the model loads: enough samples for one optimizer step, and lengths
-    measured for at least this model's visual tokens (LLaVA-v1 parts: checked once the model is built)."""
-    if shards.total is not None:
-        count_steps(cfg, shards.total, world)
-    if visual_tokens is not None:
-        check_visual_tokens(shards, visual_tokens)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -144,7 +73,7 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
 
     base = cfg.load_base(attn=cfg.attn_implementation)
     model = (load_adapter(base.model, cfg.init_adapter) if cfg.init_adapter
-             else methods.apply(base.model, cfg.method, m2pt_config, cfg.lora, cfg.text_prompts))
+             else methods.get(cfg.method).apply(base.model, m2pt_config, cfg.lora, cfg.text_prompts))
     model.train()  # from_pretrained returns eval mode; dropout / checkpointing act only in train mode
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -159,28 +88,6 @@ def build_model(cfg: TrainConfig, m2pt_config: M2PTConfig, rank: int):
     return base, model, n_train, n_total
 
 
-def check_visual_tokens(shards, n: int) -> None:
-    """Shards record the visual tokens per <image> their lengths were measured with; a model that expands an
-    image into `n`, more, would train on sequences the --model_max_length check never saw. Fewer is fine (the check
-    was stricter than needed): e.g. --method text on shards built for M2PT's visual prompts."""
-    bad = {m: v for m, v in shards.num_visual_tokens.items() if v is not None and v < n}
-    if bad:
-        manifest, v = next(iter(bad.items()))
-        raise UsageError(f"{manifest} was built for {v} visual tokens per image, but this model and M2PT config give "
-                         f"{n}: rebuild the shards with the same --visual_prompt_length / --visual_token_mode / "
-                         "--model, or train with the settings they were built for")
-
-
-def count_steps(cfg: TrainConfig, n_samples: int, world: int) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps)."""
-    per_step = world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    steps_per_epoch = n_samples // per_step
-    if steps_per_epoch == 0:
-        raise UsageError(f"{n_samples} samples are fewer than one optimizer step needs ({per_step})")
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    return steps_per_epoch, total
-
-
 # --------------------------------------------------------------------------------------------------- setup
 @dataclass
 class TrainState:
@@ -189,23 +96,23 @@ class TrainState:
     cfg: TrainConfig
     rank: int
     world: int
-    device: object
+    device: torch.device
     dtype: torch.dtype
     out: Path
-    base: object  # pipeline.core.models.Base
-    engine: object  # deepspeed.DeepSpeedEngine
-    scheduler: object
+    base: Base
+    engine: DeepSpeedEngine
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     checkpointer: Checkpointer
     progress: TrainingProgress
     metrics: MetricsWriter
-    loader: object
-    bar: object
+    loader: Iterator[dict] | None  # batches; set last by `setup` (its worker processes must be stopped on exit)
+    bar: tqdm
     n_samples: int
     steps_per_epoch: int
     total_steps: int
     run_id: str
-    flop_model: object  # pipeline.core.flops.FlopModel
-    peak_tflops: float
+    flop_model: FlopModel
+    peak_tflops: float | None
     window: Counter = field(default_factory=Counter)
     t_window: float = field(default_factory=time.time)
 
@@ -229,32 +136,6 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
     from pipeline.training.config import CONFIG_FILE
 
     (state.out / CONFIG_FILE).write_text(yaml.safe_dump(state.cfg.as_config_file(plan.m2pt_config), sort_keys=False))
-
-
-def _stream(cfg: TrainConfig, plan: RunPlan, base, model, progress: TrainingProgress, rank: int, world: int):
-    from pipeline.core.chat import VicunaTemplate
-    from pipeline.data.stream import Preprocess, ShardStream
-
-    template = VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
-    return ShardStream(plan.shards.paths, rank=rank, world=world, seed=cfg.seed,
-                       batch_size=cfg.per_device_train_batch_size,
-                       preprocess=Preprocess(template, base.image_processor, cfg.model_max_length),
-                       pad_id=base.tokenizer.pad_token_id, shuffle_buffer=cfg.shuffle_buffer,
-                       start=progress.cursors, counts=plan.shards.counts,
-                       group_batches=cfg.length_group_batches if cfg.group_by_length else 0,
-                       nslots=plan.data_slots, first_batch=progress.step * cfg.gradient_accumulation_steps)
-
-
-def _loader(cfg: TrainConfig, plan: RunPlan, stream, rank: int, world: int):
-    """The rank's data loader: worker processes that each read whole data slots."""
-    from pipeline.training.run_control import quiet_worker
-
-    workers = elastic.loader_workers(plan.data_slots // world, cfg.dataloader_num_workers)
-    if workers != cfg.dataloader_num_workers and rank == 0:
-        log.info("%d loader worker(s) per rank instead of %d: each reads whole data slots, and a rank has %d",
-                 workers, cfg.dataloader_num_workers, plan.data_slots // world)
-    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                            worker_init_fn=quiet_worker if workers else None))
 
 
 def _announce(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_total: int, peak_from: str) -> None:
@@ -309,7 +190,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     if rank == 0:
         _announce(state, plan, ckpt, model, n_train, n_total, peak_from)
     # Last: once its worker processes exist, every exit path must stop them (train()'s finally; see close_loader).
-    state.loader = _loader(cfg, plan, _stream(cfg, plan, base, model, progress, rank, world), rank, world)
+    state.loader = rank_loader(cfg, plan, base, model, progress, rank, world)
     return state
 
 
@@ -448,12 +329,26 @@ def finish(state: TrainState) -> None:
         state.bar.close()  # the bar's last line before the summary, not after the table
         print(_summary(counts, state.progress.step, adapter_dir), flush=True)
     if uses_demo_data(state.cfg) and state.cfg.final_eval:
-        from pipeline.demo.sample_data import closing_table
-
         dist.barrier()  # the adapter is on disk before any rank reads it
         table = closing_table(adapter_dir, state.out / "eval", defaults.demo_sample())
         if table:
             print(table, end="", flush=True)
+
+
+def closing_table(adapter: Path, output_dir: Path, sample: Path) -> str | None:
+    """The table that ends a run on the embedded default: the majority answer, the un-tuned base and the new adapter
+    on the held-out task types (zero-shot) and on fresh records of the training task types. Every rank answers its
+    share; rank 0 gets the table, the others None."""
+    from pipeline.demo.sample_data import DEFAULT_TASKS, TITLES, VAL_TASK
+    from pipeline.evaluation.runner import EvalConfig, evaluate
+    from pipeline.evaluation.scoring import markdown_table
+
+    res = evaluate(EvalConfig(adapter=[str(adapter)], with_base=True, data_root=sample, output_dir=output_dir,
+                              tasks=f"{DEFAULT_TASKS},{VAL_TASK}={sample / 'val.json'}"))
+    if not res:
+        return None
+    return ("zero-shot on the held-out task types of the sample set (and the training task types' validation "
+            "records, for comparison):\n" + markdown_table(res, TITLES))
 
 
 def train(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, stop) -> dict:
@@ -484,7 +379,7 @@ def uses_demo_data(cfg: TrainConfig) -> bool:
 def set_threads(cfg: TrainConfig) -> None:
     """Intra-op threads per rank. The embedded default runs on one unless told otherwise: float sums differ with
     the thread count, and its closing table must not depend on how busy the machine is."""
-    n, why = pdist.intra_op_threads(cfg.num_threads, pdist.local_world_size())
+    n, why = launcher.intra_op_threads(cfg.num_threads, launcher.local_world_size())
     if why not in ("--num_threads", "OMP_NUM_THREADS") and uses_demo_data(cfg):
         n, why = 1, "the embedded default: reproducible numbers (--num_threads to change)"
     torch.set_num_threads(n)

@@ -5,7 +5,7 @@
 #   on the GPU:   bash scripts/gpu_check.sh                 # device tool: carry [".whl"], timeout_s 540
 #
 # 1. installs the carried wheels into /tmp/site (the image has torch with CUDA but no DeepSpeed or WebDataset);
-# 2. the CUDA-marked tests (tests/test_cuda.py): bf16 training through DeepSpeed on CUDA against the CPU fp32 run,
+# 2. the CUDA-marked tests (tests/training/test_cuda.py): bf16 training through DeepSpeed on CUDA against the CPU fp32 run,
 #    and which SDPA kernel a prompted, padded batch gets;
 # 3. benchmarks/bench_step.py --shape 7b: the real trainer's step (CLIP-L/336 + Vicuna-7B shapes, bf16, random
 #    weights) against the stock frozen floor, with model TFLOP/s, MFU and peak memory;
@@ -34,7 +34,7 @@ deepspeed.__version__)"
 } > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 t0=$(date +%s)
-timeout 330 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
+timeout 330 $PY -m pytest -q -m cuda -p no:cacheprovider tests/training/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
 t1=$(date +%s)
 timeout 200 $PY benchmarks/bench_step.py --shape 7b --rounds 3 --variants project,floor --device cuda \
   --append "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench.log"

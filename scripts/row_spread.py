@@ -3,7 +3,7 @@
 Why: the row is a float result after 1,830 steps. Each run is bit-repeatable on its own machine (one thread), but
 another CPU's kernels round differently (AVX-512 vs AVX2 moved it by up to 6 points), and that difference grows
 over the steps like a change of seed does. So the README shows one machine's row and, beside it, the range this
-script measures; tests/test_train.py checks that a run lands inside the README's band.
+script measures; tests/training/test_train.py checks that a run lands inside the README's band.
 
     .venv/bin/python scripts/row_spread.py --seeds 42 0 1 2 3 --isas native avx512 avx2 --jobs 2 \\
         --out docs/default_row_spread.json

@@ -57,7 +57,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 unset RANK WORLD_SIZE LOCAL_RANK
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The accelerator is chosen at run time by DeepSpeed (CUDA with NCCL on GPU nodes, CPU with gloo elsewhere), so
-# this exact file also runs on the CPU-only test cluster in tests/test_slurm.py.
+# this exact file also runs on the CPU-only test cluster in tests/training/test_slurm.py.
 
 args=()
 [ -n "${CONFIG:-}" ] && args+=(--config "$CONFIG")

@@ -83,7 +83,7 @@ class FlopModel:
             proj_flops_per_token=sum(m.in_features * m.out_features for m in lin),
             d_t=tc.hidden_size, d_kv=getattr(tc, "num_key_value_heads", heads) * head_dim,
             i_t=tc.intermediate_size, text_layers=tc.num_hidden_layers, vocab=tc.vocab_size,
-            pt=m2.text_prompt_length if m2 else 0, prefix=getattr(model, "m2pt_text_form", None) == "prefix",
+            pt=m2.text_prompt_length if m2 else 0, prefix=m2 is not None and model.m2pt.text_form == "prefix",
             train_projector=any(p.requires_grad for p in proj.parameters()),
             train_lm_head=model.get_output_embeddings().weight.requires_grad,
             train_all=any(p.requires_grad for n, p in language_model(model).named_parameters() if "lora_" not in n))

@@ -136,6 +136,7 @@ class M2PTPrompts(nn.Module):
         pv, pt = cfg.visual_prompt_length, cfg.text_prompt_length
         self.vision_prompts = PromptList(_init_prompt(n_vision if pv else 0, pv, d_vision, gen))
         self.text_prompts = PromptList(_init_prompt(n_text if pt else 0, pt, d_text, gen))
+        self.text_form: str | None = None  # how the LLM runs them: "prefix" or "slots" (attach_m2pt sets it)
 
 
 class _LMState:
@@ -349,9 +350,9 @@ def attach_m2pt(model, cfg: M2PTConfig, text_prompts: str = "auto"):
         head.requires_grad_(True)
 
     model.m2pt_config = cfg
-    model.m2pt_text_form = text_prompt_form(model, text_prompts) if len(prompts.text_prompts) else None
+    prompts.text_form = text_prompt_form(model, text_prompts) if len(prompts.text_prompts) else None
     model._m2pt_hooks = ((_install_vision_hooks(model, prompts, cfg) if len(prompts.vision_prompts) else [])
-                         + (_install_text_hooks(model, prompts, cfg, model.m2pt_text_form)
+                         + (_install_text_hooks(model, prompts, cfg, prompts.text_form)
                             if len(prompts.text_prompts) else []))
     return model
 
@@ -412,23 +413,22 @@ def format_parameter_table(model) -> str:
     return "\n".join(lines)
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """Adapter tensors under their adapter-file names (the layout: `save_adapter`'s docstring). Only trainables;
-    nothing frozen."""
-    cfg: M2PTConfig = model.m2pt_config
-    out = {}
-    for i, p in enumerate(model.m2pt.vision_prompts):
-        out[f"vision_prompts.{i}"] = p
-    for j, p in enumerate(model.m2pt.text_prompts):
-        out[f"text_prompts.{j}"] = p
+def adapter_tensors(prompts, cfg: M2PTConfig, proj: nn.Module, lm_head: torch.Tensor | None) -> dict:
+    """The adapter file's tensors by name - its one layout, for a model with prompts attached (adapter_state_dict)
+    and for the serving bank's adapters alike. keep_vars: the Parameters themselves, not detached copies, so callers
+    can map them (e.g. to ZeRO-3's gathered fp32 masters by identity) and copy_adapter_tensors can load into them."""
+    out = {f"vision_prompts.{i}": p for i, p in enumerate(prompts.vision_prompts)}
+    out |= {f"text_prompts.{j}": p for j, p in enumerate(prompts.text_prompts)}
     if cfg.tune_projector:
-        # keep_vars: the Parameters themselves, not detached copies, so callers can map them (e.g. to ZeRO-3's
-        # gathered fp32 masters by identity) and load_adapter can copy into them.
-        for k, v in projector(model).state_dict(keep_vars=True).items():
-            out[f"projector.{k}"] = v
+        out |= {f"projector.{k}": v for k, v in proj.state_dict(keep_vars=True).items()}
     if cfg.tune_lm_head:
-        out["lm_head.weight"] = model.get_output_embeddings().weight
+        out["lm_head.weight"] = lm_head
     return out
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a model with M2PT attached (only trainables; nothing frozen)."""
+    return adapter_tensors(model.m2pt, model.m2pt_config, projector(model), model.get_output_embeddings().weight)
 
 
 def _adapter_meta(model, cfg: M2PTConfig, base_name: str | None) -> dict:
@@ -441,6 +441,8 @@ def _adapter_meta(model, cfg: M2PTConfig, base_name: str | None) -> dict:
     return {
         "method": METHOD,
         "m2pt_config": asdict(cfg),
+        # how the LLM ran the textual prompts in training (the same function either way; a loader may choose)
+        "text_prompt_form": model.m2pt.text_form,
         "base_model": base_name or getattr(model, "m2pt_base", "") or getattr(model.config, "_name_or_path", ""),
         "vision": {"num_layers": vcfg.num_hidden_layers, "hidden_size": vcfg.hidden_size,
                    "num_prompt_layers": len(model.m2pt.vision_prompts), "model_type": vcfg.model_type},

@@ -11,7 +11,7 @@ Vicuna-width step although only the answer tokens carry labels) and splices the 
   ─ rows whose next token is supervised ─ lm_head + cross-entropy in chunks (`linear_cross_entropy`)
 
 The loss keeps its semantics (sum over supervised tokens / the step's supervised-token count, see
-`train.backprop_scale`) and equals the full-logits path to float rounding (tests/test_step.py).
+`train.backprop_scale`) and equals the full-logits path to float rounding (tests/core/test_step.py).
 
 Why the LLM still runs through the engine's own forward: DeepSpeed registers its backward prologue (ZeRO's reduction
 bookkeeping, gradient-accumulation boundary) on the tensors the engine *returns*; a loss that does not flow through

@@ -167,18 +167,3 @@ SAMPLE_TASKS = {name: Task(name, "yes_no" if name == "sample_pope" else "accurac
                            lambda root, coco, name=name: load_sample(name, root), TITLES[name])
                 for name in HELDOUT_NAMES}
 SCORING = {name: t.scoring for name, t in SAMPLE_TASKS.items()}
-
-
-def closing_table(adapter: Path, output_dir: Path, sample: Path) -> str | None:
-    """The table that ends a training run on the embedded default: the majority answer, the un-tuned base and the
-    new adapter on the held-out task types (zero-shot) and on fresh records of the training task types. Every rank
-    of a multi-rank run calls it and answers its share; rank 0 gets the table, the others None."""
-    from pipeline.evaluation.runner import EvalConfig, evaluate
-    from pipeline.evaluation.scoring import markdown_table
-
-    res = evaluate(EvalConfig(adapter=[str(adapter)], with_base=True, data_root=sample, output_dir=output_dir,
-                              tasks=f"{DEFAULT_TASKS},{VAL_TASK}={sample / 'val.json'}"))
-    if not res:
-        return None
-    return ("zero-shot on the held-out task types of the sample set (and the training task types' validation "
-            "records, for comparison):\n" + markdown_table(res, TITLES))

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from pipeline.core.models import Base, clip_image_processor, log_skipped_vision_layers, pick_attn_implementation
-from pipeline.defaults import TINY, TINY_RANDOM
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# The names this model goes by. pipeline/defaults.py (TINY, TINY_RANDOM) resolves the same --model names to it
+# without importing the demo; tests/demo/test_base.py checks that both agree.
+NAME, RANDOM_NAME = "tiny", "tiny-random"
 TINY_WEIGHTS = ASSETS / "tiny_base.safetensors"  # + tiny_base.json: command, seed, sha256, losses, scores
 
 
@@ -75,7 +77,7 @@ def build_tiny(seed: int = 0, attn: str = "sdpa", pretrained: bool = True, weigh
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
-    model.m2pt_base = TINY if pretrained else TINY_RANDOM
+    model.m2pt_base = NAME if pretrained else RANDOM_NAME  # recorded in the adapters trained on it
     return Base(model, tok, clip_image_processor(32), model.m2pt_base)
 
 
@@ -114,10 +116,10 @@ def load_tiny_weights(model, path: Path = TINY_WEIGHTS) -> None:
     model.load_state_dict(state)
 
 
-def load_tiny(model: str = TINY, dtype=torch.float32, attn: str | None = None, seed: int = 0) -> Base:
-    """`load_base` for the embedded names: the shipped base ("tiny") or its random init ("tiny-random")."""
+def load_tiny(pretrained: bool, dtype=torch.float32, attn: str | None = None, seed: int = 0) -> Base:
+    """`load_base` for the embedded names (pipeline/defaults.py): the shipped base or its random init."""
     attn = pick_attn_implementation(attn)
-    base = build_tiny(seed=seed, attn=attn, pretrained=model != TINY_RANDOM)
+    base = build_tiny(seed=seed, attn=attn, pretrained=pretrained)
     base.model.to(dtype)
     log_skipped_vision_layers(base.model)
     return base

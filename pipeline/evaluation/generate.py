@@ -1,8 +1,8 @@
 """Generation for evaluation: batched, left-padded, KV-cached, with the training chat template; and the
 reference's LLM judge.
 
-Greedy decoding gives the same answers at any batch size and on any number of ranks (tests/test_evaluate.py,
-tests/test_eval_parallel.py): rows are left-padded, and the attention mask gives each row its own positions.
+Greedy decoding gives the same answers at any batch size and on any number of ranks (tests/evaluation/test_evaluate.py,
+tests/evaluation/test_eval_parallel.py): rows are left-padded, and the attention mask gives each row its own positions.
 Sampled decoding (temperature > 0) draws each question's answer alone, from a generator seeded by --seed and the
 question's key, so it too is the same at any batch size and rank count (at the cost of batching).
 """

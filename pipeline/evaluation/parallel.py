@@ -69,7 +69,7 @@ def init_ranks(timeout_s: int) -> Ranks:
     import torch
     import torch.distributed as dist
 
-    from pipeline.training.dist import map_launcher_env
+    from pipeline.launcher import map_launcher_env
 
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -104,12 +104,14 @@ def _source_stamps(source: str | None) -> list | str | None:
     return _file_stamps(p, content=False) if p.exists() else source  # a name: "tiny", a hub id
 
 
-def fingerprint(cfg, adapter: str | None, kind: str | None, dtype: str, system_prompt: str) -> str:
-    """What an answer depends on besides its question (see the module docstring)."""
+def fingerprint(cfg, adapter: str | None, artifact, dtype: str, system_prompt: str) -> str:
+    """What an answer depends on besides its question (see the module docstring); `artifact`: the adapter's
+    methods.Artifact (None for the base)."""
     parts = {
         "model": [_source_stamps(s) for s in (cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)],
-        "adapter": _file_stamps(Path(adapter), content=kind != "full") if adapter else None,
-        "kind": kind, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "adapter": _file_stamps(Path(adapter), content=not artifact.method.is_model) if adapter else None,
+        "kind": artifact.kind if artifact else None, "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
         "seed": cfg.seed if cfg.temperature > 0 else None, "dtype": dtype, "system": system_prompt}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

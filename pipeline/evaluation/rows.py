@@ -99,22 +99,6 @@ def check_safetensors(path: Path) -> None:
         raise UsageError(f"{path}: {size} bytes, but its header lists {8 + n + end} (truncated or altered)")
 
 
-def weight_files(path: Path, kind: str) -> list[Path]:
-    if kind in ("m2pt", "lora"):
-        return [path / "adapter_model.safetensors"]
-    return sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]
-
-
-def recorded_base(path: Path, info: dict) -> str | None:
-    """The base model an artifact says it was trained on (None when it does not say, or is a model itself)."""
-    if info["kind"] == "m2pt":
-        return info["config"].get("base_model") or None
-    record = path / "training_method.json"
-    if info["kind"] == "lora" and record.is_file():
-        return json.loads(record.read_text()).get("base_model") or None
-    return None
-
-
 def same_base(recorded: str, given: str) -> bool:
     """Names of one base: equal, or the same folder names (a model moved to another cluster's disk)."""
     if recorded == given:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import defaults
+from pipeline.core.methods import Artifact
 from pipeline.errors import UsageError
 from pipeline.evaluation import metrics
 from pipeline.evaluation.datasets import BENCHMARKS, TASKS, load_task, parse_tasks, read_jsonl
@@ -155,7 +156,7 @@ def _earlier_rows(path: Path) -> dict:
 class EvalPlan:
     """What an evaluation will do, checked before any model loads."""
 
-    runs: list  # [(row name, adapter | None, what methods.read_artifact says of it | None)]
+    runs: list  # [(row name, adapter path | None, its methods.Artifact | None)]
     items: dict  # task -> items
     data_root: Path | None
     titles: dict  # task -> column title
@@ -167,18 +168,18 @@ def plan_rows(cfg: EvalConfig) -> tuple[list, dict]:
     each artifact's config and weight files read and its recorded base compared with --model, before any model
     loads (a broken or mismatched artifact must not fail after the others were evaluated)."""
     from pipeline.core.methods import read_artifact
-    from pipeline.evaluation.rows import check_safetensors, recorded_base, row_names, same_base, weight_files
+    from pipeline.evaluation.rows import check_safetensors, row_names, same_base
 
     adapters = list(cfg.adapter or [])
     infos = [read_artifact(a) for a in adapters]
-    for a, info in zip(adapters, infos):
-        for f in weight_files(Path(a), info["kind"]):
+    for info in infos:
+        for f in info.weight_files():
             check_safetensors(f)
     names = row_names(adapters, cfg.names)
     given = cfg.base_name()
     other_base = {}
     for name, a, info in zip(names, adapters, infos):
-        recorded = recorded_base(Path(a), info)
+        recorded = info.recorded_base()
         if recorded and not same_base(recorded, given):
             if not cfg.allow_other_base:
                 raise UsageError(f"--adapter {a} was trained on {recorded!r}, but the model is {given!r}: give the "
@@ -210,27 +211,24 @@ def plan_runs(cfg: EvalConfig) -> EvalPlan:
     return EvalPlan(runs, items, data_root, _titles(known), other_base)
 
 
-def load_row_model(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
+def load_row_model(cfg: EvalConfig, adapter: str | None, artifact: Artifact | None):
     """(base, model) of one row: the base alone, the base + an adapter, or a fully fine-tuned model folder."""
     import torch
 
-    from pipeline.core.methods import load_artifact
-
     dtype = getattr(torch, resolve_dtype(cfg.dtype, cfg.device))
-    kind = adapter_config["kind"] if adapter_config else None
-    if kind == "full":  # a fully fine-tuned model folder is the model
+    if artifact is not None and artifact.method.is_model:  # a fully fine-tuned model folder is the model
         base = defaults.load_base(adapter, dtype=dtype)
         return base, base.model
     base = cfg.load_base(dtype=dtype)
-    return base, (load_artifact(base.model, adapter, kind) if adapter else base.model)
+    return base, (artifact.load(base.model) if artifact is not None else base.model)
 
 
-def load_row(cfg: EvalConfig, adapter: str | None, adapter_config: dict | None):
+def load_row(cfg: EvalConfig, adapter: str | None, artifact: Artifact | None):
     """(base, model on its device in eval mode, the chat template) of one row."""
     from pipeline.core.chat import VicunaTemplate
     from pipeline.core.m2pt import num_visual_tokens
 
-    base, model = load_row_model(cfg, adapter, adapter_config)
+    base, model = load_row_model(cfg, adapter, artifact)
     model.to(cfg.device).eval()
     return base, model, VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
 
@@ -298,14 +296,7 @@ def predict(cfg: EvalConfig, items: dict, row: str, fp: str, judge) -> list[dict
     return recs
 
 
-def _artifact_config(adapter_config: dict | None):
-    kind = adapter_config["kind"] if adapter_config else None
-    if kind == "m2pt":
-        return adapter_config["config"].get("m2pt_config")
-    return adapter_config["config"] if kind == "lora" else None
-
-
-def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config: dict | None, plan: EvalPlan,
+def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, artifact: Artifact | None, plan: EvalPlan,
                  judge, ranks) -> dict | None:
     """One row (the base, or the base + one adapter) on every rank; rank 0 merges, writes its predictions and
     returns its metrics (None on the other ranks)."""
@@ -314,19 +305,18 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, adapter_config
     from pipeline.files import atomic_write_text
 
     t0 = time.time()
-    kind = adapter_config["kind"] if adapter_config else None
     dtype = resolve_dtype(cfg.dtype, cfg.device)
-    fp = fingerprint(cfg, adapter, kind, dtype, SYSTEM)
-    generated = answer_share(cfg, ranks, lambda: load_row(cfg, adapter, adapter_config), plan.items, name, fp)
+    fp = fingerprint(cfg, adapter, artifact, dtype, SYSTEM)
+    generated = answer_share(cfg, ranks, lambda: load_row(cfg, adapter, artifact), plan.items, name, fp)
     if ranks.rank != 0:
         return None
     recs = predict(cfg, plan.items, name, fp, judge)
     atomic_write_text(cfg.output_dir / folder_name(name) / "predictions.jsonl", "".join(
         json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n" for r in recs))
     return {"tasks": score(recs), "provenance": {
-        "base_model": defaults.base_name(adapter) if kind == "full" else cfg.base_name(), "adapter": adapter,
-        "method": adapter_config["training_method"] if adapter_config else "base",
-        "adapter_config": _artifact_config(adapter_config),
+        "base_model": defaults.base_name(adapter) if artifact and artifact.method.is_model else cfg.base_name(),
+        "adapter": adapter, "method": artifact.method.name if artifact else "base",
+        "adapter_config": artifact.settings() if artifact else None,
         "data_root": str(plan.data_root) if plan.data_root else None, "tasks": list(plan.items),
         "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "padding_side": "left", "dtype": dtype, "world_size": ranks.world,
@@ -352,8 +342,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         judge = Judge(cfg.judge_model, cfg.device) if cfg.judge_model and ranks.rank == 0 else None
         results = {MAJORITY: majority_baseline(plan.items)} if cfg.majority_baseline else {}
-        for name, adapter, adapter_config in plan.runs:
-            row = evaluate_one(cfg, name, adapter, adapter_config, plan, judge, ranks)
+        for name, adapter, artifact in plan.runs:
+            row = evaluate_one(cfg, name, adapter, artifact, plan, judge, ranks)
             if row is not None:
                 results[name] = row
                 log.info("%s: %s", name, {t: round(m["score"], 2) for t, m in row["tasks"].items()})

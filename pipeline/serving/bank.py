@@ -26,6 +26,7 @@ from pipeline.core.m2pt import (
     ADAPTER_WEIGHTS,
     M2PTConfig,
     _install_vision_hooks,
+    adapter_tensors,
     copy_adapter_tensors,
     language_model,
     new_prompts,
@@ -100,12 +101,7 @@ class AdapterBank:
         prompts = new_prompts(self.model, cfg).to(self.device, self.dtype)
         proj = copy.deepcopy(self.base_projector) if cfg.tune_projector else self.base_projector
         head = nn.Parameter(self.model.get_output_embeddings().weight.detach().clone()) if cfg.tune_lm_head else None
-        expected = {f"vision_prompts.{i}": p for i, p in enumerate(prompts.vision_prompts)}
-        expected |= {f"text_prompts.{j}": p for j, p in enumerate(prompts.text_prompts)}
-        if cfg.tune_projector:
-            expected |= {f"projector.{k}": v for k, v in proj.state_dict(keep_vars=True).items()}
-        if head is not None:
-            expected["lm_head.weight"] = head
+        expected = adapter_tensors(prompts, cfg, proj, head)
         copy_adapter_tensors(path, meta, load_file(str(path / ADAPTER_WEIGHTS)), expected)
         with self.lock, torch.no_grad():
             adapter = Adapter(name, cfg, prompts, proj, head, self._prefix(prompts, cfg),
@@ -147,10 +143,10 @@ def _m2pt_meta(path: Path) -> dict:
     """The adapter's config, or why this artifact cannot be served in a mixed batch."""
     from pipeline.core.methods import read_artifact
 
-    info = read_artifact(path)
-    if info["kind"] == "full":
+    art = read_artifact(path)
+    if art.method.is_model:
         raise ValueError(f"{path}: a fully fine-tuned model is a model of its own; serve it with --model")
-    if info["kind"] == "lora":
+    if not art.method.prompts:
         raise ValueError(f"{path}: a LoRA adapter changes the base's weights, so it cannot share a batch with other "
                          "adapters; merge it and serve the merged model with --model")
-    return info["config"]
+    return art.config

@@ -335,15 +335,16 @@ class Checkpointer:
         """fp32 master copies of the trainables (ZeRO 1-3 safe; a gather under ZeRO-3) under the artifact's names."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        from pipeline.core.methods import artifact_tensors
+        from pipeline.core import methods
 
         by_id = {id(p): safe_get_full_fp32_param(p) for p in self._trainable}
-        return {k: by_id.get(id(v), v) for k, v in artifact_tensors(self.engine.module, self.method).items()}
+        tensors = methods.get(self.method).artifact_tensors(self.engine.module)
+        return {k: by_id.get(id(v), v) for k, v in tensors.items()}
 
     def write_adapter(self, path: Path, tensors: dict, base=None) -> Path:
-        from pipeline.core.methods import save_artifact
+        from pipeline.core import methods
 
-        return save_artifact(self.engine.module, path, self.method, tensors, self.base_name, base)
+        return methods.get(self.method).save(self.engine.module, path, tensors, self.base_name, base)
 
     def resume(self, ckpt: Path | None, progress: TrainingProgress, universal: Path | None = None) -> Path | None:
         """Restore `ckpt` (found at start-up by find_resume), if any."""

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.cli import HelpFormatter, add_config_flags, normalize_kebab_flags, parse_bool
+from pipeline.core import methods
 from pipeline.core.m2pt import M2PTConfig
-from pipeline.core.methods import FIXED_LENGTHS, METHODS, PROMPT_METHODS, LoraSettings
+from pipeline.core.methods import METHODS, LoraSettings
 from pipeline.defaults import REPO, TRAIN_OUTPUT
 from pipeline.errors import UsageError
 from pipeline.source import ModelSource
@@ -58,9 +59,8 @@ class TrainConfig(ModelSource):
                                   "else sdpa", choices=("auto", "flash_attention_2", "sdpa", "eager"))
     init_adapter: str | None = _f("model", None, "start from this adapter's prompts/projector (and its config)")
     # method
-    method: str = _f("method", "m2pt", "m2pt: visual + textual prompts + projector; visual: visual prompts + "
-                     "projector; text: textual prompts + projector; projector: projector only; lora: peft LoRA on "
-                     "the LLM + projector; full: every weight", choices=METHODS)
+    method: str = _f("method", "m2pt", "; ".join(f"{m.name}: {m.help}" for m in methods.REGISTRY.values()),
+                     choices=METHODS)
     # data
     train_shards: str | None = _f("data", None, "shard folder with manifest.json, brace pattern or glob "
                                   "(comma-separated for several); default: the embedded sample set, built under "
@@ -152,7 +152,7 @@ class TrainConfig(ModelSource):
         """The flags as `--config` reads them back: the method's settings as they really train, LoRA's only for
         --method lora (another method refuses LoRA flags). Not the one-time actions of this invocation: a file
         that said --overwrite_output_dir would wipe the folder of whoever repeats it."""
-        lora = {f.name for f in fields(LoraSettings)} if self.method != "lora" else set()
+        lora = set() if methods.get(self.method).takes_lora_flags else {f.name for f in fields(LoraSettings)}
         skip = {"explicit", "local_rank", "config", "overwrite_output_dir", "stop_at_step", "resume"} | lora
         return {k: v for k, v in self.record(m2pt_config).items() if k not in skip}
 
@@ -407,14 +407,12 @@ def parse_args(argv=None, description: str | None = None) -> TrainConfig:
 def _method_fixes(cfg: TrainConfig) -> dict:
     """What --method fixes (prompt lengths; lora / full also the projector and LM head). An explicit flag that
     disagrees, or a LoRA flag for another method, is an error."""
-    fixed = dict(zip(("visual_prompt_length", "text_prompt_length"), FIXED_LENGTHS.get(cfg.method, (0, 0))))
-    if cfg.method not in PROMPT_METHODS:
-        fixed.update(tune_lm_head=False, tune_projector=True)
-        if cfg.init_adapter:
-            raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {cfg.method} cannot use one")
-    fixed = {k: v for k, v in fixed.items() if v is not None}
+    method = methods.get(cfg.method)
+    if cfg.init_adapter and not method.takes_init_adapter:
+        raise UsageError(f"--init_adapter starts from an M2PT adapter; --method {cfg.method} cannot use one")
+    fixed = method.fixes()
     clash = [f"--{k}" for k, v in fixed.items() if k in cfg.explicit and getattr(cfg.m2pt_flags, k) != v]
-    if cfg.method != "lora":
+    if not method.takes_lora_flags:
         clash += [f"--{f.name}" for f in fields(LoraSettings) if f.name in cfg.explicit]
     if clash:
         raise UsageError(f"--method {cfg.method} fixes or ignores {', '.join(clash)}: drop the flag(s) or choose "
@@ -448,7 +446,7 @@ def resolve_m2pt_config(cfg: TrainConfig) -> M2PTConfig:
     m2pt_config = dataclasses.replace(cfg.m2pt_flags, **fixed)
     c = m2pt_config
     trains = c.visual_prompt_length or c.text_prompt_length or c.tune_projector or c.tune_lm_head
-    if cfg.method in PROMPT_METHODS and not trains:
+    if methods.get(cfg.method).prompts and not trains:
         raise UsageError("nothing would train: both prompt lengths are 0, the projector is frozen and the LM head "
                          "is not tuned")
     return m2pt_config

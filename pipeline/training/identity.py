@@ -17,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.core import methods
 from pipeline.errors import UsageError
 
 TRAJECTORY_FLAGS = ("model", "model_llm", "model_vision", "mm_projector", "init_adapter", "method", "learning_rate",
@@ -45,8 +46,7 @@ def run_identity(cfg, m2pt_config, world: int, shards, data_slots: int) -> dict:
     is read in, data/stream.py)."""
     ident = {k: getattr(cfg, k) for k in TRAJECTORY_FLAGS}
     ident |= {k: v for k, v in dataclasses.asdict(m2pt_config).items() if k != "seed"}
-    if cfg.method == "lora":
-        ident |= dataclasses.asdict(cfg.lora)
+    ident |= methods.get(cfg.method).identity(cfg)
     ident["global_batch"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     ident["data"] = data_fingerprint(shards)
     ident["data_slots"] = data_slots

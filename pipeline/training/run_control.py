@@ -160,7 +160,7 @@ class StopFlag:
         after the run has nothing left to stop. Why: srun forwards the batch shell's USR1 to every node, and under load
         it can reach one rank after the ranks have agreed to stop (on another rank's flag) and checkpointed; the
         default action then killed that rank, srun reported the step failed and the job was not requeued (seen in
-        tests/test_slurm.py's preemption test, with CI sharing the 2 cores)."""
+        tests/training/test_slurm.py's preemption test, with CI sharing the 2 cores)."""
         for s, h in getattr(self, "_previous", {}).items():
             signal.signal(s, signal.SIG_IGN if (s, h) == (signal.SIGUSR1, signal.SIG_DFL) else h)
 

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from pipeline.core.methods import get as get_method
 from pipeline.defaults import REPO
 from pipeline.demo.sample_data import HELDOUT_NAMES, VAL_TASK
 from pipeline.files import atomic_write_json
@@ -27,7 +28,6 @@ LR_GRID = {"m2pt": (1e-3, 3e-3, 7e-3), "visual": (1e-3, 3e-3, 7e-3), "text": (1e
 # code and the trainer's default: N + pv visual tokens, the feature layer's prompt slots and CLS beside the N patches)
 # or "clean" (standard LLaVA: the N patch tokens). Which one a user should run is the comparison's question, not a
 # default's (docs/base_experiments.md §7).
-VISUAL_PROMPT_METHODS = ("m2pt", "visual")
 DEFAULT_TOKEN_MODE = "official"
 HELDOUT = tuple(HELDOUT_NAMES)  # the embedded set's held-out task types
 VAL = VAL_TASK
@@ -211,7 +211,7 @@ def parse_lrs(text: str, methods) -> dict[str, tuple[float, ...]]:
 
 def _settings(args, method: str) -> list[tuple[str | None, float]]:
     """(visual token mode, lr) pairs the method's lr is chosen among (mode None: the method has no visual prompts)."""
-    modes = args.visual_token_modes if method in VISUAL_PROMPT_METHODS else [None]
+    modes = args.visual_token_modes if get_method(method).visual_prompts else [None]
     return [(mode, lr) for mode in modes for lr in _lrs(args, method)]
 
 

@@ -156,7 +156,7 @@ def summarise(args, res: dict) -> dict:
 def _grid_twins() -> dict:
     """Ablation cells that are runs of the method grid: pv = pt = the default length is m2pt, (default, 0) visual,
     (0, default) text, (0, 0) projector - the same trainable set, init and data order, bit-identical
-    (tests/test_methods.py)."""
+    (tests/core/test_methods.py)."""
     from pipeline.core.m2pt import M2PTConfig
 
     d = M2PTConfig().visual_prompt_length

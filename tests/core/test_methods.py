@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import ENV, deepspeed_cmd, read_metrics, run_inprocess, train_args
 
+from pipeline.core import methods
+
 PROJ = {f"model.multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
 VIS = {f"m2pt.vision_prompts.{i}" for i in range(3)}  # tiny: 3 vision layers, feature layer -2, official mode
 TXT = {f"m2pt.text_prompts.{j}" for j in range(4)}  # tiny: 4 decoder layers
@@ -50,7 +52,7 @@ def test_each_method_trains_exactly_its_parameters_and_leaves_the_rest_bit_ident
     assert frozen and all(torch.equal(params[n], ref[n]) for n in frozen)  # bit-identical after 3 steps
     trained_base = {n for n, p in params.items() if n in ref and p.requires_grad}  # projector; all weights (full)
     assert {n for n in trained_base if not torch.equal(params[n], ref[n])} == trained_base
-    if method == "lora":  # lora_B starts at zero: every one moved
+    if methods.get(method).takes_lora_flags:  # lora_B starts at zero: every one moved
         assert all(p.abs().sum() > 0 for n, p in params.items() if ".lora_B." in n)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["method"] == method and cfg["trainable"] == sum(p.numel() for p in module.parameters()

@@ -341,7 +341,7 @@ def test_the_default_run_prints_the_readmes_table(demo_data, tmp_path, isa):
 
 
 def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
-    from pipeline.training import dist
+    from pipeline import launcher as dist
 
     monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -360,7 +360,9 @@ def test_intra_op_threads_share_of_the_cores_lowered_under_load(monkeypatch):
 def test_embedded_shards_are_kept_per_visual_token_count():
     """One shared folder would make --visual_prompt_length 20 (36 tokens per image) refuse shards measured for 26."""
     from pipeline.defaults import DATA_HOME, demo_shards_dir
-    from pipeline.train import expected_visual_tokens, parse_args, resolve_m2pt_config
+    from pipeline.train import parse_args
+    from pipeline.training.config import resolve_m2pt_config
+    from pipeline.training.plan import expected_visual_tokens
 
     def folder(*flags):
         args = parse_args(["--output_dir", "/tmp/unused", *flags])

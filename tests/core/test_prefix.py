@@ -33,7 +33,7 @@ def _pair(mode: str, gc: bool = False, seed: int = 1):
         if gc:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         models[form] = (base, m)
-    assert models["prefix"][1].m2pt_text_form == "prefix" and models["slots"][1].m2pt_text_form == "slots"
+    assert models["prefix"][1].m2pt.text_form == "prefix" and models["slots"][1].m2pt.text_form == "slots"
     return models
 
 
@@ -89,7 +89,7 @@ def test_an_adapter_saved_in_one_form_scores_the_same_in_the_other(tmp_path):
     for form in ("slots", "prefix"):
         fresh = build_tiny()
         loaded = load_adapter(fresh.model, tmp_path / "a") if form == "prefix" else m
-        assert loaded.m2pt_text_form == form
+        assert loaded.m2pt.text_form == form
         with torch.no_grad():
             logits[form] = loaded.eval()(input_ids=ids, attention_mask=mask, pixel_values=px).logits[mask.bool()]
     assert _rel(logits["prefix"], logits["slots"]) < 1e-5
@@ -128,7 +128,7 @@ def test_a_model_whose_attention_normalises_keys_keeps_the_slots():
             with pytest.raises(ValueError, match="cannot be a key/value prefix here: .* normalises keys"):
                 attach_m2pt(model, M2PTConfig(), text_prompts=form)
         else:
-            assert attach_m2pt(model, M2PTConfig(), text_prompts=form).m2pt_text_form == expect
+            assert attach_m2pt(model, M2PTConfig(), text_prompts=form).m2pt.text_form == expect
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])

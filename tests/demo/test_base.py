@@ -39,6 +39,9 @@ def test_the_default_model_is_the_shipped_base_and_tiny_random_is_not():
     shipped = load_file(str(TINY_WEIGHTS))
     default, rand = load_base(), load_base("tiny-random")
     assert default.name == "tiny" and rand.name == "tiny-random"
+    from pipeline.defaults import base_name
+
+    assert (base_name(), base_name("tiny-random")) == (default.name, rand.name)  # the names, spelled in two places
     got = default.model.state_dict()
     assert set(got) == set(shipped) and all(torch.equal(got[k], shipped[k]) for k in shipped)
     assert not torch.equal(rand.model.state_dict()["lm_head.weight"], shipped["lm_head.weight"])

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_compare_writes_report_json_and_plots_and_a_rerun_recomputes_nothing(shards, tmp_path, capsys):
-    from pipeline.demo.compare import main
+    from pipeline.demo.compare.app import main
 
     argv = ["--methods", "projector,text", "--seeds", "1", "--lrs", "3e-3", "--max_steps", "2",
             "--ablation_lengths", "0,5", "--jobs", "2", "--data", str(shards / "sample"),
@@ -157,7 +157,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     from argparse import Namespace
 
     from pipeline.demo import compare
-    from pipeline.demo.compare import stats
+    from pipeline.demo.compare import app, stats
 
     args = Namespace(methods=["m2pt", "text"], seeds=2, first_seed=0, lrs={"*": (1e-3, 3e-3)},
                      visual_token_modes=["official", "clean"], max_steps=5, batch_size=4, output=tmp_path,
@@ -213,7 +213,7 @@ def test_methods_with_visual_prompts_choose_lr_and_visual_token_mode_on_validati
     given = compare.markdown(one, None, [str(tmp_path / "a.png")], tmp_path / "r.md", "cmd")  # settings given
     assert "nothing was chosen" in given and "chosen:" not in given and "also chose" not in given
     assert "- m2pt: 0.001 (clean): 75.5, 0.003 (clean): 71.5, 0.001 (official): 70.5, 0.003 (official): 74.5" in md
-    assert compare.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
+    assert app.main(["--visual_token_modes", "official,offical"]) == 2  # a typo is refused before any work
 
 
 def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
@@ -223,6 +223,7 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
 
     from pipeline.core.methods import METHODS
     from pipeline.demo import compare
+    from pipeline.demo.compare import app
 
     lrs = compare.parse_lrs("m2pt=1e-3, visual=3e-3,lora=1e-3", METHODS)
     assert lrs == {"m2pt": (1e-3,), "visual": (3e-3,), "lora": (1e-3,)}
@@ -240,8 +241,8 @@ def test_chosen_settings_rerun_on_fresh_seeds_with_an_lr_per_method(tmp_path):
                      ("1e-3,lora=1e-4", "not both"), ("m2pt=-1", "> 0")):
         with pytest.raises(ValueError, match=why):
             compare.parse_lrs(bad, METHODS)
-    assert compare.main(["--lrs", "m2pt=fast"]) == 2  # refused before any work, not a traceback
-    assert compare.main(["--first_seed", "-1"]) == 2
+    assert app.main(["--lrs", "m2pt=fast"]) == 2  # refused before any work, not a traceback
+    assert app.main(["--first_seed", "-1"]) == 2
 
 
 def test_the_report_counts_the_runs_that_made_its_cells_from_the_log(tmp_path):

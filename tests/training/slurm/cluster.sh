@@ -3,8 +3,8 @@
 # NodeAddr=127.0.0.1, distinct ports), all state, sockets and logs under DIR. Needs root and Debian's
 # slurm-wlm + munge (no systemd, no cgroups).
 #
-#   tests/slurm/cluster.sh start DIR      # prints the SLURM_CONF path when the nodes are idle
-#   tests/slurm/cluster.sh stop DIR       # cancels the jobs, kills the daemons by PID and every process left
+#   tests/training/slurm/cluster.sh start DIR      # prints the SLURM_CONF path when the nodes are idle
+#   tests/training/slurm/cluster.sh stop DIR       # cancels the jobs, kills the daemons by PID and every process left
 #                                         # with this cluster's SLURM_CONF, whatever state they are in
 set -euo pipefail
 cmd=$1 S=$(realpath -m "$2")

@@ -1,4 +1,4 @@
-"""slurm/train_m2pt.sh against a real Slurm controller: two simulated nodes on localhost (tests/slurm/cluster.sh).
+"""slurm/train_m2pt.sh against a real Slurm controller: two simulated nodes on localhost (tests/training/slurm/cluster.sh).
 
 Runs the file users submit, unchanged: only resources are overridden on the sbatch line (--gpus-per-node=0 etc.)
 and MASTER_ADDR=127.0.0.1, because the simulated node names do not resolve.
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from data_prep.build_shards import main as build_main
 from pipeline.demo.sample_data import build as make_sample
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAVE_SLURM = shutil.which("slurmctld") is not None and os.geteuid() == 0
 if not HAVE_SLURM and os.environ.get("CI") == "true":
     raise RuntimeError("CI must run the Slurm tests: .ci/run failed to install slurm-wlm + munge")
@@ -31,14 +31,14 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
-    r = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "cluster.sh"), "start", str(d)],
+    r = subprocess.run(["bash", str(REPO / "tests" / "training" / "slurm" / "cluster.sh"), "start", str(d)],
                        capture_output=True, text=True, timeout=60)
     try:
         assert r.returncode == 0, r.stderr
         env = dict(os.environ, SLURM_CONF=r.stdout.strip().splitlines()[-1])
         yield env, d
     finally:  # the daemons go, whatever happened
-        subprocess.run(["bash", str(REPO / "tests" / "slurm" / "cluster.sh"), "stop", str(d)], timeout=60)
+        subprocess.run(["bash", str(REPO / "tests" / "training" / "slurm" / "cluster.sh"), "stop", str(d)], timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from PIL import Image
 from data_prep.build_shards import main as build_main
 from pipeline.demo.sample_data import build as make_sample
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _conv(q="<image>\nWhat is it?", a="a thing"):
@@ -160,7 +160,7 @@ def test_hf_datasets_folder_input(tmp_path):
 
 def _bench_hf_memory():
     """benchmarks/bench_hf_memory.py: the one definition of the generated image data set and of the measurement."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     try:
         import bench_hf_memory
     finally:
