@@ -10,8 +10,8 @@ exactly as with the adapter alone. Then the stock LLM runs prefill and one decod
 the row's adapter's where it trained one.
 
 Greedy decoding (temperature 0) gives each row the answer `pipeline.evaluation.generate` gives it with the adapter
-attached alone (tests/serving/test_serve.py). Sampling draws each row from its own generator (seeded by the request), so a
-row's sample does not depend on its batch either.
+attached alone (tests/serving/test_serve.py). Sampling draws each row from its own generator (seeded by the
+request), so a row's sample does not depend on its batch either.
 """
 
 from __future__ import annotations

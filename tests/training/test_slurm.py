@@ -1,4 +1,5 @@
-"""slurm/train_m2pt.sh against a real Slurm controller: two simulated nodes on localhost (tests/training/slurm/cluster.sh).
+"""slurm/train_m2pt.sh against a real Slurm controller: two simulated nodes on localhost
+(tests/training/slurm/cluster.sh).
 
 Runs the file users submit, unchanged: only resources are overridden on the sbatch line (--gpus-per-node=0 etc.)
 and MASTER_ADDR=127.0.0.1, because the simulated node names do not resolve.
