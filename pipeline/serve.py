@@ -2,11 +2,14 @@
 together.
 
     python -m pipeline.serve --model /models/llava-1.5-7b-hf --adapters runs/adapters --image_root /data/images
-    python -m pipeline.serve --adapters out/adapters            # the embedded demo base, on 127.0.0.1:8000
+    python -m pipeline.serve --adapters out/default/adapter     # the main job's adapter on the demo base,
+                                                                # as model "adapter", on 127.0.0.1:8000
 
 Every sub-folder of --adapters holding an M²PT adapter is a model, named after the folder (`/v1/models` lists
 them with the base as their parent); a folder added while the server runs is served from the next request that
-names it. Then, with the official client:
+names it. --adapters may also be one adapter folder itself (a run's OUTPUT/adapter): it is served under its folder's
+name. The log says which model comes from which folder, and warns when --adapters holds no adapter. Then, with the
+official client:
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -42,8 +45,9 @@ class ServeConfig(Runtime, ModelSource):
     """The base, the adapters, and how requests are batched and answered (every field is a flag)."""
 
     adapters: Path | None = field(default=None, metadata={"type": Path, "help": (
-        "folder of M2PT adapters, one sub-folder each (the model name is the sub-folder's name); looked at again "
-        "when a request names an unknown model")})
+        "folder of M2PT adapters, one sub-folder each (the model name is the sub-folder's name), or one adapter "
+        "folder (served under its own name, e.g. out/default/adapter as 'adapter'); looked at again when a request "
+        "names an unknown model")})
     base_id: str = field(default="base", metadata={"help": "the model name of the base without an adapter"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
     port: int = field(default=8000, metadata={"help": "port to listen on (0: any free port; the log says which)"})

@@ -43,7 +43,8 @@ def _signature(folder: Path) -> tuple | None:
 
 
 class AdapterFolder:
-    """The `--adapters` folder: one adapter per sub-folder, named after it, kept as it is on disk."""
+    """The `--adapters` folder, kept as it is on disk: one adapter per sub-folder, named after it, or, when the folder
+    is itself an adapter (a training run's OUTPUT/adapter), that one adapter under the folder's name."""
 
     def __init__(self, bank: AdapterBank, root: Path | None):
         self.bank, self.root = bank, root
@@ -58,7 +59,7 @@ class AdapterFolder:
             return
         with self.lock:
             try:
-                subs = {p.name: p for p in self.root.iterdir() if p.is_dir()}
+                subs = self._folders()
             except OSError as e:
                 self._note("", f"the --adapters folder {self.root} cannot be read ({e}); its adapters are not served")
                 subs = {}
@@ -66,6 +67,32 @@ class AdapterFolder:
                 self._drop(name, "its folder is gone")
             for name in sorted(subs):
                 self._sync(name, subs[name])
+
+    @property
+    def single(self) -> bool:
+        """The folder is one adapter itself, not a folder of them."""
+        return (self.root / ADAPTER_FILES[0]).is_file()
+
+    def _folders(self) -> dict[str, Path]:
+        if self.single:
+            return {self.root.name: self.root}
+        return {p.name: p for p in self.root.iterdir() if p.is_dir()}
+
+    def _folder_of(self, name: str) -> Path | None:
+        """Where adapter `name` would be (None: nowhere it could be)."""
+        if self.single:
+            return self.root if name == self.root.name else None
+        return self.root / name if _plain_name(name) else None
+
+    def describe(self) -> None:
+        """Log once at start-up what is served from the folder under which name, and warn when nothing is."""
+        if self.root is None:
+            return
+        for name in sorted(self.loaded):
+            log.info("model %s: the adapter in %s", name, self._folder_of(name))
+        if not self.loaded and not self.failed:
+            log.warning("--adapters %s holds no M2PT adapter (%s in it or in a sub-folder of it): only the base is "
+                        "served until one is added", self.root, ADAPTER_FILES[0])
 
     def _note(self, name: str, why: str) -> None:
         if self.noted.get(name) != why:
@@ -113,9 +140,9 @@ class AdapterFolder:
         """The adapter a request names, as its folder holds it now; RequestError when there is none."""
         if not isinstance(name, str):
             raise RequestError(400, f"model: a string (GET /v1/models lists them), got {name!r}", param="model")
-        if name != self.bank.base_id and self.root is not None and _plain_name(name):
+        folder = self._folder_of(name) if name != self.bank.base_id and self.root is not None else None
+        if folder is not None:
             with self.lock:
-                folder = self.root / name
                 if folder.is_dir():
                     self._sync(name, folder)
                 else:  # gone: a 404 now, whether it was served or refused
@@ -272,6 +299,7 @@ class ApiKey:
 def create_app(bank: AdapterBank, batcher: Batcher, cfg):
     folder = AdapterFolder(bank, cfg.adapters)
     folder.refresh()
+    folder.describe()
     app = FastAPI(title="M2PT adapters", docs_url=None, redoc_url=None)
     app.state.folder, app.state.batcher = folder, batcher
     limit = int(cfg.max_request_mb * 2**20)

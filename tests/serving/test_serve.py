@@ -7,6 +7,7 @@ visual tokens), projector weights and LM head."""
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -523,3 +524,37 @@ def test_a_client_that_drops_its_stream_frees_the_batch(world, strict_server):
         time.sleep(0.1)
     went = log.read_text().split("a client went after ")[2]
     assert int(went.split()[0]) < 900, went[:80]
+
+
+def test_adapters_may_name_one_adapter_folder_and_an_empty_folder_is_told(world, tmp_path, caplog):
+    """The first hour (issue 35): `--adapters out/default/adapter` (the main job's adapter itself) used to serve only
+    the base, silently; a folder with nothing servable was not mentioned either."""
+    import logging
+
+    from pipeline import defaults
+    from pipeline.serving.app import AdapterFolder
+    from pipeline.serving.bank import AdapterBank
+    from pipeline.serving.requests import RequestError
+
+    _, paths, _, _ = world
+    one = tmp_path / "adapter"
+    shutil.copytree(paths["a"], one)
+    bank = AdapterBank(defaults.load_base("tiny"))
+    with caplog.at_level(logging.INFO, logger="m2pt.serve"):
+        folder = AdapterFolder(bank, one)
+        folder.refresh()
+        folder.describe()
+    assert sorted(bank.adapters) == ["adapter", "base"]
+    assert f"model adapter: the adapter in {one}" in caplog.text
+    assert folder.adapter("adapter").source == str(one)
+    with pytest.raises(RequestError) as e:
+        folder.adapter("a")  # no sub-folders are looked for inside one adapter
+    assert e.value.status == 404
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="m2pt.serve"):
+        folder = AdapterFolder(AdapterBank(defaults.load_base("tiny")), empty)
+        folder.refresh()
+        folder.describe()
+    assert f"--adapters {empty} holds no M2PT adapter" in caplog.text
