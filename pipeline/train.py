@@ -328,11 +328,20 @@ def finish(state: TrainState) -> None:
                         run_id=state.run_id, adapter=str(adapter_dir))
         state.bar.close()  # the bar's last line before the summary, not after the table
         print(_summary(counts, state.progress.step, adapter_dir), flush=True)
+    table = None
     if uses_demo_data(state.cfg) and state.cfg.final_eval:
         dist.barrier()  # the adapter is on disk before any rank reads it
         table = closing_table(adapter_dir, state.out / "eval", defaults.demo_sample())
         if table:
             print(table, end="", flush=True)
+    if state.rank == 0:  # the adapter's model card (pipeline/core/card.py), the closing table as its results
+        from pipeline.core import card, methods
+        from pipeline.training.config import CONFIG_FILE
+
+        card.write_card(adapter_dir, method=methods.get(state.cfg.method), base_name=state.base.name,
+                        training=card.training_lines(state.cfg.record(), state.cfg.explicit, counts,
+                                                     state.progress.step, state.world, state.engine.module),
+                        settings_yaml=(state.out / CONFIG_FILE).read_text(), results=table)
 
 
 def closing_table(adapter: Path, output_dir: Path, sample: Path) -> str | None:

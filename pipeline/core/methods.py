@@ -73,6 +73,7 @@ class Method:
     kind: str
     help: str
 
+    library = "transformers"  # what loads the artifact (the model card's library_name)
     prompts = False  # trains M2PT prompts (its artifact is an M2PT adapter)
     visual_prompts = False  # has deep visual prompts (the visual-token mode matters)
     is_model = False  # its artifact is a model of its own, not something applied to a base
@@ -116,6 +117,7 @@ class PromptMethod(Method):
 
     visual: int | None = None
     text: int | None = None
+    library = "m2pt-pipeline"
     prompts = True
     takes_init_adapter = True
 
@@ -146,6 +148,7 @@ class PromptMethod(Method):
 
 @dataclass(frozen=True)
 class LoraMethod(Method):
+    library = "peft"
     takes_lora_flags = True
 
     def identity(self, cfg) -> dict:

@@ -265,9 +265,10 @@ def load_base(model: str | None = None, llm=None, vision=None, mm_projector=None
 
 
 def log_skipped_vision_layers(model) -> None:
+    # DEBUG: every app loads a base and the line is the same each time; it explains a count, not something to act on
     n = skip_unused_vision_layers(model)
     if n:
-        log.info("vision tower: the last %d layer(s) feed no feature layer (vision_feature_layer %s) and are skipped",
+        log.debug("vision tower: the last %d layer(s) feed no feature layer (vision_feature_layer %s) and are skipped",
                  n, model.config.vision_feature_layer)
 
 

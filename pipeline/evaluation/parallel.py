@@ -88,8 +88,9 @@ def init_ranks(timeout_s: int) -> Ranks:
 
 # -------------------------------------------------------------------------------------------- fingerprints
 def _file_stamps(path: Path, content: bool) -> list:
-    """(name, sha256) of an artifact's files, or (name, size, mtime) of a model folder's (gigabytes: not read)."""
-    files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file())
+    """(name, sha256) of an artifact's files, or (name, size, mtime) of a model folder's (gigabytes: not read). Not
+    its model card (README.md): the card gains the results table after the answers it summarises were given."""
+    files = sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file() and p.name != "README.md")
     if content:
         from pipeline.files import sha256_file
 

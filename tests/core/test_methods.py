@@ -57,6 +57,14 @@ def test_each_method_trains_exactly_its_parameters_and_leaves_the_rest_bit_ident
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["method"] == method and cfg["trainable"] == sum(p.numel() for p in module.parameters()
                                                                 if p.requires_grad)
+    # its model card: Hub metadata huggingface_hub parses back, how it was trained (issue 35)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.library_name == methods.get(method).library and "m2pt" in card.data.tags
+    assert card.data.base_model is None  # "tiny" is no Hub id: no base_model rather than a wrong one
+    assert f"--method {method}" in card.text and "in 3 optimizer steps on 1 rank(s)" in card.text
+    assert f"trainable parameters: {cfg['trainable']:,}" in card.text
 
 
 def test_lora_artifact_loads_with_plain_peft_and_gives_the_training_logits(shards, tmp_path):
@@ -122,3 +130,16 @@ def test_each_method_runs_on_two_ranks_through_the_launcher_and_evaluates(shards
     row = res[tmp_path.name]  # the row named after the run folder; the other row is the majority answer
     assert set(res) == {"majority answer", tmp_path.name}
     assert row["provenance"]["method"] == method and 0 <= row["tasks"]["sample_pope"]["score"] <= 100
+
+
+def test_a_cards_base_model_is_a_hub_id_or_nothing(tmp_path):
+    from pipeline.core.card import hub_base_model
+
+    assert hub_base_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    folder = tmp_path / "llava-1.5-7b-hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "llava-hf/llava-1.5-7b-hf"}))
+    assert hub_base_model(str(folder)) == "llava-hf/llava-1.5-7b-hf"  # a local copy that records its Hub id
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "/scratch/me/llava"}))
+    assert hub_base_model(str(folder)) is None
+    assert hub_base_model("tiny") is None and hub_base_model("llava-v1 parts: /a + /b + /c.bin") is None
