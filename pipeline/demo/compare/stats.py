@@ -130,7 +130,7 @@ def _m2pt_vs_methods(methods: dict, per_q: dict, seeds: int) -> dict:
     return {other: {t: _difference(per_q["m2pt"][t], per_q[other][t],
                                    (m2["scores"][t]["std"] ** 2 + r["scores"][t]["std"] ** 2) / seeds)
                     for t in HELDOUT}
-            for other, r in methods.items() if other != "m2pt"}
+            for other, r in methods.items() if r is not m2}
 
 
 def summarise(args, res: dict) -> dict:
