@@ -198,3 +198,12 @@ def test_the_size_gate_fails_on_a_function_over_its_limits(tmp_path):
     assert [line.split(": ")[1] for line in found] == ["long", "branchy"]
     assert "86 lines" in found[0] and "complexity 17" in found[1]
     assert offenders(root=REPO) == []  # and the repository itself passes
+
+
+def test_the_method_registry_and_the_evaluation_library_load_no_torch_when_imported():
+    """--help, the flag checks and the artifact checks read them before any model loads; torch takes seconds to
+    import (the registry's type annotations once pulled it into every app's start-up)."""
+    code = ("import sys, pipeline.core.methods, pipeline.evaluation.runner, pipeline.demo.compare.cells; "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

@@ -26,8 +26,10 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # importing the registry (flag choices, --help, artifact checks) must not load torch
+    from torch import nn
 
 TRAINING_METHOD_FILE = "training_method.json"  # beside a LoRA / full artifact: what produced it
 
@@ -67,12 +69,12 @@ def _write_aside(path, write) -> Path:
 # ------------------------------------------------------------------------------------------------- the methods
 @dataclass(frozen=True)
 class Method:
-    """What every method answers. `kind`: the artifact's format (m2pt, lora or full)."""
+    """What every method answers."""
 
     name: str
-    kind: str
     help: str
 
+    kind = "full"  # the artifact's format: m2pt, lora or full
     library = "transformers"  # what loads the artifact (the model card's library_name)
     prompts = False  # trains M2PT prompts (its artifact is an M2PT adapter)
     visual_prompts = False  # has deep visual prompts (the visual-token mode matters)
@@ -117,6 +119,7 @@ class PromptMethod(Method):
 
     visual: int | None = None
     text: int | None = None
+    kind = "m2pt"
     library = "m2pt-pipeline"
     prompts = True
     takes_init_adapter = True
@@ -148,6 +151,7 @@ class PromptMethod(Method):
 
 @dataclass(frozen=True)
 class LoraMethod(Method):
+    kind = "lora"
     library = "peft"
     takes_lora_flags = True
 
@@ -185,12 +189,12 @@ class FullMethod(Method):
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    PromptMethod("m2pt", "m2pt", "visual + textual prompts + projector"),
-    PromptMethod("visual", "m2pt", "visual prompts + projector", text=0),
-    PromptMethod("text", "m2pt", "textual prompts + projector", visual=0),
-    PromptMethod("projector", "m2pt", "the projector only", visual=0, text=0),
-    LoraMethod("lora", "lora", "LoRA on the LLM + projector"),
-    FullMethod("full", "full", "every weight"),
+    PromptMethod("m2pt", "visual + textual prompts + projector"),
+    PromptMethod("visual", "visual prompts + projector", text=0),
+    PromptMethod("text", "textual prompts + projector", visual=0),
+    PromptMethod("projector", "the projector only", visual=0, text=0),
+    LoraMethod("lora", "LoRA on the LLM + projector"),
+    FullMethod("full", "every weight"),
 )}
 METHODS = tuple(REGISTRY)
 
