@@ -28,7 +28,8 @@ class ChatConfig(Runtime, ModelSource):
     """The model to talk to and how it answers (every field is a flag)."""
 
     adapter: str | None = field(default=None, metadata={"help": (
-        "a training artifact: an M2PT adapter, a PEFT LoRA adapter or a fully fine-tuned model folder")})
+        "a training artifact: an M2PT adapter, a PEFT LoRA adapter or a fully fine-tuned model folder, or a Hub "
+        "repo id holding one (user/name[@revision], read through the Hugging Face cache)")})
     allow_other_base: bool = field(default=False, metadata={"help": (
         "use the adapter on a base other than the one it records (by default an error)")})
     image: Path | None = field(default=None, metadata={"type": Path, "help": (

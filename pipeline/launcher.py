@@ -24,6 +24,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def name_cpu_accelerator() -> None:
+    """DS_ACCELERATOR=cpu on a machine DeepSpeed would find no accelerator on, before deepspeed is imported.
+
+    Why: DeepSpeed's own detection ends on such a machine in a WARNING per process, "Setting accelerator to CPU. If
+    you have GPU or other accelerator, we were unable to detect it." - noise on every CPU run. A value the user set is
+    kept, and anything DeepSpeed could pick instead of the CPU (CUDA, MPS, an XPU / NPU / HPU / MLU extension) leaves
+    the choice to DeepSpeed's detection."""
+    import importlib.util
+
+    import torch
+
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    extensions = ("intel_extension_for_pytorch", "torch_npu", "habana_frameworks", "torch_mlu", "torch_sdaa")
+    if any(importlib.util.find_spec(m) is not None for m in extensions):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def map_launcher_env() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* when the launcher did not.
 

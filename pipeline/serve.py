@@ -46,8 +46,9 @@ class ServeConfig(Runtime, ModelSource):
 
     adapters: Path | None = field(default=None, metadata={"type": Path, "help": (
         "folder of M2PT adapters, one sub-folder each (the model name is the sub-folder's name), or one adapter "
-        "folder (served under its own name, e.g. out/default/adapter as 'adapter'); looked at again when a request "
-        "names an unknown model")})
+        "folder (served under its own name, e.g. out/default/adapter as 'adapter'), or a Hub repo id (user/name, "
+        "served under that name; read through the Hugging Face cache); looked at again when a request names an "
+        "unknown model")})
     base_id: str = field(default="base", metadata={"help": "the model name of the base without an adapter"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
     port: int = field(default=8000, metadata={"help": "port to listen on (0: any free port; the log says which)"})
@@ -85,9 +86,9 @@ def parse_args(argv=None):
 def check(cfg: ServeConfig) -> None:
     """Mistakes found before the model loads: a UsageError each."""
     from pipeline.errors import UsageError
+    from pipeline.serving.app import adapters_root
 
-    if cfg.adapters is not None and not cfg.adapters.is_dir():
-        raise UsageError(f"--adapters {cfg.adapters}: no such folder")
+    adapters_root(cfg.adapters)  # a missing folder, or a repo id not in the Hugging Face cache when offline
     if cfg.image_root is not None and not cfg.image_root.is_dir():
         raise UsageError(f"--image_root {cfg.image_root}: no such folder")
     if cfg.max_batch_size < 1 or cfg.batch_window_ms < 0 or cfg.max_new_tokens < 1:

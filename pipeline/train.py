@@ -16,10 +16,12 @@ process, and ends with a zero-shot table.
                    (data/stream.py)
   train_loop       train_step (the loss normalisation; the forward is core/step.py), a metrics line every
                    --logging_steps (training/records.py), checkpoints, stop signals (training/run_control.py)
-  finish           the final checkpoint, the adapter, the closing table on the embedded default
+  finish           the final checkpoint, the adapter and its model card (core/card.py), the closing table on the
+                   embedded default; then --push_to_hub (core/hub.py)
 
 Exit status: 0 finished, or stopped by a signal with a checkpoint (resume with --resume auto); 2 a usage or input
-mistake (one line starting "error:", before any work); 1 anything else (run_state.json then says "failed").
+mistake (one line starting "error:", before any work); 1 anything else (run_state.json then says "failed"; a
+failed --push_to_hub leaves a finished run "finished")
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import yaml
 
 from pipeline import defaults, launcher
+from pipeline.core import hub
 from pipeline.core.m2pt import M2PTConfig, num_visual_tokens
 from pipeline.core.methods import unwrap
 from pipeline.errors import CheckpointError, UsageError
 from pipeline.training import dist as pdist
 from pipeline.training import elastic
 from pipeline.training.checkpoint import Checkpointer, TrainingProgress
-from pipeline.training.config import TrainConfig, trackers
+from pipeline.training.config import CONFIG_FILE, TrainConfig, trackers
 from pipeline.training.config import parse_args as _parse_args
 from pipeline.training.loader import rank_loader
 from pipeline.training.plan import RunPlan, check_visual_tokens, count_steps, start_up_checks
@@ -131,10 +135,6 @@ def write_config(state: TrainState, plan: RunPlan, ckpt, model, n_train: int, n_
                 "resumed_from": str(ckpt) if ckpt else None, "run_id": state.run_id, "run_identity": plan.identity,
                 "run_name": state.cfg.run_name or state.out.name}
     (state.out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    import yaml
-
-    from pipeline.training.config import CONFIG_FILE
-
     (state.out / CONFIG_FILE).write_text(yaml.safe_dump(state.cfg.as_config_file(plan.m2pt_config), sort_keys=False))
 
 
@@ -336,7 +336,6 @@ def finish(state: TrainState) -> None:
             print(table, end="", flush=True)
     if state.rank == 0:  # the adapter's model card (pipeline/core/card.py), the closing table as its results
         from pipeline.core import card, methods
-        from pipeline.training.config import CONFIG_FILE
 
         card.write_card(adapter_dir, method=methods.get(state.cfg.method), base_name=state.base.name,
                         training=card.training_lines(state.cfg.record(), state.cfg.explicit, counts,
@@ -401,13 +400,13 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError, hub.PushError) as e:
         # User mistakes (a wrong path, a config that disagrees with the flags, an adapter for another model, a busy
         # output folder) and failed checkpoints (a full disk): one clear line, no traceback (M2PT_DEBUG=1 shows it).
         if os.environ.get("M2PT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, CheckpointError) else 2
+        return 1 if isinstance(e, (CheckpointError, hub.PushError)) else 2
     finally:
         pdist.close()
     return 0
@@ -430,11 +429,15 @@ def run(cfg: TrainConfig) -> dict:
     lock, plan = OutputLock(out), None
     try:
         plan = start_up_checks(cfg, rank, world, lock)
-        return train(cfg, plan, rank, world, stop)
+        result = train(cfg, plan, rank, world, stop)
+        if cfg.push_to_hub and rank == 0 and not result["stopped"]:  # after every rank's last collective
+            print(f"pushed to {hub.push(result['output_dir'] / 'adapter', cfg.push_to_hub)}", flush=True)
+        return result
     except BaseException as e:
         # Rank 0 of a run that passed its start-up checks only: a refused start (another run holds the folder, the
-        # folder holds a run of other settings, a bad flag) must not rewrite the folder's record.
-        if lock.held and plan is not None:
+        # folder holds a run of other settings, a bad flag) must not rewrite the folder's record, nor a finished
+        # run whose upload failed.
+        if lock.held and plan is not None and not isinstance(e, hub.PushError):
             first = (str(e).strip().splitlines() or [""])[0]
             write_run_state(out, state="failed", error=f"{type(e).__name__}: {first}")
         raise

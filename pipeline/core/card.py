@@ -10,12 +10,13 @@ config records one (the Hub resolves it; a local path would mislead). `license` 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from pipeline.core.hub import is_repo_id
+
 CARD = "README.md"
+RESULTS_HEADING = "\n## Results\n"
 TAGS = ["m2pt", "prompt-tuning", "llava", "multimodal"]
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 TEMPLATE = """---
 {{ card_data }}
@@ -37,7 +38,7 @@ TEMPLATE = """---
 
 def hub_base_model(base_name: str) -> str | None:
     """The Hub id of a base: the name itself when it is one, else what a local model folder's config.json records."""
-    if _HUB_ID.fullmatch(base_name or "") and not Path(base_name).exists():
+    if _plain_repo_id(base_name):
         return base_name
     cfg = Path(base_name or "") / "config.json"
     if base_name and cfg.is_file():
@@ -45,8 +46,13 @@ def hub_base_model(base_name: str) -> str | None:
             recorded = json.loads(cfg.read_text()).get("_name_or_path") or ""
         except (OSError, ValueError):
             return None
-        return recorded if _HUB_ID.fullmatch(recorded) and not Path(recorded).exists() else None
+        return recorded if _plain_repo_id(recorded) else None
     return None
+
+
+def _plain_repo_id(text: str) -> bool:
+    """A repo id without a revision: the form the card's `base_model` takes."""
+    return is_repo_id(text) and "@" not in text
 
 
 def training_lines(flags: dict, explicit, counts: dict, steps: int, world: int, module) -> list[str]:
@@ -84,6 +90,21 @@ def write_card(folder, *, method, base_name: str, training: list[str], settings_
         training="\n".join(f"- {line}" for line in training)
                  + f"\n\nThe run's settings (`train_config.yaml`; `--config` reads it back):\n\n```yaml\n"
                    f"{settings_yaml.rstrip()}\n```",
-        usage=usage, results=f"\n## Results\n\n{results.rstrip()}\n" if results else "")
+        usage=usage, results=f"{RESULTS_HEADING}\n{results.rstrip()}\n" if results else "")
     card.save(str(folder / CARD))
     return folder / CARD
+
+
+def add_results(folder, table: str, how: str) -> Path | None:
+    """Put `table` (markdown) into the card in `folder` as its Results section, replacing the one there; `how`: one
+    line saying what produced it (the command, the tasks). None when the folder has no card (nothing is made up)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / CARD
+    if not path.is_file():
+        return None
+    card = ModelCard.load(str(path))
+    body = card.text.split(RESULTS_HEADING)[0].rstrip()
+    card.text = f"{body}\n{RESULTS_HEADING}\n{how}\n\n{table.rstrip()}\n"
+    card.save(str(path))
+    return path

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.core.hub import resolve
+
 METHOD = "m2pt"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -479,7 +481,7 @@ def save_adapter(model, path, state_dict: dict[str, torch.Tensor] | None = None,
 
 
 def read_adapter_config(path) -> dict:
-    path = Path(path)
+    path = resolve(path)
     cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: no adapter config here (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
@@ -494,7 +496,7 @@ def load_adapter(base_model, path):
     base model) fail with an error naming the key and both shapes."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = resolve(path)  # a folder, or a Hub repo id through the Hugging Face cache
     meta = read_adapter_config(path)
     cfg = M2PTConfig.from_dict(meta["m2pt_config"])
     model = attach_m2pt(base_model, cfg)

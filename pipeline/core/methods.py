@@ -253,10 +253,11 @@ class Artifact:
 
 
 def read_artifact(path) -> Artifact:
-    """What an artifact folder holds; a clear error for a folder that is none of them."""
+    """What an artifact folder (or Hub repo id: core/hub.py) holds; a clear error for one that is none of them."""
+    from pipeline.core.hub import resolve
     from pipeline.core.m2pt import read_adapter_config
 
-    path = Path(path)
+    path = resolve(path)
     cfg_file = path / "adapter_config.json"
     if cfg_file.is_file():
         meta = json.loads(cfg_file.read_text())

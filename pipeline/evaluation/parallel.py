@@ -110,7 +110,7 @@ def fingerprint(cfg, adapter: str | None, artifact, dtype: str, system_prompt: s
     methods.Artifact (None for the base)."""
     parts = {
         "model": [_source_stamps(s) for s in (cfg.model, cfg.model_llm, cfg.model_vision, cfg.mm_projector)],
-        "adapter": _file_stamps(Path(adapter), content=not artifact.method.is_model) if adapter else None,
+        "adapter": _file_stamps(artifact.path, content=not artifact.method.is_model) if adapter else None,
         "kind": artifact.kind if artifact else None, "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "seed": cfg.seed if cfg.temperature > 0 else None, "dtype": dtype, "system": system_prompt}

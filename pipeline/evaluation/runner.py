@@ -37,7 +37,8 @@ class EvalConfig(Runtime, ModelSource):
 
     adapter: list | None = field(default=None, metadata={"nargs": "*", "help": (
         "one or more training artifacts, one row each: M2PT adapters (--method m2pt / visual / text / projector), "
-        "PEFT LoRA adapters (--method lora) or model folders (--method full)")})
+        "PEFT LoRA adapters (--method lora) or model folders (--method full); each a folder or a Hub repo id "
+        "(user/name[@revision], read through the Hugging Face cache; HF_HUB_OFFLINE=1: the cache only)")})
     names: list | None = field(default=None, metadata={"nargs": "*", "help": (
         "table row names for the --adapter artifacts, in order (default: from their paths, with as many parent "
         "folders as it takes to tell them apart)")})
@@ -217,7 +218,7 @@ def load_row_model(cfg: EvalConfig, adapter: str | None, artifact: Artifact | No
 
     dtype = getattr(torch, resolve_dtype(cfg.dtype, cfg.device))
     if artifact is not None and artifact.method.is_model:  # a fully fine-tuned model folder is the model
-        base = defaults.load_base(adapter, dtype=dtype)
+        base = defaults.load_base(str(artifact.path), dtype=dtype)
         return base, base.model
     base = cfg.load_base(dtype=dtype)
     return base, (artifact.load(base.model) if artifact is not None else base.model)
@@ -350,6 +351,29 @@ def evaluate(cfg: EvalConfig) -> dict:
         if ranks.rank != 0:
             return {}
         write_outputs(cfg.output_dir, results, plan.titles)
+        update_cards(cfg, plan, results)
         return results
     finally:
         ranks.close()
+
+
+def update_cards(cfg: EvalConfig, plan: EvalPlan, results: dict) -> None:
+    """Each scored artifact folder that has a model card (core/card.py) gets its row, beside this evaluation's
+    majority-answer and base rows, as the card's Results section. A repo id's snapshot in the Hugging Face cache is
+    left as downloaded; a card that cannot be written is logged, not an error (the results are in --output_dir)."""
+    from pipeline.core import card
+    from pipeline.core.hub import is_repo_id
+
+    refs = {k: results[k] for k in (MAJORITY, "base") if k in results}
+    how = (f"Zero-shot, scored by `python -m pipeline.evaluate` on `{cfg.base_name()}`: "
+           f"{', '.join(plan.items)} ({sum(len(v) for v in plan.items.values()):,} questions).")
+    for name, adapter, artifact in plan.runs:
+        if artifact is None or name not in results or is_repo_id(adapter):
+            continue
+        try:
+            written = card.add_results(artifact.path, markdown_table(refs | {name: results[name]}, plan.titles), how)
+        except (OSError, ValueError) as e:
+            log.warning("%s: the model card's results could not be written (%s)", artifact.path, e)
+            continue
+        if written:
+            log.info("%s: results added to the model card", written)

@@ -46,8 +46,9 @@ class AdapterFolder:
     """The `--adapters` folder, kept as it is on disk: one adapter per sub-folder, named after it, or, when the folder
     is itself an adapter (a training run's OUTPUT/adapter), that one adapter under the folder's name."""
 
-    def __init__(self, bank: AdapterBank, root: Path | None):
+    def __init__(self, bank: AdapterBank, root: Path | None, name: str | None = None):
         self.bank, self.root = bank, root
+        self.name = name  # the single adapter's model name when not its folder's (a Hub repo id's snapshot)
         self.loaded: dict[str, tuple] = {}  # name -> the signature of the files it was loaded from
         self.failed: dict[str, tuple[tuple, str]] = {}  # name -> (signature, why it was refused)
         self.noted: dict[str, str] = {}  # name -> why it is not served, as last logged
@@ -75,13 +76,13 @@ class AdapterFolder:
 
     def _folders(self) -> dict[str, Path]:
         if self.single:
-            return {self.root.name: self.root}
+            return {self.name or self.root.name: self.root}
         return {p.name: p for p in self.root.iterdir() if p.is_dir()}
 
     def _folder_of(self, name: str) -> Path | None:
         """Where adapter `name` would be (None: nowhere it could be)."""
         if self.single:
-            return self.root if name == self.root.name else None
+            return self.root if name == (self.name or self.root.name) else None
         return self.root / name if _plain_name(name) else None
 
     def describe(self) -> None:
@@ -296,8 +297,24 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
+def adapters_root(given) -> tuple[Path | None, str | None]:
+    """(folder, model name) of --adapters: a folder as it is; a Hub repo id (core/hub.py) as its snapshot in the
+    Hugging Face cache, served under the repo id. A UsageError when it is neither."""
+    from pipeline.core.hub import is_repo_id, resolve
+    from pipeline.errors import UsageError
+
+    if given is None or Path(given).is_dir():
+        return given and Path(given), None
+    if not is_repo_id(str(given)):
+        raise UsageError(f"--adapters {given}: no such folder")
+    try:
+        return resolve(given), str(given)
+    except FileNotFoundError as e:
+        raise UsageError(f"--adapters {e}") from None
+
+
 def create_app(bank: AdapterBank, batcher: Batcher, cfg):
-    folder = AdapterFolder(bank, cfg.adapters)
+    folder = AdapterFolder(bank, *adapters_root(cfg.adapters))
     folder.refresh()
     folder.describe()
     app = FastAPI(title="M2PT adapters", docs_url=None, redoc_url=None)

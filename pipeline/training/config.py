@@ -139,6 +139,10 @@ class TrainConfig(ModelSource):
                          "all, or none; several as a list or comma-separated", nargs="+", type=str)
     dist_timeout: int = _f("logging", int(os.environ.get("M2PT_DIST_TIMEOUT", 1800)),
                            "seconds before a stuck collective fails instead of hanging")
+    push_to_hub: str | None = _f("logging", None, "after the final adapter (and its model card) is written, rank 0 "
+                                 "uploads OUTPUT/adapter to this Hub model repo, user/name (created if missing). A "
+                                 "token (hf auth login, or HF_TOKEN) and the Hub are checked before the model loads; "
+                                 "`python -m pipeline.push` uploads a finished run's folder later")
     final_eval: bool = _f("logging", True, "end a run on the embedded default data with the zero-shot table (base "
                           "vs the new adapter on the held-out task types)",
                           no_help="skip the zero-shot table that ends a run on the embedded default data")

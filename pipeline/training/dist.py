@@ -8,13 +8,14 @@ import datetime
 import logging
 import os
 
-from pipeline.launcher import PortTakenError, map_launcher_env
+from pipeline.launcher import PortTakenError, map_launcher_env, name_cpu_accelerator
 
 log = logging.getLogger(__name__)
 
 
 def init(timeout_s: int) -> tuple[int, int, int]:
     """Initialise deepspeed.comm; returns (rank, world_size, local_rank)."""
+    name_cpu_accelerator()
     import deepspeed
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator

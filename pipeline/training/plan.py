@@ -57,6 +57,10 @@ def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PT
     check_trackers(trackers(cfg.report_to))
     if cfg.resume not in (None, "auto"):
         find_resume(cfg.output_dir, cfg.resume)  # a damaged checkpoint: one line naming what is missing
+    if cfg.push_to_hub:  # hours later is too late to find there is no token
+        from pipeline.core.hub import check_can_push
+
+        check_can_push(cfg.push_to_hub)
     return ds_config(cfg.deepspeed, cfg, world), resolve_m2pt_config(cfg)
 
 

@@ -392,3 +392,36 @@ def test_vqa_normalisation_follows_the_official_rule(answer, official):
 
     assert vqa_normalize(answer) == official
     assert vqa_accuracy(answer, [official] * 10) == 1.0
+
+
+def test_evaluating_an_adapter_puts_its_row_into_its_model_card(tmp_path):
+    """The card training writes (core/card.py) gains this evaluation's table as its Results section: the adapter's
+    row beside the majority answer and the base; a second evaluation replaces it, the metadata stays."""
+    import torch
+    from huggingface_hub import ModelCard
+
+    from pipeline.core import card, methods
+    from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
+    from pipeline.demo.tiny import build_tiny
+    from pipeline.evaluation.runner import EvalConfig, evaluate
+
+    m = attach_m2pt(build_tiny().model, M2PTConfig(seed=2))
+    with torch.no_grad():
+        for p in m.m2pt.parameters():
+            p.mul_(30)
+    folder = save_adapter(m, tmp_path / "mine", base_name="tiny")
+    card.write_card(folder, method=methods.get("m2pt"), base_name="tiny", training=["data: a test"],
+                    settings_yaml="method: m2pt")
+    res = evaluate(EvalConfig(adapter=[str(folder)], with_base=True, limit=2, output_dir=tmp_path / "e1"))
+    text = (folder / card.CARD).read_text()
+    assert text.count("## Results") == 1
+    results = text.split("## Results")[1]
+    assert "Zero-shot, scored by `python -m pipeline.evaluate` on `tiny`" in results
+    for row in ("majority answer", "base", "mine"):
+        cells = [c.strip() for c in next(x for x in results.splitlines() if x.startswith(f"| {row} |")).split("|")]
+        assert cells[2:-1] == [f"{res[row]['tasks'][t]['score']:.1f}" for t in res[row]["tasks"]], row
+    evaluate(EvalConfig(adapter=[str(folder)], limit=2, output_dir=tmp_path / "e2"))  # no base row this time
+    again = ModelCard.load(str(folder / card.CARD))
+    assert again.text.count("## Results") == 1 and "| base |" not in again.text and "| mine |" in again.text
+    assert again.data.library_name == "m2pt-pipeline" and "m2pt" in again.data.tags
+    assert "data: a test" in again.text  # the training section is kept

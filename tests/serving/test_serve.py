@@ -558,3 +558,61 @@ def test_adapters_may_name_one_adapter_folder_and_an_empty_folder_is_told(world,
         folder.refresh()
         folder.describe()
     assert f"--adapters {empty} holds no M2PT adapter" in caplog.text
+
+
+def _lmms_eval_payload(model, question, image_path, max_new_tokens):
+    """A request as lmms-eval's `openai_compatible` model builds it (lmms_eval/models/simple/openai_compatible.py):
+    the image opened, converted to RGB and re-encoded as PNG into a data: URL placed after the text, max_tokens from
+    the task's generation_kwargs (1024 when it gives none), temperature 0."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(image_path).convert("RGB").save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode("utf-8")
+    return {"model": model, "max_tokens": max_new_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": question},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}]}]}
+
+
+@pytest.mark.slow
+def test_requests_shaped_as_the_evaluation_kits_send_them_get_evaluates_answers(world, server):
+    """The bridge to lmms-eval and VLMEvalKit (docs/evaluation_kits.md): lmms-eval's requests, sent concurrently with
+    AsyncOpenAI as it sends them, get the answers `pipeline.evaluate` generates; VLMEvalKit's (a JPEG data URL with
+    `detail`, n=1, its own POST) are answered, and its default max_tokens 2048 is refused with the flag to raise."""
+    import asyncio
+
+    import requests
+    from openai import AsyncOpenAI
+
+    _, _, items, alone = world
+    proc, port, log = server
+
+    async def ask_all():
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        jobs = [client.chat.completions.create(**_lmms_eval_payload(name, it["question"], it["image"], NEW_TOKENS))
+                for name in ("base", "a", "b") for it in items]
+        return [r.choices[0].message.content for r in await asyncio.gather(*jobs)]
+
+    answers = asyncio.run(ask_all())
+    assert answers == alone["base"] + alone["a"] + alone["b"]
+    assert len(set(answers)) > 3  # the adapters answer differently: a test that cannot pass by accident
+
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(items[0]["image"]).convert("RGB").save(buf, format="JPEG")
+    content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
+        buf.getvalue()).decode(), "detail": "low"}}, {"type": "text", "text": items[0]["question"]}]
+    for max_tokens, status in ((NEW_TOKENS, 200), (2048, 400)):
+        r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer sesame"},
+                          data=json.dumps({"model": "a", "messages": [{"role": "user", "content": content}], "n": 1,
+                                           "temperature": 0, "max_tokens": max_tokens}))
+        assert r.status_code == status, r.text
+        if status == 200:
+            assert r.json()["choices"][0]["message"]["content"]
+    assert r.json()["error"]["param"] == "max_tokens" and "1024" in r.json()["error"]["message"], r.text

@@ -371,3 +371,29 @@ def test_embedded_shards_are_kept_per_visual_token_count():
     assert folder() == DATA_HOME / "sample_shards-vt26"
     assert folder("--visual_prompt_length", "20") == DATA_HOME / "sample_shards-vt36"
     assert folder("--method", "lora") == DATA_HOME / "sample_shards-vt16"
+
+
+def test_a_cpu_run_names_its_accelerator_instead_of_warning_that_it_found_none(shards, tmp_path):
+    """Without DS_ACCELERATOR, DeepSpeed's detection warned "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it." in every rank (issue 35); a rank now names the CPU itself where no
+    accelerator is there, and a value the user set is kept."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    r = subprocess.run(train_cmd(*train_args(shards, tmp_path / "run", "--max_steps", "2")), env=env,
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Setting accelerator" not in r.stdout + r.stderr
+    assert "trained 8 samples" in r.stdout
+    from pipeline import launcher
+
+    nothing_else = not torch.cuda.is_available()  # on a GPU machine DeepSpeed's own detection picks it
+    for given, left in ((None, "cpu" if nothing_else else None), ("cuda", "cuda")):
+        env = dict(os.environ)
+        try:
+            os.environ.pop("DS_ACCELERATOR", None)
+            if given:
+                os.environ["DS_ACCELERATOR"] = given
+            launcher.name_cpu_accelerator()
+            assert os.environ.get("DS_ACCELERATOR") == left
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
