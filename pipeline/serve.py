@@ -18,8 +18,9 @@ official client:
         {"type": "text", "text": "What colour is the bigger object?"}]}])
 
 Requests that arrive within --batch_window_ms of each other are decoded in one batch (up to --max_batch_size),
-whatever adapters they name: each adapter's textual prompts are a key/value prefix computed once when it loads, its
-visual prompts and projector encode its rows' images (pipeline/serving/). Greedy answers (temperature 0, the
+whatever adapters they name, and requests arriving while it decodes join it between two steps (continuous batching;
+each row is answered when it ends): each adapter's textual prompts are a key/value prefix computed once when it
+loads, its visual prompts and projector encode its rows' images (pipeline/serving/). Greedy answers (temperature 0, the
 default here) are those `pipeline.evaluate` generates. A request's values, image size (--max_image_pixels) and
 body size (--max_request_mb) are checked before it joins a batch; a client that goes takes its row out of the batch.
 SIGTERM (or Ctrl-C) stops accepting requests, finishes the ones in flight and exits 0. LoRA adapters and fully
@@ -63,6 +64,10 @@ class ServeConfig(Runtime, ModelSource):
     mix_adapters: bool = field(default=True, metadata={
         "help": "Decode the requests of different adapters in one batch.",
         "no_help": "Keep each batch to one adapter's requests (what serving without mixing does; for comparison)."})
+    continuous_batching: bool = field(default=True, metadata={
+        "help": "Let requests join a running batch between its decode steps, and answer each row when it ends.",
+        "no_help": "Run each batch until its last row ends; requests arriving meanwhile wait for the next batch (for "
+                   "comparison)."})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length when a request gives no max_tokens"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "the largest max_tokens a request may ask for"})
     max_request_mb: float = field(default=32.0, metadata={"help": (
@@ -119,7 +124,7 @@ def serve(cfg: ServeConfig) -> int:
 
     cfg.api_key = cfg.api_key or os.environ.get("M2PT_API_KEY") or None
     bank = load_bank(cfg)
-    batcher = Batcher(bank, cfg.batch_window_ms, cfg.max_batch_size, cfg.mix_adapters)
+    batcher = Batcher(bank, cfg.batch_window_ms, cfg.max_batch_size, cfg.mix_adapters, cfg.continuous_batching)
     app = create_app(bank, batcher, cfg)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

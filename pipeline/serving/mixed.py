@@ -144,36 +144,101 @@ def _prefill(bank: AdapterBank, rows: list[Row]):
     return out, cache, mask, pos
 
 
-@torch.no_grad()
+class Decoding:
+    """A batch in flight (iteration-level scheduling): `choose` gives each live row its next token, `advance` lets the
+    rows that finished leave (EOS, their max_new_tokens, or `cancelled`) and runs one decode step for the others, and
+    `join` adds rows between steps. Rows are numbered in the order they came (`rows`); a step's list has one entry per
+    row, None for a row not in the batch.
+
+    Why a joining row's answer does not change: it is prefilled on its own (its prefix, its prompt, its positions),
+    then its cache is laid beside the running rows', the shorter side left-padded with keys the mask hides. Every row
+    keeps its own positions, so what it attends to is what it would attend to alone."""
+
+    def __init__(self, bank: AdapterBank, rows: list[Row]):
+        self.bank, self.rows, self.live, self.left = bank, [], [], []
+        self.cache = self.mask = self.pos = self.hidden = self.tokens = None
+        self.join(rows)
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    @torch.no_grad()
+    def join(self, rows: list[Row]) -> None:
+        out, cache, mask, pos = _prefill(self.bank, rows)
+        self.live += range(len(self.rows), len(self.rows) + len(rows))
+        self.rows += rows
+        self.left += [r.max_new_tokens for r in rows]
+        hidden, pos = out.last_hidden_state[:, -1], pos[:, -1:]
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.hidden = cache, mask, pos, hidden
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        kv = [(torch.cat([_left_pad(a.keys, width, 2), _left_pad(b.keys, width, 2)]),
+               torch.cat([_left_pad(a.values, width, 2), _left_pad(b.values, width, 2)]))
+              for a, b in zip(self.cache.layers, cache.layers)]
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=language_model(self.bank.model).config)
+        prefix.fill(self.cache, kv)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.pos = torch.cat([self.pos, pos])
+        self.hidden = torch.cat([self.hidden, hidden])
+
+    @torch.no_grad()
+    def choose(self) -> list[int | None]:
+        """Each live row's next token (None for the others)."""
+        eos = self.bank.base.tokenizer.eos_token_id
+        active = [self.rows[i] for i in self.live]
+        self.tokens = _choose(active, _logits(self.bank, active, self.hidden))
+        step: list[int | None] = [None] * len(self.rows)
+        for i, t in zip(self.live, self.tokens.tolist()):
+            step[i] = t
+            self.left[i] = 0 if t == eos else self.left[i] - 1
+        return step
+
+    @torch.no_grad()
+    def advance(self) -> list[int]:
+        """The rows that finished leave (their cache, mask and position rows are dropped, so later steps cost what
+        the remaining rows cost); the others take one decode step. Returns the rows that left."""
+        keep = [k for k, i in enumerate(self.live) if self.left[i] > 0 and not self.rows[i].cancelled]
+        gone = [i for k, i in enumerate(self.live) if k not in set(keep)]
+        if not keep:
+            self.live, self.cache = [], None
+            return gone
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.live), 1)], dim=1)
+        pos, tokens = self.pos + 1, self.tokens
+        if gone:
+            index = torch.tensor(keep, device=self.bank.device)
+            self.cache.batch_select_indices(index)
+            mask, pos, tokens = mask[index], pos[index], tokens[index]
+            self.live = [self.live[k] for k in keep]
+        lm = language_model(self.bank.model)
+        out = lm(inputs_embeds=lm.embed_tokens(tokens[:, None]), attention_mask=mask, position_ids=pos,
+                 past_key_values=self.cache, use_cache=True)
+        self.mask, self.pos, self.hidden = mask, pos, out.last_hidden_state[:, -1]
+        return gone
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`x` grown to `width` along `dim` with zeros in front (padding keys and values, or 0 in a mask)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 def decode(bank: AdapterBank, rows: list[Row]):
     """Yields, per decoding step, each row's new token id (None once the row has finished: EOS, its max_new_tokens,
-    or `cancelled` set while it ran). A finished row leaves the batch: its cache, mask and position rows are dropped
-    before the next step, so the steps after it cost what the remaining rows cost."""
-    eos = bank.base.tokenizer.eos_token_id
-    lm = language_model(bank.model)
-    out, cache, mask, pos = _prefill(bank, rows)
-    live = list(range(len(rows)))  # the rows still in the batch, by their index in `rows`
-    left = [r.max_new_tokens for r in rows]
+    or `cancelled` set while it ran): a Decoding no row joins."""
+    batch = Decoding(bank, rows)
     while True:
-        active = [rows[i] for i in live]
-        tokens = _choose(active, _logits(bank, active, out.last_hidden_state[:, -1]))
-        step: list[int | None] = [None] * len(rows)
-        for i, t in zip(live, tokens.tolist()):
-            step[i] = t
-            left[i] = 0 if t == eos else left[i] - 1
-        yield step
-        keep = [k for k, i in enumerate(live) if left[i] > 0 and not rows[i].cancelled]
-        if not keep:
+        yield batch.choose()
+        batch.advance()
+        if batch.done:
             return
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=bank.device)
-            cache.batch_select_indices(index)
-            mask, pos, tokens = mask[index], pos[index], tokens[index]
-            live = [live[k] for k in keep]
-        out = lm(inputs_embeds=lm.embed_tokens(tokens[:, None]), attention_mask=mask, position_ids=pos,
-                 past_key_values=cache, use_cache=True)
 
 
 def answers(bank: AdapterBank, rows: list[Row]) -> list[str]:

@@ -577,17 +577,25 @@ def _lmms_eval_payload(model, question, image_path, max_new_tokens):
 
 
 @pytest.mark.slow
-def test_requests_shaped_as_the_evaluation_kits_send_them_get_evaluates_answers(world, server):
+def test_requests_shaped_as_the_evaluation_kits_send_them_get_evaluates_answers(world, tmp_path):
     """The bridge to lmms-eval and VLMEvalKit (docs/evaluation_kits.md): lmms-eval's requests, sent concurrently with
     AsyncOpenAI as it sends them, get the answers `pipeline.evaluate` generates; VLMEvalKit's (a JPEG data URL with
     `detail`, n=1, its own POST) are answered, and its default max_tokens 2048 is refused with the flag to raise."""
+
+    root, _, items, alone = world
+    server = _running_server(tmp_path / "serve.log", "--adapters", str(root), "--api_key", "sesame")
+    proc, port, log = next(server)
+    try:
+        _ask_as_the_kits_do(port, items, alone)
+    finally:
+        server.close()
+
+
+def _ask_as_the_kits_do(port, items, alone):
     import asyncio
 
     import requests
     from openai import AsyncOpenAI
-
-    _, _, items, alone = world
-    proc, port, log = server
 
     async def ask_all():
         client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
@@ -616,3 +624,100 @@ def test_requests_shaped_as_the_evaluation_kits_send_them_get_evaluates_answers(
         if status == 200:
             assert r.json()["choices"][0]["message"]["content"]
     assert r.json()["error"]["param"] == "max_tokens" and "1024" in r.json()["error"]["message"], r.text
+
+
+# ------------------------------------------------------------------------------ continuous batching (issue 34)
+def _in_waves(batcher, waves, every=3):
+    """Submit `waves` of rows: the first at once, each next one when row 0 has received `every` more tokens. Returns
+    {row number: (tokens, how it ended, tokens row 0 had received by then)}."""
+    import asyncio
+
+    async def run():
+        counts, ended, tasks = {}, {}, []
+        progress = asyncio.Condition()
+
+        async def read(k, out):
+            tokens = []
+            while True:
+                kind, value = await out.get()
+                if kind != "token":
+                    ended[k] = (tokens, kind, counts.get(0, 0))
+                    return
+                tokens.append(value)
+                counts[k] = len(tokens)
+                async with progress:
+                    progress.notify_all()
+
+        for w, rows in enumerate(waves):
+            async with progress:
+                await progress.wait_for(lambda need=w * every: counts.get(0, 0) >= need)
+            for r in rows:
+                tasks.append(asyncio.create_task(read(len(tasks), batcher.submit(r))))
+        await asyncio.gather(*tasks)
+        return ended
+
+    return asyncio.run(run())
+
+
+def _image_row(bank, items, name, k, max_new=NEW_TOKENS, **kw):
+    from pipeline.evaluation.generate import _load_image
+    from pipeline.serving import mixed
+
+    adapter = bank.get(name)
+    return mixed.Row(adapter, mixed.encode(bank, adapter, "<image>\n" + items[k]["question"]),
+                     _load_image(items[k]["image"], bank.base.image_processor), max_new, **kw)
+
+
+def test_rows_that_join_a_running_batch_get_the_answer_of_their_adapter_alone(world):
+    """Continuous batching: rows of every adapter join a running batch in three waves while others leave it, and
+    each streamed answer (and its whole text) is the one its adapter gives alone."""
+    from pipeline.serving import mixed
+    from pipeline.serving.batcher import Batcher
+
+    _, paths, items, alone = world
+    bank = _bank(paths)
+    eos = {bank.base.tokenizer.eos_token_id: -100.0}
+    anchor = _image_row(bank, items, "c", 0, max_new=40, logit_bias=eos)  # long enough for every wave to join
+    anchor_alone = mixed.answers(bank, [_image_row(bank, items, "c", 0, max_new=40, logit_bias=eos)])[0]
+    names = ["base", *ADAPTERS]
+    asked = [(names[k % len(names)], k % len(items)) for k in range(12)]
+    waves = [[anchor] + [_image_row(bank, items, n, k) for n, k in asked[:3]],
+             [_image_row(bank, items, n, k) for n, k in asked[3:7]],
+             [_image_row(bank, items, n, k) for n, k in asked[7:]]]
+    batcher = Batcher(bank, window_ms=0, max_batch_size=16)
+    try:
+        got = _in_waves(batcher, waves)
+    finally:
+        batcher.stop()
+    assert batcher.batches == 1 and batcher.sizes == [13]  # every wave joined the one running batch
+    tok = bank.base.tokenizer
+    text = {k: tok.decode(t, skip_special_tokens=True).strip() for k, (t, _, _) in got.items()}
+    assert text[0] == anchor_alone and len(got[0][0]) == 40
+    assert [text[k + 1] for k in range(12)] == [alone[n][k] for n, k in asked]
+    assert {got[k][2] for k in range(5, 13)} != {0}  # the later waves were asked while the anchor decoded
+    assert all(kind == "end" for _, kind, _ in got.values())
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_short_request_sent_during_a_long_batch_ends_before_it(world, continuous):
+    """A 2-token request sent while a 200-token one decodes is answered after about its own 2 steps; without
+    continuous batching it waits for the whole long answer (which shows the test can tell them apart)."""
+    from pipeline.serving.batcher import Batcher
+
+    _, paths, items, alone = world
+    bank = _bank(paths)
+    eos = {bank.base.tokenizer.eos_token_id: -100.0}
+    long = _image_row(bank, items, "a", 0, max_new=200, logit_bias=eos)
+    short = _image_row(bank, items, "b", 1, max_new=2)
+    batcher = Batcher(bank, window_ms=0, max_batch_size=16, continuous=continuous)
+    try:
+        got = _in_waves(batcher, [[long], [short]], every=5)
+    finally:
+        batcher.stop()
+    long_tokens_when_short_ended = got[1][2]
+    assert len(got[0][0]) == 200 and len(got[1][0]) == 2
+    if continuous:
+        assert 5 <= long_tokens_when_short_ended <= 5 + 4, got[1][2]  # joined at the next step, 2 steps to go
+        assert batcher.batches == 1
+    else:
+        assert long_tokens_when_short_ended == 200 and batcher.batches == 2
