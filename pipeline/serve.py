@@ -66,8 +66,8 @@ class ServeConfig(Runtime, ModelSource):
         "no_help": "Keep each batch to one adapter's requests (what serving without mixing does; for comparison)."})
     continuous_batching: bool = field(default=True, metadata={
         "help": "Let requests join a running batch between its decode steps, and answer each row when it ends.",
-        "no_help": "Run each batch until its last row ends; requests arriving meanwhile wait for the next batch (for "
-                   "comparison)."})
+        "no_help": "Keep each batch to the rows it started with, until its last row ends; requests arriving "
+                   "meanwhile wait for the next batch (for comparison)."})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length when a request gives no max_tokens"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "the largest max_tokens a request may ask for"})
     max_request_mb: float = field(default=32.0, metadata={"help": (

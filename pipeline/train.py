@@ -110,7 +110,7 @@ class TrainState:
     progress: TrainingProgress
     metrics: MetricsWriter
     loader: Iterator[dict] | None  # batches; set last by `setup` (its worker processes must be stopped on exit)
-    bar: tqdm
+    bar: tqdm  # set by `setup` after the start-up log lines (which must not share the bar's first line)
     n_samples: int
     steps_per_epoch: int
     total_steps: int
@@ -179,16 +179,16 @@ def setup(cfg: TrainConfig, plan: RunPlan, rank: int, world: int) -> TrainState:
     progress = TrainingProgress()
     ckpt = checkpointer.resume(plan.ckpt, progress, universal)
     run_id = uuid.uuid4().hex[:12]
-    bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
     device = pdist.device()
     peak, peak_from = (cfg.peak_tflops, "--peak_tflops") if cfg.peak_tflops else peak_tflops(device, dtype)
     state = TrainState(cfg, rank, world, device, dtype, out, base, engine, scheduler, checkpointer, progress,
                        MetricsWriter(out, rank, trackers(cfg.report_to), run_id, cfg.run_name or out.name,
-                                     cfg.record(plan.m2pt_config)), None, bar, n_samples, steps_per_epoch,
+                                     cfg.record(plan.m2pt_config)), None, None, n_samples, steps_per_epoch,
                        total_steps, run_id, FlopModel.from_model(model), peak)
     if rank == 0:
         _announce(state, plan, ckpt, model, n_train, n_total, peak_from)
+    state.bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=rank != 0, dynamic_ncols=True)
     # Last: once its worker processes exist, every exit path must stop them (train()'s finally; see close_loader).
     state.loader = rank_loader(cfg, plan, base, model, progress, rank, world)
     return state
