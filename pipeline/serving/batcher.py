@@ -151,34 +151,45 @@ class Batcher:
         eos = self.bank.base.tokenizer.eos_token_id
         last: list[int | None] = [None] * len(batch)
         try:
+            self.batches += 1
+            self.sizes.append(len(batch))  # the rows it served in all, once it ends
             with self.bank.lock:
-                self.batches += 1
-                self.sizes.append(len(batch))  # the rows it served in all, once it ends
                 running = Decoding(self.bank, [j.row for j in batch])
-                while not running.done:
-                    for i, t in enumerate(running.choose()):
-                        if t is None:
-                            continue
-                        last[i] = t
-                        if skip:
-                            skip -= 1
-                            continue
-                        sent[i] += 1
-                        batch[i].push("token", t)
-                    for i in running.advance():
-                        self._end(batch[i], last[i], sent[i], eos)
-                        ended.add(i)
-                    new = self._joiners(self.max_batch - len(running.live), batch[0].row.adapter) if joining else []
-                    if new:  # in the batch first: if joining fails, they are decoded again with the others
-                        batch += new
-                        sent += [0] * len(new)
-                        last += [None] * len(new)
-                        self.sizes[-1] = len(batch)
-                        running.join([j.row for j in new])
+            while not running.done:
+                # The bank's lock per step, not per batch: a continuous batch lasts as long as requests keep coming,
+                # and an adapter being loaded (bank.add) must get in between two steps, not wait for a lull.
+                with self.bank.lock:
+                    skip = self._step(running, batch, sent, last, ended, skip, eos, joining)
+                time.sleep(0)  # hand the lock over to a waiting loader now, not at the next GIL switch
         except Exception as e:  # noqa: BLE001 - a failing batch must answer its requests, not kill the server
             log.exception("a batch of %d failed", len(batch))
             return f"{type(e).__name__}: {e}"
         return None
+
+    def _step(self, running: Decoding, batch: list[Job], sent: list[int], last: list, ended: set[int], skip: int,
+              eos: int, joining: bool) -> int:
+        """One decode step of `running`: tokens pushed, finished rows answered, waiting rows joined. Returns the
+        tokens still to skip."""
+        for i, t in enumerate(running.choose()):
+            if t is None:
+                continue
+            last[i] = t
+            if skip:
+                skip -= 1
+                continue
+            sent[i] += 1
+            batch[i].push("token", t)
+        for i in running.advance():
+            self._end(batch[i], last[i], sent[i], eos)
+            ended.add(i)
+        new = self._joiners(self.max_batch - len(running.live), batch[0].row.adapter) if joining else []
+        if new:  # in the batch first: if joining fails, they are decoded again with the others
+            batch += new
+            sent += [0] * len(new)
+            last += [None] * len(new)
+            self.sizes[-1] = len(batch)
+            running.join([j.row for j in new])
+        return skip
 
     @staticmethod
     def _end(job: Job, last: int | None, n: int, eos: int) -> None:

@@ -721,3 +721,37 @@ def test_a_short_request_sent_during_a_long_batch_ends_before_it(world, continuo
         assert batcher.batches == 1
     else:
         assert long_tokens_when_short_ended == 200 and batcher.batches == 2
+
+
+def test_an_adapter_loads_while_a_continuous_batch_runs(world, tmp_path):
+    """A continuous batch can run for as long as requests come: the bank's lock is taken per decode step, so an
+    adapter being loaded gets in between two steps instead of waiting for the batch to end."""
+    import asyncio
+    import threading
+
+    from pipeline.serving import mixed
+    from pipeline.serving.batcher import Batcher
+
+    _, paths, _, _ = world
+    bank = _bank({"a": paths["a"]})
+    a = bank.get("a")
+    long = mixed.Row(a, mixed.encode(bank, a, "hello"), None, 400,
+                     logit_bias={bank.base.tokenizer.eos_token_id: -100.0})
+    batcher = Batcher(bank, window_ms=0, max_batch_size=16)
+    loaded_at: list[int] = []
+
+    async def run():
+        out, n, loader = batcher.submit(long), 0, None
+        while (await out.get())[0] == "token":
+            n += 1
+            if n == 5:
+                loader = threading.Thread(target=lambda: (bank.add("b", paths["b"]), loaded_at.append(n)))
+                loader.start()
+        loader.join()
+        return n
+
+    try:
+        assert asyncio.run(run()) == 400
+    finally:
+        batcher.stop()
+    assert loaded_at and loaded_at[0] < 400, loaded_at  # loaded while the batch still decoded
