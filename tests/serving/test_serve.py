@@ -740,15 +740,17 @@ def test_an_adapter_loads_while_a_continuous_batch_runs(world, tmp_path):
     batcher = Batcher(bank, window_ms=0, max_batch_size=16)
     loaded_at: list[int] = []
 
+    seen = {"tokens": 0}  # read by the loader when it is done: how far the batch had got by then
+
     async def run():
-        out, n, loader = batcher.submit(long), 0, None
+        out, loader = batcher.submit(long), None
         while (await out.get())[0] == "token":
-            n += 1
-            if n == 5:
-                loader = threading.Thread(target=lambda: (bank.add("b", paths["b"]), loaded_at.append(n)))
+            seen["tokens"] += 1
+            if seen["tokens"] == 5:
+                loader = threading.Thread(target=lambda: (bank.add("b", paths["b"]), loaded_at.append(seen["tokens"])))
                 loader.start()
         loader.join()
-        return n
+        return seen["tokens"]
 
     try:
         assert asyncio.run(run()) == 400
