@@ -186,6 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (CPU)")
     ap.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.shape == "7b" and args.device != "cuda":
+        ap.error("--shape 7b is a GPU measurement (a random 7B in bf16); on a CPU use --shape real")
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     ks = [int(k) for k in args.adapters.split(",")]

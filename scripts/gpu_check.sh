@@ -2,7 +2,7 @@
 # The prepared GPU check: what only a GPU shows, in under 8 minutes on one H200 (docs/benchmarks.md, "GPU").
 #
 #   here, once:   bash scripts/fetch_gpu_wheels.sh          # .whl/ (ignored by git): the pins the GPU image lacks
-#   on the GPU:   bash scripts/gpu_check.sh                 # device tool: carry [".whl"], timeout_s 540
+#   on the GPU:   bash scripts/gpu_check.sh                 # device tool: carry [".whl"], timeout_s 600
 #
 # 1. installs the carried wheels into /tmp/site (the image has torch with CUDA but no DeepSpeed or WebDataset);
 # 2. the CUDA-marked tests (tests/training/test_cuda.py): bf16 training through DeepSpeed on CUDA against the CPU fp32 run,
@@ -10,7 +10,10 @@
 # 3. benchmarks/bench_step.py --shape 7b: the real trainer's step (CLIP-L/336 + Vicuna-7B shapes, bf16, random
 #    weights) against the stock frozen floor, with model TFLOP/s, MFU and peak memory;
 # 4. greedy evaluation answers at batch 1 vs 16 in bf16 (how many differ);
-# 5. summary.json + summary.md under $OUT (the device tool brings $OUT back; elsewhere out/gpu_check/).
+# 5. benchmarks/bench_serve_real.py --shape 7b: 16 clients over 1 and 16 M2PT adapters on a random-weight 7B in bf16,
+#    mixed batching vs one adapter per batch vs alone (the regime S-LoRA and Punica measure);
+# 6. summary.json + summary.md under $OUT (the device tool brings $OUT back; elsewhere out/gpu_check/).
+# Every step has its own timeout; they add up to 590 s, under the device tool's 600 s per call (timeout_s 600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu_check}
@@ -34,15 +37,15 @@ deepspeed.__version__)"
 } > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 t0=$(date +%s)
-timeout 330 $PY -m pytest -q -m cuda -p no:cacheprovider tests/training/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
+timeout 220 $PY -m pytest -q -m cuda -p no:cacheprovider tests/training/test_cuda.py 2>&1 | tee "$OUT/pytest.log"
 t1=$(date +%s)
-timeout 200 $PY benchmarks/bench_step.py --shape 7b --rounds 3 --variants project,floor --device cuda \
+timeout 160 $PY benchmarks/bench_step.py --shape 7b --rounds 3 --variants project,floor --device cuda \
   --append "$OUT/bench_7b.md" 2>&1 | tee "$OUT/bench.log"
 t2=$(date +%s)
 # 4. Greedy answers at batch 1 vs 16 in bf16 on CUDA (the embedded base, 800 held-out questions): the share that
 #    batched kernels' rounding changes (fp32 on CPU: none).
 for b in 1 16; do
-  timeout 60 $PY -m pipeline.evaluate --device cuda --dtype bfloat16 --batch_size "$b" --no_majority_baseline \
+  timeout 50 $PY -m pipeline.evaluate --device cuda --dtype bfloat16 --batch_size "$b" --no_majority_baseline \
     --output_dir "$OUT/eval_b$b" > "$OUT/eval_b$b.log" 2>&1
 done
 $PY - "$OUT" <<'PY' | tee "$OUT/eval_batch.txt"
@@ -56,5 +59,9 @@ except OSError as e:
     print(json.dumps({"eval_bf16_batch1_vs_16": {"error": str(e)}}))
 PY
 t3=$(date +%s)
-echo "{\"tests_seconds\": $((t1 - t0)), \"bench_seconds\": $((t2 - t1)), \"eval_seconds\": $((t3 - t2))}" > "$OUT/timing.json"
+timeout 110 $PY benchmarks/bench_serve_real.py --shape 7b --device cuda --adapters 1,16 --mix decode,image \
+  --requests 2 --append "$OUT/serve_7b.md" 2>&1 | tee "$OUT/serve.log"
+t4=$(date +%s)
+echo "{\"tests_seconds\": $((t1 - t0)), \"bench_seconds\": $((t2 - t1)), \"eval_seconds\": $((t3 - t2)), \
+\"serve_seconds\": $((t4 - t3))}" > "$OUT/timing.json"
 $PY scripts/gpu_summary.py "$OUT"

@@ -25,6 +25,7 @@ def summary(folder: Path) -> dict:
             "tests": closing[-1] if closing else "no pytest summary line (see pytest.log)",
             "findings": read(folder, "findings.json", {}), "timing": read(folder, "timing.json", {}),
             "bench_7b": read(folder, "bench_7b.md").strip(),
+            "serve_7b": read(folder, "serve_7b.md").strip(),
             "eval_batch": read(folder, "eval_batch.txt").strip() or "(no batch 1 vs 16 comparison: see eval_b*.log)"}
 
 
@@ -35,6 +36,7 @@ def markdown(s: dict) -> str:
         lines.append(f"- {key}: `{json.dumps(value)}`")
     lines += ["", s["bench_7b"] or "(no 7B benchmark table: see bench.log)", "",
               f"Evaluation, greedy, bf16, batch 1 vs 16: `{s['eval_batch']}`", "",
+              s["serve_7b"] or "(no 7B serving table: see serve.log)", "",
               f"Timing: {json.dumps(s['timing'])}", ""]
     return "\n".join(lines)
 
