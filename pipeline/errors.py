@@ -8,3 +8,9 @@ class UsageError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the path and the reason (exit status 1)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes
+    of a library's many-line one."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

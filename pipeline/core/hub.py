@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 
 # `user/name`, optionally `@revision`: the Hub's own form of a model repo id (no third path part, no leading dot)
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
@@ -37,8 +37,7 @@ def resolve(path_or_repo) -> Path:
     try:
         return Path(snapshot_download(m["repo"], revision=m["revision"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{text}: no such folder, and as a Hub repo id it could not be read ({first}); "
+        raise FileNotFoundError(f"{text}: no such folder, and as a Hub repo id it could not be read ({first_line(e)}); "
                                 "with HF_HUB_OFFLINE=1 only repos already in the Hugging Face cache are found") \
             from None
 
@@ -59,9 +58,8 @@ def check_can_push(repo: str) -> str:
     try:
         return HfApi().whoami(token=token)["name"]
     except Exception as e:  # noqa: BLE001 - network, proxy and auth failures all end here, told in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot push to {repo}: the Hub did not accept the token or cannot be reached "
-                         f"({type(e).__name__}: {first})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
 
 
 class PushError(RuntimeError):

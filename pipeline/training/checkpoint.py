@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import CheckpointError, UsageError
+from pipeline.errors import CheckpointError, UsageError, first_line
 from pipeline.files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def _save_error(e: BaseException, where: Path) -> str:
     if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < (1 << 20)):
         left = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
         return f"No space left on device writing a checkpoint to {where}{left}"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"writing a checkpoint to {where} failed: {type(e).__name__}: {first}"
+    return f"writing a checkpoint to {where} failed: {type(e).__name__}: {first_line(e)}"
 
 
 def _promote(tmp: Path, final: Path) -> bool:

@@ -10,7 +10,7 @@ import resource
 from collections import Counter
 from pathlib import Path
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, first_line
 from pipeline.files import atomic_write_json
 
 
@@ -74,8 +74,8 @@ def _check_mlflow_store() -> None:
     try:
         MlflowClient().search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - MLflow raises many kinds for an unusable store
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f"--report_to mlflow: the tracking URI {mlflow.get_tracking_uri()} cannot be used ({first}); "
+        raise UsageError(f"--report_to mlflow: the tracking URI {mlflow.get_tracking_uri()} cannot be used "
+                         f"({first_line(e)[:200]}); "
                          "set MLFLOW_TRACKING_URI to a tracking server (http://...), or to a file: URI with "
                          "MLFLOW_ALLOW_FILE_STORE=true") from None
     finally:
