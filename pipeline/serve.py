@@ -88,12 +88,12 @@ def parse_args(argv=None):
     return config_parser(ServeConfig, __doc__).parse_args(argv)
 
 
-def check(cfg: ServeConfig) -> None:
-    """Mistakes found before the model loads: a UsageError each."""
+def check(cfg: ServeConfig) -> tuple[Path | None, str | None]:
+    """Mistakes found before the model loads: a UsageError each. Returns --adapters resolved (`adapters_root`)."""
     from pipeline.errors import UsageError
     from pipeline.serving.app import adapters_root
 
-    adapters_root(cfg.adapters)  # a missing folder, or a repo id not in the Hugging Face cache when offline
+    adapters = adapters_root(cfg.adapters)  # a missing folder, or a repo id not in the Hugging Face cache offline
     if cfg.image_root is not None and not cfg.image_root.is_dir():
         raise UsageError(f"--image_root {cfg.image_root}: no such folder")
     if cfg.max_batch_size < 1 or cfg.batch_window_ms < 0 or cfg.max_new_tokens < 1:
@@ -102,6 +102,7 @@ def check(cfg: ServeConfig) -> None:
         raise UsageError("--max_request_mb must be > 0 and --max_image_pixels >= 1")
     if cfg.max_new_tokens > cfg.max_tokens_limit:
         raise UsageError(f"--max_new_tokens {cfg.max_new_tokens} is over --max_tokens_limit {cfg.max_tokens_limit}")
+    return adapters
 
 
 def load_bank(cfg: ServeConfig):
@@ -114,7 +115,7 @@ def load_bank(cfg: ServeConfig):
     return AdapterBank(base, device, cfg.base_id)
 
 
-def serve(cfg: ServeConfig) -> int:
+def serve(cfg: ServeConfig, adapters: tuple[Path | None, str | None]) -> int:
     import os
 
     import uvicorn
@@ -125,7 +126,7 @@ def serve(cfg: ServeConfig) -> int:
     cfg.api_key = cfg.api_key or os.environ.get("M2PT_API_KEY") or None
     bank = load_bank(cfg)
     batcher = Batcher(bank, cfg.batch_window_ms, cfg.max_batch_size, cfg.mix_adapters, cfg.continuous_batching)
-    app = create_app(bank, batcher, cfg)
+    app = create_app(bank, batcher, cfg, adapters)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
@@ -151,8 +152,7 @@ def main(argv=None) -> int:
     cfg = ServeConfig(**vars(args))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        check(cfg)
-        return serve(cfg)
+        return serve(cfg, check(cfg))
     except (UsageError, FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ class AdapterFolder:
 
     def __init__(self, bank: AdapterBank, root: Path | None, name: str | None = None):
         self.bank, self.root = bank, root
-        self.name = name  # the single adapter's model name when not its folder's (a Hub repo id's snapshot)
+        # the model name of a single adapter: its folder's, or the repo id a Hub snapshot folder was given as
+        self.single_name = name or (root.name if root is not None else None)
         self.loaded: dict[str, tuple] = {}  # name -> the signature of the files it was loaded from
         self.failed: dict[str, tuple[tuple, str]] = {}  # name -> (signature, why it was refused)
         self.noted: dict[str, str] = {}  # name -> why it is not served, as last logged
@@ -76,13 +77,13 @@ class AdapterFolder:
 
     def _folders(self) -> dict[str, Path]:
         if self.single:
-            return {self.name or self.root.name: self.root}
+            return {self.single_name: self.root}
         return {p.name: p for p in self.root.iterdir() if p.is_dir()}
 
     def _folder_of(self, name: str) -> Path | None:
         """Where adapter `name` would be (None: nowhere it could be)."""
         if self.single:
-            return self.root if name == (self.name or self.root.name) else None
+            return self.root if name == self.single_name else None
         return self.root / name if _plain_name(name) else None
 
     def describe(self) -> None:
@@ -313,8 +314,9 @@ def adapters_root(given) -> tuple[Path | None, str | None]:
         raise UsageError(f"--adapters {e}") from None
 
 
-def create_app(bank: AdapterBank, batcher: Batcher, cfg):
-    folder = AdapterFolder(bank, *adapters_root(cfg.adapters))
+def create_app(bank: AdapterBank, batcher: Batcher, cfg, adapters: tuple[Path | None, str | None] = (None, None)):
+    """The server. `adapters`: --adapters as `adapters_root` resolved it (once: a repo id is a Hub lookup)."""
+    folder = AdapterFolder(bank, *adapters)
     folder.refresh()
     folder.describe()
     app = FastAPI(title="M2PT adapters", docs_url=None, redoc_url=None)
