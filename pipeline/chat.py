@@ -53,8 +53,8 @@ def load_model(cfg: ChatConfig):
     ecfg = EvalConfig(**cfg.source(), adapter=[cfg.adapter] if cfg.adapter else None,
                       allow_other_base=cfg.allow_other_base, device=resolve_device(cfg.device), dtype=cfg.dtype)
     rows, _ = plan_rows(ecfg)
-    _, adapter, info = rows[0]  # the base row without --adapter, else the adapter's alone
-    return load_row(ecfg, adapter, info)
+    _, _, info = rows[0]  # the base row without --adapter, else the adapter's alone
+    return load_row(ecfg, info)
 
 
 def _printer(tokenizer, out):

@@ -5,7 +5,7 @@ loading, so every app reads an artifact the same way (as LLaVA's one `load_pretr
 scripts, CLI and server).
 
     plan = plan_runs(cfg)                 # everything checked before a model loads
-    base, model, template = load_row(cfg, adapter, info)
+    base, model, template = load_row(cfg, info)
     results = evaluate(cfg)               # {row: {"tasks": ..., "provenance": ...}}; cfg is not changed
 """
 
@@ -212,7 +212,7 @@ def plan_runs(cfg: EvalConfig) -> EvalPlan:
     return EvalPlan(runs, items, data_root, _titles(known), other_base)
 
 
-def load_row_model(cfg: EvalConfig, adapter: str | None, artifact: Artifact | None):
+def load_row_model(cfg: EvalConfig, artifact: Artifact | None):
     """(base, model) of one row: the base alone, the base + an adapter, or a fully fine-tuned model folder."""
     import torch
 
@@ -224,12 +224,12 @@ def load_row_model(cfg: EvalConfig, adapter: str | None, artifact: Artifact | No
     return base, (artifact.load(base.model) if artifact is not None else base.model)
 
 
-def load_row(cfg: EvalConfig, adapter: str | None, artifact: Artifact | None):
+def load_row(cfg: EvalConfig, artifact: Artifact | None):
     """(base, model on its device in eval mode, the chat template) of one row."""
     from pipeline.core.chat import VicunaTemplate
     from pipeline.core.m2pt import num_visual_tokens
 
-    base, model = load_row_model(cfg, adapter, artifact)
+    base, model = load_row_model(cfg, artifact)
     model.to(cfg.device).eval()
     return base, model, VicunaTemplate(base.tokenizer, model.config.image_token_id, num_visual_tokens(model))
 
@@ -308,7 +308,7 @@ def evaluate_one(cfg: EvalConfig, name: str, adapter: str | None, artifact: Arti
     t0 = time.time()
     dtype = resolve_dtype(cfg.dtype, cfg.device)
     fp = fingerprint(cfg, adapter, artifact, dtype, SYSTEM)
-    generated = answer_share(cfg, ranks, lambda: load_row(cfg, adapter, artifact), plan.items, name, fp)
+    generated = answer_share(cfg, ranks, lambda: load_row(cfg, artifact), plan.items, name, fp)
     if ranks.rank != 0:
         return None
     recs = predict(cfg, plan.items, name, fp, judge)
