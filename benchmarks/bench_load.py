@@ -85,13 +85,9 @@ def run_load(bank, rows, arrivals: list[float], continuous: bool) -> tuple[list[
         batcher.stop()
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def main(argv=None) -> int:
     import torch
+    from bench_serve import pct  # the same percentile as the HTTP benchmark
 
     from pipeline.evaluation.runner import EvalConfig, plan_runs
 

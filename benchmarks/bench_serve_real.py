@@ -164,13 +164,9 @@ def run_mode(bank, clients: list[list], mode: str) -> tuple[list[float], float]:
         batcher.stop()
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def main(argv=None) -> int:
     import torch
+    from bench_serve import pct  # the same percentile as the HTTP benchmark
 
     from pipeline.evaluation.runner import EvalConfig, plan_runs
     from pipeline.serving.bank import AdapterBank

@@ -202,7 +202,8 @@ class Decoding:
         """The rows that finished leave (their cache, mask and position rows are dropped, so later steps cost what
         the remaining rows cost); the others take one decode step. Returns the rows that left."""
         keep = [k for k, i in enumerate(self.live) if self.left[i] > 0 and not self.rows[i].cancelled]
-        gone = [i for k, i in enumerate(self.live) if k not in set(keep)]
+        kept = set(keep)
+        gone = [i for k, i in enumerate(self.live) if k not in kept]
         if not keep:
             self.live, self.cache = [], None
             return gone
