@@ -51,17 +51,23 @@ def shards(tmp_path_factory):
     return d / "shards"
 
 
-def _sbatch(env, out, shards, train_args, *extra, wait=True, python=None):
-    exports = {"MASTER_ADDR": "127.0.0.1", "TRAIN_SHARDS": str(shards), "OUTPUT_DIR": str(out),
-               "TRAIN_ARGS": train_args, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-               "PYTHON": python or sys.executable}
+def _submit(script, env, out, exports, extra, wait):
+    """`sbatch` a 2-node, 1-task-per-node job of slurm/`script` with `exports`, its log at OUT.log."""
+    exports = {"MASTER_ADDR": "127.0.0.1", "OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               **exports}
     cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", "1",
            "--time", "30", "-o", str(out) + ".log",
            "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), *extra]
     if wait:
         cmd.append("--wait")
-    cmd.append(str(REPO / "slurm" / "train_m2pt.sh"))
+    cmd.append(str(REPO / "slurm" / script))
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _sbatch(env, out, shards, train_args, *extra, wait=True, python=None):
+    return _submit("train_m2pt.sh", env, out, {"TRAIN_SHARDS": str(shards), "TRAIN_ARGS": train_args,
+                                               "DS_ACCELERATOR": "cpu", "PYTHON": python or sys.executable},
+                   extra, wait)
 
 
 def _metrics(out):
@@ -152,15 +158,8 @@ exec {sys.executable} "$@"
 
 
 def _sbatch_eval(env, out, eval_args, *extra, wait=True):
-    exports = {"MASTER_ADDR": "127.0.0.1", "OUTPUT_DIR": str(out), "TASKS": "", "WITH_BASE": "1",
-               "EVAL_ARGS": eval_args, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
-    cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node", "1", "--gpus-per-node=0", "--cpus-per-task", "1",
-           "--time", "30", "-o", str(out) + ".log",
-           "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), *extra]
-    if wait:
-        cmd.append("--wait")
-    cmd.append(str(REPO / "slurm" / "eval_m2pt.sh"))
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return _submit("eval_m2pt.sh", env, out, {"TASKS": "", "WITH_BASE": "1", "EVAL_ARGS": eval_args,
+                                              "PYTHON": sys.executable}, extra, wait)
 
 
 def test_evaluation_on_two_nodes_equals_one_process_and_continues_after_a_requeue(cluster, tmp_path):
