@@ -1,7 +1,11 @@
 """Open-loop load on the server's batcher: static batches vs continuous batching (issue 34, item 3), on the embedded
-base, in-process (no HTTP: what is measured is the scheduling).
+base or at real width, in-process (no HTTP: what is measured is the scheduling).
 
     .venv/bin/python benchmarks/bench_load.py [--rates 20,40,80] [--requests 96] [--rounds 3] [--append FILE]
+    .venv/bin/python benchmarks/bench_load.py --shape real [--rates 0.3,0.6] [--requests 32] [--rounds 2]
+
+`--shape tiny` is the embedded base (one intra-op thread); `--shape real` is `benchmarks/bench_serve_real.py`'s base
+(LLaVA-v1.5 widths, 2 + 2 layers, 32,000 vocabulary, random weights; two threads) and its adapters.
 
 Requests arrive at a fixed mean rate (a Poisson process: exponential gaps, seeded, the same arrival times for both
 modes in a round), whatever the server's progress - an open loop, as users arrive. Each is an image question of the
@@ -9,8 +13,8 @@ held-out sample tasks for one of 16 adapters drawn at random; half ask for 2 new
 forbidden (`logit_bias`) so every answer has exactly its length and both modes do the same model work. The batcher
 is the server's (`pipeline.serving.batcher.Batcher`, window 20 ms, up to 16 rows, mixed adapters), with
 `continuous=True` (rows join a running batch between decode steps) or False (a batch runs until its last row ends).
-Latency: from a request's arrival to its last token. One intra-op thread. The rounds interleave every (rate, mode)
-pair; the table gives medians over rounds.
+Latency: from a request's arrival to its last token. One intra-op thread (tiny) or two (real). The rounds
+interleave every (rate, mode) pair; the table gives medians over rounds.
 """
 
 from __future__ import annotations
@@ -31,15 +35,26 @@ sys.path.insert(0, str(REPO))
 LENGTHS = (2, 32)
 
 
-def build_bank(n_adapters: int):
-    from bench_serve import make_adapters  # the same 16 generated adapters as the HTTP benchmark
+SHAPES = {"tiny": dict(rates="20,40,80", requests=96, threads=1), "real": dict(rates="0.3,0.6", requests=32, threads=2)}
 
-    from pipeline import defaults
+
+def build_bank(n_adapters: int, shape: str):
     from pipeline.serving.bank import AdapterBank
 
     root = Path(tempfile.mkdtemp(prefix="bench_load_"))
-    names = make_adapters(root, n_adapters)
-    bank = AdapterBank(defaults.load_base("tiny"))
+    if shape == "real":
+        import bench_serve_real as real  # its base and adapters
+
+        paths = real.make_adapters(shape, "cpu", root, n_adapters)
+        bank = AdapterBank(real.build_base(shape, "cpu"))
+        names = [p.name for p in paths]
+    else:
+        from bench_serve import make_adapters  # the same 16 generated adapters as the HTTP benchmark
+
+        from pipeline import defaults
+
+        names = make_adapters(root, n_adapters)
+        bank = AdapterBank(defaults.load_base("tiny"))
     for name in names:
         bank.add(name, root / name)
     return bank, names
@@ -92,15 +107,20 @@ def main(argv=None) -> int:
     from pipeline.evaluation.runner import EvalConfig, plan_runs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="20,40,80", help="mean arrival rates, requests/s, comma-separated")
-    ap.add_argument("--requests", type=int, default=96, help="requests per measurement")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="tiny", help="the embedded base, or real widths")
+    ap.add_argument("--rates", default=None, help="mean arrival rates, requests/s, comma-separated (default: "
+                    + "; ".join(f"{k} {v['rates']}" for k, v in SHAPES.items()) + ")")
+    ap.add_argument("--requests", type=int, default=None, help="requests per measurement (default: "
+                    + "; ".join(f"{k} {v['requests']}" for k, v in SHAPES.items()) + ")")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     ap.add_argument("--adapters", type=int, default=16, help="adapters in the mix")
     ap.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    args.rates = args.rates or SHAPES[args.shape]["rates"]
+    args.requests = args.requests or SHAPES[args.shape]["requests"]
+    torch.set_num_threads(SHAPES[args.shape]["threads"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    bank, names = build_bank(args.adapters)
+    bank, names = build_bank(args.adapters, args.shape)
     items = [it for its in plan_runs(EvalConfig(limit=8)).items.values() for it in its]
     rates = [float(r) for r in args.rates.split(",")]
     got: dict = {}
@@ -127,16 +147,17 @@ def main(argv=None) -> int:
 
 def report(got: dict, rates: list[float], args) -> str:
     med = {k: {m: statistics.median(r[m] for r in recs) for m in recs[0]} for k, recs in got.items()}
-    lines = [f"Open-loop load (`benchmarks/bench_load.py --rates {args.rates} --requests {args.requests} --rounds "
-             f"{args.rounds}`): embedded base, {args.adapters} adapters, half 2-token / half 32-token answers, "
-             "latency in seconds from arrival to the last token, medians of the rounds.", "",
+    base = "embedded base" if args.shape == "tiny" else "real widths (bench_serve_real's base), 2 threads"
+    lines = [f"Open-loop load (`benchmarks/bench_load.py --shape {args.shape} --rates {args.rates} --requests "
+             f"{args.requests} --rounds {args.rounds}`): {base}, {args.adapters} adapters, half 2-token / half "
+             "32-token answers, latency in seconds from arrival to the last token, medians of the rounds.", "",
              "| arrivals/s | batching | requests/s | tokens/s | p50 | p95 | p99 | p95 of 2-token requests |",
              "|---|---|---|---|---|---|---|---|"]
     for rate in rates:
         for continuous in (False, True):
             m = med[(rate, continuous)]
-            lines.append(f"| {rate:g} | {'continuous' if continuous else 'static'} | {m['rps']:.1f} | "
-                         f"{m['tok_s']:.0f} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p99']:.3f} | "
+            lines.append(f"| {rate:g} | {'continuous' if continuous else 'static'} | {m['rps']:.3g} | "
+                         f"{m['tok_s']:.3g} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p99']:.3f} | "
                          f"{m['short_p95']:.3f} |")
         s, c = med[(rate, False)], med[(rate, True)]
         lines.append(f"| {rate:g} | continuous / static | {c['rps'] / s['rps']:.2f}x | | "
