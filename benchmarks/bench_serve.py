@@ -53,8 +53,9 @@ def make_adapters(root: Path, n: int) -> list[str]:
     return names
 
 
-def start(root: Path, log: Path, *extra: str):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def start(root: Path, log: Path, *extra: str, threads: int = 1):
+    """`python -m pipeline.serve --adapters root *extra` on a free port, `threads` intra-op threads: (process, port)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.serve", "--adapters", str(root), "--port", "0",
                              "--log_level", "warning", *extra], env=env, cwd=REPO, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)

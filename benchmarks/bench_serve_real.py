@@ -1,6 +1,7 @@
 """Many M²PT adapters in one batch at a real model width, where batching should pay (issue 34, item 1).
 
     .venv/bin/python benchmarks/bench_serve_real.py [--adapters 1,4,16] [--mix decode,image] [--rounds 1]
+    .venv/bin/python benchmarks/bench_serve_real.py --http --adapters 1,16 --requests 2 --rounds 2
     .venv/bin/python benchmarks/bench_serve_real.py --shape 7b --device cuda     # scripts/gpu_check.sh
 
 The base has LLaVA-v1's widths with few layers (`--shape real`: CLIP-L width 1024 / MLP 4096 x 2 layers at 224 px,
@@ -12,7 +13,9 @@ vocabulary), and EOS is forbidden (`logit_bias`), so every answer has exactly it
 
 Adapters: k M²PT adapters (10/10 prompts, own projector) made for that base with different random values. Clients:
 16, each bound to adapter `i % k`, each sending --requests requests one after another (a closed loop) through the
-server's own batcher (`pipeline.serving.batcher.Batcher`, in-process: at these widths HTTP and JSON are noise).
+server's own batcher (`pipeline.serving.batcher.Batcher`, in-process), or with `--http` (the decode mix only) as
+chat completions to `python -m pipeline.serve --model <the base saved as a llava-hf folder>`, one server process per
+mode, which shows what HTTP, JSON and the server's event loop add.
 Modes, interleaved in each round:
   mixed          one batch across adapters (the server's default)
   per-adapter    a batch holds one adapter's rows (--no_mix_adapters)
@@ -164,12 +167,80 @@ def run_mode(bank, clients: list[list], mode: str) -> tuple[list[float], float]:
         batcher.stop()
 
 
+def save_base(shape: str, work: Path) -> Path:
+    """The base as a llava-hf folder (weights, tokenizer, image processor) for `pipeline.serve --model`; built once."""
+    folder = work / f"base-{shape}"
+    if not (folder / "config.json").is_file():
+        base = build_base(shape, "cpu")
+        base.model.save_pretrained(folder)
+        base.tokenizer.save_pretrained(folder)
+        base.image_processor.save_pretrained(folder)
+    return folder
+
+
+def run_http(port: int, names: list[str], k: int, requests: int, eos: int) -> tuple[list[float], float]:
+    """The decode mix over HTTP: 16 client threads, client i bound to adapter i % k, each sending `requests` chat
+    completions one after another (a short text prompt, 32 new tokens, EOS forbidden, greedy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    text, new, _ = MIXES["decode"]
+
+    def client(i: int) -> list[float]:
+        body = {"model": names[i % k], "max_tokens": new, "temperature": 0, "logit_bias": {str(eos): -100},
+                "messages": [{"role": "user", "content": text}]}
+        lat = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=1200)
+            r.raise_for_status()
+            assert r.json()["usage"]["completion_tokens"] == new, r.json()["usage"]
+            lat.append(time.perf_counter() - t0)
+        return lat
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        lats = list(pool.map(client, range(CLIENTS)))
+    return [x for lat in lats for x in lat], time.perf_counter() - t0
+
+
+HTTP_MODES = {"mixed": (), "per-adapter": ("--no_mix_adapters",), "alone": ("--max_batch_size", "1")}
+
+
+def main_http(args, root: Path, paths: list[Path], ks: list[int]) -> dict:
+    """Each mode in its own `pipeline.serve` process (all started first, measured in turn, interleaved rounds)."""
+    from bench_serve import pct, start
+
+    from pipeline.demo.tiny import tiny_tokenizer
+
+    folder, eos = save_base(args.shape, Path(args.work)), tiny_tokenizer().eos_token_id
+    modes = args.modes.split(",")
+    servers = {m: start(root, root / f"serve-{m}.log", "--model", str(folder), *HTTP_MODES[m], threads=args.threads)
+               for m in modes}
+    names = [p.name for p in paths]
+    got = {}
+    try:
+        for rnd in range(args.rounds):
+            for k in ks:
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                    if mode == "per-adapter" and k == 1:
+                        continue
+                    lat, wall = run_http(servers[mode][1], names, k, args.requests, eos)
+                    rec = {"rps": len(lat) / wall, "tok_s": len(lat) * MIXES["decode"][1] / wall, "p50": pct(lat, .5),
+                           "p95": pct(lat, .95), "p99": pct(lat, .99), "wall": wall}
+                    got.setdefault(("decode (HTTP)", k, mode), []).append(rec)
+                    print(f"round {rnd} http k={k} {mode}: " + ", ".join(f"{a} {b:.3f}" for a, b in rec.items()),
+                          file=sys.stderr, flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait()
+    return got
+
+
 def main(argv=None) -> int:
     import torch
-    from bench_serve import pct  # the same percentile as the HTTP benchmark
-
-    from pipeline.evaluation.runner import EvalConfig, plan_runs
-    from pipeline.serving.bank import AdapterBank
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=tuple(SHAPES), default="real", help="the base's depth (widths are LLaVA-v1.5's)")
@@ -180,24 +251,45 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=2, help="requests per client (16 clients)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians are reported)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (CPU)")
+    ap.add_argument("--http", action="store_true", help="the decode mix over HTTP instead: one `pipeline.serve` "
+                    "process per mode (CPU), the base saved as a llava-hf folder under --work")
+    ap.add_argument("--work", default="/tmp/m2pt-bench-serve-real", help="with --http: where the base folder is kept")
     ap.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if args.shape == "7b" and args.device != "cuda":
         ap.error("--shape 7b is a GPU measurement (a random 7B in bf16); on a CPU use --shape real")
+    if args.http and args.device != "cpu":
+        ap.error("--http runs on the CPU")
     torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     ks = [int(k) for k in args.adapters.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench_serve_real_"))
     paths = make_adapters(args.shape, args.device, root, max(ks))
+    got = main_http(args, root, paths, ks) if args.http else in_process(args, paths, ks)
+    table = report(got, args)
+    print(table)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + table)
+    return 0
+
+
+def in_process(args, paths: list[Path], ks: list[int]) -> dict:
+    """Every (mix, k, mode) through the server's batcher in this process, interleaved rounds."""
+    import torch
+    from bench_serve import pct  # the same percentile as the HTTP benchmark
+
+    from pipeline.evaluation.runner import EvalConfig, plan_runs
+    from pipeline.serving.bank import AdapterBank
+
     bank = AdapterBank(build_base(args.shape, args.device), args.device)
     names = []
     for p in paths:
         bank.add(p.name, p)
         names.append(p.name)
     items = [it for its in plan_runs(EvalConfig(limit=4)).items.values() for it in its]
-    timed, got = Timed(sync), {}
+    timed, got = Timed(torch.cuda.synchronize if args.device == "cuda" else (lambda: None)), {}
     for rnd in range(args.rounds):
         for mix in args.mix.split(","):
             for k in ks:
@@ -214,12 +306,7 @@ def main(argv=None) -> int:
                     got.setdefault((mix, k, mode), []).append(rec)
                     print(f"round {rnd} {mix} k={k} {mode}: " + ", ".join(f"{a} {b:.3f}" for a, b in rec.items()),
                           file=sys.stderr, flush=True)
-    table = report(got, args)
-    print(table)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + table)
-    return 0
+    return got
 
 
 def report(got: dict, args) -> str:
@@ -229,11 +316,13 @@ def report(got: dict, args) -> str:
     for (mix, k, mode), m in med.items():
         base = med.get((mix, k, "mixed"))
         ratio = f"{base['rps'] / m['rps']:.2f}x" if base and mode != "mixed" else ""
+        split = (f"{m['prefill']:.1f} | {m['decode']:.1f} | {m['steps']:.0f} | {m['rows_per_step']:.1f}"
+                 if "prefill" in m else "- | - | - | -")  # over HTTP the server's split is not read
         lines.append(f"| {mix} | {k} | {mode} | {m['rps']:.2f} | {m['tok_s']:.1f} | {m['p50']:.2f} | {m['p95']:.2f} | "
-                     f"{m['p99']:.2f} | {m['prefill']:.1f} | {m['decode']:.1f} | {m['steps']:.0f} | "
-                     f"{m['rows_per_step']:.1f} | {ratio} |")
+                     f"{m['p99']:.2f} | {split} | {ratio} |")
+    how = "--http " if args.http else f"--mix {args.mix} "
     return (f"`benchmarks/bench_serve_real.py --shape {args.shape} --device {args.device} --adapters {args.adapters} "
-            f"--mix {args.mix} --requests {args.requests} --rounds {args.rounds} --threads {args.threads}` "
+            f"{how}--requests {args.requests} --rounds {args.rounds} --threads {args.threads}` "
             f"({CLIENTS} clients, each bound to adapter i % k; medians of the rounds; `vs mixed`: how many times "
             "mixed batching's requests/s):\n\n" + "\n".join(lines) + "\n")
 
