@@ -42,9 +42,11 @@ def resolve(path_or_repo) -> Path:
             from None
 
 
-def check_can_push(repo: str) -> str:
-    """Before any work: `repo` is a repo id, a token is there and the Hub answers with who it belongs to. Returns the
-    user name; a UsageError saying what is missing otherwise."""
+def check_can_push(repo: str, ask_hub: bool = True) -> str | None:
+    """Before any work: `repo` is a repo id, a token is there and (`ask_hub`) the Hub answers with who it belongs to.
+    Returns the user name (None without `ask_hub`); a UsageError saying what is missing otherwise. A training run
+    asks the Hub from rank 0 only, the rank that uploads: hundreds of ranks calling whoami at once would meet the
+    Hub's rate limit, and one refused rank stops them all."""
     from huggingface_hub import HfApi, constants, get_token
 
     if REPO_ID.fullmatch(repo or "") is None or "@" in repo:
@@ -55,6 +57,8 @@ def check_can_push(repo: str) -> str:
     token = get_token()
     if token is None:
         raise UsageError(f"cannot push to {repo}: no Hugging Face token (run `hf auth login` or set HF_TOKEN)")
+    if not ask_hub:
+        return None
     try:
         return HfApi().whoami(token=token)["name"]
     except Exception as e:  # noqa: BLE001 - network, proxy and auth failures all end here, told in one line

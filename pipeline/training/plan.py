@@ -47,7 +47,7 @@ class RunPlan:
         return self.saved is not None and self.saved.world != world
 
 
-def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PTConfig]:
+def _check_flags_against_files(cfg: TrainConfig, rank: int, world: int) -> tuple[dict, M2PTConfig]:
     from pipeline.training.checkpoint import find_resume
     from pipeline.training.engine import check_engine_flags, ds_config
     from pipeline.training.records import check_trackers
@@ -60,7 +60,7 @@ def _check_flags_against_files(cfg: TrainConfig, world: int) -> tuple[dict, M2PT
     if cfg.push_to_hub:  # hours later is too late to find there is no token
         from pipeline.core.hub import check_can_push
 
-        check_can_push(cfg.push_to_hub)
+        check_can_push(cfg.push_to_hub, ask_hub=rank == 0)  # rank 0 uploads; every rank checks the token
     return ds_config(cfg.deepspeed, cfg, world), resolve_m2pt_config(cfg)
 
 
@@ -74,7 +74,7 @@ def start_up_checks(cfg: TrainConfig, rank: int, world: int, lock) -> RunPlan:
     def local():
         if rank == 0:
             lock.acquire()
-        return _check_flags_against_files(cfg, world)
+        return _check_flags_against_files(cfg, rank, world)
 
     ds_cfg, m2pt_config = pdist.agree_on(local)
     visual_tokens = pdist.agree_on(lambda: expected_visual_tokens(cfg, m2pt_config))

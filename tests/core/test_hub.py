@@ -18,6 +18,7 @@ import torch
 from helpers import ENV, REPO, train_cmd
 
 from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
+from pipeline.errors import UsageError
 
 REPO_ID = "someone/tiny-m2pt"
 
@@ -183,3 +184,25 @@ def test_training_with_push_to_hub_and_no_token_stops_before_the_model_loads(sha
     assert "Traceback" not in r.stderr
     assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()  # no model, no step
     assert not os.path.exists(out / "adapter")
+
+
+def test_only_rank_0_asks_the_hub_who_the_token_belongs_to(monkeypatch):
+    """Every rank checks the flag and the token; only rank 0, the one that uploads, calls whoami (hundreds of ranks
+    at once would meet the Hub's rate limit). The Hub here is an address nothing listens on, so asking it fails."""
+    from huggingface_hub import constants
+
+    from pipeline.training.config import parse_args
+    from pipeline.training.plan import _check_flags_against_files
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    cfg = parse_args(["--push_to_hub", "someone/x"])
+    ds_cfg, m2pt_config = _check_flags_against_files(cfg, rank=1, world=2)  # no Hub call: passes
+    assert ds_cfg["zero_optimization"]["stage"] == 2 and m2pt_config.text_prompt_length > 0
+    with pytest.raises(UsageError, match="the Hub did not accept the token or cannot be reached"):
+        _check_flags_against_files(cfg, rank=0, world=2)
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/hf-token")  # no stored token either
+    with pytest.raises(UsageError, match="no Hugging Face token"):
+        _check_flags_against_files(cfg, rank=1, world=2)  # the token is every rank's check
