@@ -12,8 +12,7 @@ modes in a round), whatever the server's progress - an open loop, as users arriv
 held-out sample tasks for one of 16 adapters drawn at random; half ask for 2 new tokens, half for 32, with EOS
 forbidden (`logit_bias`) so every answer has exactly its length and both modes do the same model work. The batcher
 is the server's (`pipeline.serving.batcher.Batcher`, window 20 ms, up to 16 rows, mixed adapters), with
-`continuous=True` (rows join a running batch between decode steps) or False (a batch runs until its last row ends),
-and with --prefill_chunk also continuous with chunked prefill (`chunked`: joiners' prompts that many tokens per step).
+`continuous=True` (rows join a running batch between decode steps) or False (a batch runs until its last row ends).
 Latency: from a request's arrival to its last token. One intra-op thread (tiny) or two (real). The rounds
 interleave every (rate, mode) pair; the table gives medians over rounds.
 """
@@ -77,11 +76,11 @@ def make_rows(bank, names, items, n: int, seed: int):
     return rows, lengths
 
 
-def run_load(bank, rows, arrivals: list[float], continuous: bool, chunk: int = 0) -> tuple[list[float], float]:
+def run_load(bank, rows, arrivals: list[float], continuous: bool) -> tuple[list[float], float]:
     """(each request's latency, the wall time from the first arrival to the last answer)."""
     from pipeline.serving.batcher import Batcher
 
-    batcher = Batcher(bank, window_ms=20, max_batch_size=16, continuous=continuous, prefill_chunk=chunk)
+    batcher = Batcher(bank, window_ms=20, max_batch_size=16, continuous=continuous)
 
     async def one(row, at: float, t0: float) -> float:
         await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
@@ -115,8 +114,6 @@ def main(argv=None) -> int:
                     + "; ".join(f"{k} {v['requests']}" for k, v in SHAPES.items()) + ")")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     ap.add_argument("--adapters", type=int, default=16, help="adapters in the mix")
-    ap.add_argument("--prefill_chunk", type=int, default=0,
-                    help="also measure continuous batching with chunked prefill of this many tokens (0: not)")
     ap.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args(argv)
     args.rates = args.rates or SHAPES[args.shape]["rates"]
@@ -126,23 +123,20 @@ def main(argv=None) -> int:
     bank, names = build_bank(args.adapters, args.shape)
     items = [it for its in plan_runs(EvalConfig(limit=8)).items.values() for it in its]
     rates = [float(r) for r in args.rates.split(",")]
-    modes = {"static": (False, 0), "continuous": (True, 0)}
-    if args.prefill_chunk:
-        modes["chunked"] = (True, args.prefill_chunk)
     got: dict = {}
     for rnd in range(args.rounds):
         for rate in rates:
             gaps = random.Random(1000 * rnd + int(rate))
             arrivals = list(itertools.accumulate(gaps.expovariate(rate) for _ in range(args.requests)))
-            for mode in (list(modes) if rnd % 2 == 0 else list(modes)[::-1]):
+            for continuous in ((True, False) if rnd % 2 == 0 else (False, True)):
                 rows, lengths = make_rows(bank, names, items, args.requests, seed=rnd)
-                lat, wall = run_load(bank, rows, arrivals, *modes[mode])
+                lat, wall = run_load(bank, rows, arrivals, continuous)
                 short = [x for x, n in zip(lat, lengths) if n == LENGTHS[0]]
                 rec = {"rps": args.requests / wall, "tok_s": sum(lengths) / wall, "p50": pct(lat, 0.5),
                        "p95": pct(lat, 0.95), "p99": pct(lat, 0.99), "short_p95": pct(short, 0.95)}
-                got.setdefault((rate, mode), []).append(rec)
-                print(f"round {rnd} rate {rate:g}/s {mode}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()),
-                      file=sys.stderr, flush=True)
+                got.setdefault((rate, continuous), []).append(rec)
+                print(f"round {rnd} rate {rate:g}/s {'continuous' if continuous else 'static'}: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()), file=sys.stderr, flush=True)
     table = report(got, rates, args)
     print(table)
     if args.append:
@@ -154,24 +148,21 @@ def main(argv=None) -> int:
 def report(got: dict, rates: list[float], args) -> str:
     med = {k: {m: statistics.median(r[m] for r in recs) for m in recs[0]} for k, recs in got.items()}
     base = "embedded base" if args.shape == "tiny" else "real widths (bench_serve_real's base), 2 threads"
-    chunk = f" --prefill_chunk {args.prefill_chunk}" if args.prefill_chunk else ""
     lines = [f"Open-loop load (`benchmarks/bench_load.py --shape {args.shape} --rates {args.rates} --requests "
-             f"{args.requests} --rounds {args.rounds}{chunk}`): {base}, {args.adapters} adapters, half 2-token / half "
+             f"{args.requests} --rounds {args.rounds}`): {base}, {args.adapters} adapters, half 2-token / half "
              "32-token answers, latency in seconds from arrival to the last token, medians of the rounds.", "",
              "| arrivals/s | batching | requests/s | tokens/s | p50 | p95 | p99 | p95 of 2-token requests |",
              "|---|---|---|---|---|---|---|---|"]
-    modes = ["static", "continuous"] + (["chunked"] if args.prefill_chunk else [])
     for rate in rates:
-        for mode in modes:
-            m = med[(rate, mode)]
-            lines.append(f"| {rate:g} | {mode} | {m['rps']:.3g} | {m['tok_s']:.3g} | {m['p50']:.3f} | {m['p95']:.3f} | "
-                         f"{m['p99']:.3f} | {m['short_p95']:.3f} |")
-        s = med[(rate, "static")]
-        for mode in modes[1:]:
-            c = med[(rate, mode)]
-            lines.append(f"| {rate:g} | {mode} / static | {c['rps'] / s['rps']:.2f}x | | "
-                         f"{c['p50'] / s['p50']:.2f}x | {c['p95'] / s['p95']:.2f}x | {c['p99'] / s['p99']:.2f}x | "
-                         f"{c['short_p95'] / s['short_p95']:.2f}x |")
+        for continuous in (False, True):
+            m = med[(rate, continuous)]
+            lines.append(f"| {rate:g} | {'continuous' if continuous else 'static'} | {m['rps']:.3g} | "
+                         f"{m['tok_s']:.3g} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p99']:.3f} | "
+                         f"{m['short_p95']:.3f} |")
+        s, c = med[(rate, False)], med[(rate, True)]
+        lines.append(f"| {rate:g} | continuous / static | {c['rps'] / s['rps']:.2f}x | | "
+                     f"{c['p50'] / s['p50']:.2f}x | {c['p95'] / s['p95']:.2f}x | {c['p99'] / s['p99']:.2f}x | "
+                     f"{c['short_p95'] / s['short_p95']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -70,10 +70,6 @@ class ServeConfig(Runtime, ModelSource):
                    "meanwhile wait for the next batch (a joiner's whole prefill runs between two decode steps: on a "
                    "CPU at real widths, under steady load with long answers, static batches keep the tail lower; "
                    "docs/serving.md)."})
-    prefill_chunk: int = field(default=0, metadata={"help": (
-        "with continuous batching: prefill joining requests this many prompt tokens per decode step of the running "
-        "rows (chunked prefill), so those never wait for a whole prompt; 0: prefill a joiner whole. A prompt longer "
-        "than the chunk may then differ from its answer alone by float rounding (docs/serving.md)")})
     max_new_tokens: int = field(default=256, metadata={"help": "answer length when a request gives no max_tokens"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "the largest max_tokens a request may ask for"})
     max_request_mb: float = field(default=32.0, metadata={"help": (
@@ -102,9 +98,8 @@ def check(cfg: ServeConfig) -> tuple[Path | None, str | None]:
     adapters = adapters_root(cfg.adapters)  # a missing folder, or a repo id not in the Hugging Face cache offline
     if cfg.image_root is not None and not cfg.image_root.is_dir():
         raise UsageError(f"--image_root {cfg.image_root}: no such folder")
-    if cfg.max_batch_size < 1 or cfg.batch_window_ms < 0 or cfg.max_new_tokens < 1 or cfg.prefill_chunk < 0:
-        raise UsageError("--max_batch_size and --max_new_tokens must be >= 1, --batch_window_ms and --prefill_chunk "
-                         ">= 0")
+    if cfg.max_batch_size < 1 or cfg.batch_window_ms < 0 or cfg.max_new_tokens < 1:
+        raise UsageError("--max_batch_size and --max_new_tokens must be >= 1, --batch_window_ms >= 0")
     if cfg.max_request_mb <= 0 or cfg.max_image_pixels < 1:
         raise UsageError("--max_request_mb must be > 0 and --max_image_pixels >= 1")
     if cfg.max_new_tokens > cfg.max_tokens_limit:
@@ -132,8 +127,7 @@ def serve(cfg: ServeConfig, adapters: tuple[Path | None, str | None]) -> int:
 
     cfg.api_key = cfg.api_key or os.environ.get("M2PT_API_KEY") or None
     bank = load_bank(cfg)
-    batcher = Batcher(bank, cfg.batch_window_ms, cfg.max_batch_size, cfg.mix_adapters, cfg.continuous_batching,
-                      cfg.prefill_chunk)
+    batcher = Batcher(bank, cfg.batch_window_ms, cfg.max_batch_size, cfg.mix_adapters, cfg.continuous_batching)
     app = create_app(bank, batcher, cfg, adapters)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -5,10 +5,9 @@ to its waiting HTTP handler as they are generated.
 Why one thread: the model is shared, and the vision hooks of an adapter are attached to it around that adapter's
 rows. Scheduling is per decode step (continuous batching, `mixed.Decoding`): a row leaves its batch when it finishes
 or its client goes (`Row.cancelled`), and is answered then; requests that arrive while a batch decodes join it before
-its next step, up to --max_batch_size rows, so a short request does not wait for a long batch to end. A joining
-group is prefilled whole before that step, or with `prefill_chunk` (--prefill_chunk) that many prompt tokens per
-step, so the running rows never wait for more than one chunk. With `continuous=False` (--no_continuous_batching, for
-comparison) a batch runs until its last row has left and requests arriving meanwhile wait for the next one.
+its next step, up to --max_batch_size rows, so a short request does not wait for a long batch to end. With
+`continuous=False` (--no_continuous_batching, for comparison) a batch runs until its last row has left and requests
+arriving meanwhile wait for the next one.
 
 A batch that fails answers only the rows that make it fail: its rows are decoded again one by one (the tokens a
 client already has are not sent twice: greedy rows and seeded draws give the same tokens again), so one poisoned
@@ -43,11 +42,10 @@ class Job:
 
 class Batcher:
     def __init__(self, bank: AdapterBank, window_ms: float, max_batch_size: int, mix_adapters: bool = True,
-                 continuous: bool = True, prefill_chunk: int = 0):
+                 continuous: bool = True):
         self.bank, self.window, self.max_batch = bank, window_ms / 1000.0, max_batch_size
         self.mix = mix_adapters  # False: a batch holds one adapter's rows (what serving without mixing does)
         self.continuous = continuous  # False: no row joins a batch once it decodes
-        self.prefill_chunk = prefill_chunk  # > 0: joiners' prompts this many tokens per decode step (0: whole)
         self.queue: queue.Queue = queue.Queue()
         self.held: collections.deque = collections.deque()  # jobs set aside for a later batch (mix off)
         self.batches = 0  # how many batches ran, and their sizes (the benchmark reads them)
@@ -156,7 +154,7 @@ class Batcher:
             self.batches += 1
             self.sizes.append(len(batch))  # the rows it served in all, once it ends
             with self.bank.lock:
-                running = Decoding(self.bank, [j.row for j in batch], self.prefill_chunk)
+                running = Decoding(self.bank, [j.row for j in batch])
             while not running.done:
                 # The bank's lock per step, not per batch: a continuous batch lasts as long as requests keep coming,
                 # and an adapter being loaded (bank.add) must get in between two steps, not wait for a lull.
@@ -184,15 +182,13 @@ class Batcher:
         for i in running.advance():
             self._end(batch[i], last[i], sent[i], eos)
             ended.add(i)
-        room = self.max_batch - len(running.live) - len(running.pending_rows)
-        new = self._joiners(room, batch[0].row.adapter) if joining and running.pending is None else []
+        new = self._joiners(self.max_batch - len(running.live), batch[0].row.adapter) if joining else []
         if new:  # in the batch first: if joining fails, they are decoded again with the others
             batch += new
             sent += [0] * len(new)
             last += [None] * len(new)
             self.sizes[-1] = len(batch)
             running.join([j.row for j in new])
-        running.prefill_step()  # a chunk of a joining group's prompts, if one is being prefilled in chunks
         return skip
 
     @staticmethod

@@ -129,85 +129,47 @@ def _choose(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Prefill:
-    """Rows' prompts run through the LLM behind their prefixes (left-padded), `chunk` prompt tokens per `step` (all of
-    them at once without a chunk), filling their cache; `hidden` is each row's last state once `step` returns True."""
-
-    def __init__(self, bank: AdapterBank, rows: list[Row], chunk: int | None = None):
-        pad = bank.base.tokenizer.pad_token_id
-        n = max(len(r.ids) for r in rows)
-        ids = torch.tensor([[pad] * (n - len(r.ids)) + r.ids for r in rows], device=bank.device)
-        mask = torch.tensor([[0] * (n - len(r.ids)) + [1] * len(r.ids) for r in rows], device=bank.device)
-        self.cache, prefix_mask = _prefix_cache(bank, rows)
-        pt = torch.tensor([[r.adapter.pt] for r in rows], device=bank.device)
-        self.pos = (mask.cumsum(-1) - 1).clamp(min=0) + pt
-        self.mask = torch.cat([prefix_mask, mask], dim=1)
-        self.emb = _embeds(bank, rows, ids)  # the vision tower runs here, once
-        self.lm, self.width, self.n, self.chunk = language_model(bank.model), prefix_mask.shape[1], n, chunk or n
-        self.done, self.hidden = 0, None
-
-    @property
-    def whole(self) -> bool:
-        """One step does it all: the very computation of a prefill without chunks."""
-        return self.done == 0 and self.chunk >= self.n
-
-    def step(self) -> bool:
-        a, b = self.done, min(self.done + self.chunk, self.n)
-        out = self.lm(inputs_embeds=self.emb[:, a:b], attention_mask=self.mask[:, :self.width + b],
-                      position_ids=self.pos[:, a:b], past_key_values=self.cache, use_cache=True)
-        self.done, self.hidden = b, out.last_hidden_state[:, -1]
-        return b == self.n
+def _prefill(bank: AdapterBank, rows: list[Row]):
+    """The LLM's output over the left-padded prompts behind their prefixes, with the cache, mask and positions."""
+    pad = bank.base.tokenizer.pad_token_id
+    n = max(len(r.ids) for r in rows)
+    ids = torch.tensor([[pad] * (n - len(r.ids)) + r.ids for r in rows], device=bank.device)
+    mask = torch.tensor([[0] * (n - len(r.ids)) + [1] * len(r.ids) for r in rows], device=bank.device)
+    cache, prefix_mask = _prefix_cache(bank, rows)
+    pt = torch.tensor([[r.adapter.pt] for r in rows], device=bank.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0) + pt
+    mask = torch.cat([prefix_mask, mask], dim=1)
+    out = language_model(bank.model)(inputs_embeds=_embeds(bank, rows, ids), attention_mask=mask, position_ids=pos,
+                                     past_key_values=cache, use_cache=True)
+    return out, cache, mask, pos
 
 
 class Decoding:
     """A batch in flight (iteration-level scheduling): `choose` gives each live row its next token, `advance` lets the
     rows that finished leave (EOS, their max_new_tokens, or `cancelled`) and runs one decode step for the others, and
-    `join` adds rows between steps: prefilled at once, or with a `chunk` a chunk of their prompts per `prefill_step`,
-    so that the running rows wait for one chunk per step instead of a whole prompt (chunked prefill). Rows are
-    numbered in the order they came (`rows`); a step's list has one entry per row, None for a row not in the batch.
+    `join` adds rows between steps. Rows are numbered in the order they came (`rows`); a step's list has one entry per
+    row, None for a row not in the batch.
 
     Why a joining row's answer does not change: it is prefilled on its own (its prefix, its prompt, its positions),
     then its cache is laid beside the running rows', the shorter side left-padded with keys the mask hides. Every row
-    keeps its own positions, so what it attends to is what it would attend to alone. A prompt cut into chunks attends
-    to the same keys, but its sums are formed in other shapes, so its answer is the one alone up to float rounding
-    (a prompt no longer than the chunk is prefilled exactly as alone)."""
+    keeps its own positions, so what it attends to is what it would attend to alone."""
 
-    def __init__(self, bank: AdapterBank, rows: list[Row], chunk: int = 0):
+    def __init__(self, bank: AdapterBank, rows: list[Row]):
         self.bank, self.rows, self.live, self.left = bank, [], [], []
         self.cache = self.mask = self.pos = self.hidden = self.tokens = None
-        self.chunk, self.pending, self.pending_rows = chunk, None, []
-        self.join(rows, whole=True)
+        self.join(rows)
 
     @property
     def done(self) -> bool:
-        return not self.live and self.pending is None
+        return not self.live
 
     @torch.no_grad()
-    def join(self, rows: list[Row], whole: bool = False) -> None:
-        """Add `rows`: prefilled now, or with a `chunk` (and not `whole`) `chunk` prompt tokens per `prefill_step`,
-        between the running rows' decode steps, joining them after their last chunk (one group at a time)."""
-        if self.pending is not None:
-            raise RuntimeError("a group is still being prefilled: join the next one after it (prefill_step)")
-        p = _Prefill(self.bank, rows, None if whole else self.chunk)
-        if p.whole:
-            p.step()
-            self._merge(rows, p)
-        else:
-            self.pending, self.pending_rows = p, rows
-
-    @torch.no_grad()
-    def prefill_step(self) -> None:
-        """One chunk of the joining rows' prompts (nothing when none is joining); they join after their last."""
-        if self.pending is not None and self.pending.step():
-            self._merge(self.pending_rows, self.pending)
-            self.pending, self.pending_rows = None, []
-
-    def _merge(self, rows: list[Row], p: _Prefill) -> None:
-        """Prefilled rows become live: their cache laid beside the running rows', the shorter side left-padded."""
+    def join(self, rows: list[Row]) -> None:
+        out, cache, mask, pos = _prefill(self.bank, rows)
         self.live += range(len(self.rows), len(self.rows) + len(rows))
         self.rows += rows
         self.left += [r.max_new_tokens for r in rows]
-        cache, mask, hidden, pos = p.cache, p.mask, p.hidden, p.pos[:, -1:]
+        hidden, pos = out.last_hidden_state[:, -1], pos[:, -1:]
         if self.cache is None:
             self.cache, self.mask, self.pos, self.hidden = cache, mask, pos, hidden
             return
@@ -227,8 +189,6 @@ class Decoding:
     def choose(self) -> list[int | None]:
         """Each live row's next token (None for the others)."""
         eos = self.bank.base.tokenizer.eos_token_id
-        if not self.live:  # every row has left and a group is still being prefilled
-            return [None] * len(self.rows)
         active = [self.rows[i] for i in self.live]
         self.tokens = _choose(active, _logits(self.bank, active, self.hidden))
         step: list[int | None] = [None] * len(self.rows)

@@ -668,11 +668,9 @@ def _image_row(bank, items, name, k, max_new=NEW_TOKENS, **kw):
                      _load_image(items[k]["image"], bank.base.image_processor), max_new, **kw)
 
 
-@pytest.mark.parametrize("chunk", [0, 16])
-def test_rows_that_join_a_running_batch_get_the_answer_of_their_adapter_alone(world, chunk):
+def test_rows_that_join_a_running_batch_get_the_answer_of_their_adapter_alone(world):
     """Continuous batching: rows of every adapter join a running batch in three waves while others leave it, and
-    each streamed answer (and its whole text) is the one its adapter gives alone; also with chunked prefill (the
-    prompts, about 80 tokens, in chunks of 16 between decode steps)."""
+    each streamed answer (and its whole text) is the one its adapter gives alone."""
     from pipeline.serving import mixed
     from pipeline.serving.batcher import Batcher
 
@@ -686,7 +684,7 @@ def test_rows_that_join_a_running_batch_get_the_answer_of_their_adapter_alone(wo
     waves = [[anchor] + [_image_row(bank, items, n, k) for n, k in asked[:3]],
              [_image_row(bank, items, n, k) for n, k in asked[3:7]],
              [_image_row(bank, items, n, k) for n, k in asked[7:]]]
-    batcher = Batcher(bank, window_ms=0, max_batch_size=16, prefill_chunk=chunk)
+    batcher = Batcher(bank, window_ms=0, max_batch_size=16)
     try:
         got = _in_waves(batcher, waves)
     finally:
@@ -698,43 +696,6 @@ def test_rows_that_join_a_running_batch_get_the_answer_of_their_adapter_alone(wo
     assert [text[k + 1] for k in range(12)] == [alone[n][k] for n, k in asked]
     assert {got[k][2] for k in range(5, 13)} != {0}  # the later waves were asked while the anchor decoded
     assert all(kind == "end" for _, kind, _ in got.values())
-
-
-def test_a_chunked_prefill_lets_the_running_rows_decode_between_its_chunks(world):
-    """With a chunk, a joining row's prompt runs a chunk per decode step of the running row, which gets a token at
-    every one of those steps; the joiner goes live after its last chunk, and both answers are the ones alone."""
-    import math
-
-    from pipeline.serving import mixed
-
-    _, paths, items, _ = world
-    bank = _bank(paths)
-    eos = {bank.base.tokenizer.eos_token_id: -100.0}
-    rows = [_image_row(bank, items, "a", 0, max_new=30, logit_bias=eos), _image_row(bank, items, "b", 1, max_new=8,
-                                                                                      logit_bias=eos)]
-    alone = [mixed.answers(bank, [_image_row(bank, items, n, k, max_new=m, logit_bias=eos)])[0]
-             for n, k, m in (("a", 0, 30), ("b", 1, 8))]
-    chunks = math.ceil(len(rows[1].ids) / 16)
-    assert chunks >= 4  # the prompt (image tokens included) is several chunks long
-    batch, got = mixed.Decoding(bank, [rows[0]], chunk=16), [[], []]
-    for step in range(40):
-        for i, t in enumerate(batch.choose()):
-            if t is not None:
-                got[i].append(t)
-        batch.advance()
-        if step == 2:
-            batch.join([rows[1]])
-            assert batch.pending is not None and batch.live == [0]  # not live until its prompt is in
-        if 2 <= step < 2 + chunks:
-            assert batch.pending is not None and len(got[0]) == step + 1  # the running row got every step's token
-        batch.prefill_step()
-        if step == 1 + chunks:
-            assert batch.pending is None and batch.live == [0, 1]  # live after exactly `chunks` chunks
-        if batch.done:
-            break
-    tok = bank.base.tokenizer
-    assert [tok.decode(g, skip_special_tokens=True).strip() for g in got] == alone
-    assert [len(g) for g in got] == [30, 8]
 
 
 @pytest.mark.parametrize("continuous", [True, False])
