@@ -106,6 +106,8 @@ def make_data(work: Path, parts: dict[str, Path], visual_tokens: int) -> Path:
         return template.encode([{"from": "human", "value": "<image>\n" + " ".join(question)},
                                 {"from": "gpt", "value": " ".join(answer)}])
 
+    # One question and answer for every record: a step's cost depends on the lengths, not on which tokens they are
+    # (the loss falls fast on such data, which changes no FLOP).
     answer = _fill(lambda a: encode(["what"], a).num_supervised, SUPERVISED, [])
     question = _fill(lambda q: len(encode(q, answer).input_ids) - visual_tokens, TEXT_TOKENS, ["what"])
     enc = encode(question, answer)
