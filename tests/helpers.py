@@ -11,6 +11,17 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE
 TINY_TRAINABLE = 31872  # prompts + projector of the embedded tiny model at 10/10, official mode
 
 
+def prompts_that_matter(model, factor: float = 30.0):
+    """`model` (M2PT attached) with its prompts scaled up: at their init scale they barely move the logits, and a test
+    that tells adapters (or forms, or batch layouts) apart needs answers that depend on them. Returns `model`."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.m2pt.parameters():
+            p.mul_(factor)
+    return model
+
+
 def train_args(shards: Path, out: Path, *extra) -> list[str]:
     return ["--train_shards", str(shards / "shards"), "--output_dir", str(out), "--report_to", "none",
             "--logging_steps", "1", "--save_steps", "0", *extra]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ENV
+from helpers import ENV, prompts_that_matter
 
 from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
 
@@ -19,14 +19,10 @@ def _chat(*args, stdin=None):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """An M2PT adapter whose prompts matter (scaled up), recorded for the embedded base."""
-    import torch
 
     from pipeline.demo.tiny import build_tiny
 
-    m = attach_m2pt(build_tiny().model, M2PTConfig(seed=1))
-    with torch.no_grad():
-        for p in m.m2pt.parameters():
-            p.mul_(30)
+    m = prompts_that_matter(attach_m2pt(build_tiny().model, M2PTConfig(seed=1)))
     return save_adapter(m, tmp_path_factory.mktemp("a") / "adapter", base_name="tiny")
 
 

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 import torch
-from helpers import ENV, REPO, train_cmd
+from helpers import ENV, REPO, prompts_that_matter, train_cmd
 
 from pipeline.core.m2pt import M2PTConfig, attach_m2pt, save_adapter
 from pipeline.errors import UsageError
@@ -51,10 +51,7 @@ def cached(tmp_path_factory):
     """(adapter folder, HF cache holding it as REPO_ID): an adapter whose prompts matter (scaled up)."""
     from pipeline.demo.tiny import build_tiny
 
-    m = attach_m2pt(build_tiny().model, M2PTConfig(seed=5))
-    with torch.no_grad():
-        for p in m.m2pt.parameters():
-            p.mul_(30)
+    m = prompts_that_matter(attach_m2pt(build_tiny().model, M2PTConfig(seed=5)))
     root = tmp_path_factory.mktemp("hub")
     folder = save_adapter(m, root / "adapter", base_name="tiny")
     hub_cache(root / "cache", REPO_ID, folder)

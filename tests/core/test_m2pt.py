@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from helpers import prompts_that_matter
 from torch import nn
 
 from pipeline.core.chat import VicunaTemplate
@@ -295,11 +296,7 @@ def _prompt_batch(base, m, questions):
 
 def _trained_like(seed=1):
     base = build_tiny()
-    m = attach_m2pt(base.model, M2PTConfig(seed=seed)).eval()
-    with torch.no_grad():  # make the prompts matter more than at init
-        for p in m.m2pt.parameters():
-            p.mul_(30)
-    return base, m
+    return base, prompts_that_matter(attach_m2pt(base.model, M2PTConfig(seed=seed)).eval())
 
 
 def test_generation_cached_equals_uncached_and_batched_equals_single():

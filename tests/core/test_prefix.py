@@ -3,7 +3,7 @@ and gradients, padded either side, with gradient checkpointing, in generation an
 
 import pytest
 import torch
-from helpers import REPO, read_metrics, run_inprocess, train_args
+from helpers import REPO, prompts_that_matter, read_metrics, run_inprocess, train_args
 
 from pipeline.core.chat import VicunaTemplate
 from pipeline.core.m2pt import (
@@ -26,10 +26,8 @@ def _pair(mode: str, gc: bool = False, seed: int = 1):
     models = {}
     for form in ("slots", "prefix"):
         base = build_tiny()
-        m = attach_m2pt(base.model, M2PTConfig(visual_token_mode=mode, seed=seed), text_prompts=form)
-        with torch.no_grad():
-            for p in m.m2pt.parameters():
-                p.mul_(30)
+        m = prompts_that_matter(attach_m2pt(base.model, M2PTConfig(visual_token_mode=mode, seed=seed),
+                                            text_prompts=form))
         if gc:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         models[form] = (base, m)

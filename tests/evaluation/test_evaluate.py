@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from helpers import prompts_that_matter
 from PIL import Image
 
 from pipeline.evaluation import metrics
@@ -271,7 +272,6 @@ def test_own_heldout_sets_by_path_json_and_shards(tmp_path):
 
 
 def test_batched_and_shuffled_generation_equal_sequential(eval_root):
-    import torch
 
     from pipeline.core.chat import VicunaTemplate
     from pipeline.core.m2pt import M2PTConfig, attach_m2pt, num_visual_tokens
@@ -279,10 +279,7 @@ def test_batched_and_shuffled_generation_equal_sequential(eval_root):
     from pipeline.evaluation.generate import generate
 
     base = build_tiny()
-    m = attach_m2pt(base.model, M2PTConfig(seed=1)).eval()
-    with torch.no_grad():  # make prompts matter
-        for p in m.m2pt.parameters():
-            p.mul_(30)
+    m = prompts_that_matter(attach_m2pt(base.model, M2PTConfig(seed=1)).eval())
     t = VicunaTemplate(base.tokenizer, m.config.image_token_id, num_visual_tokens(m))
     items = load_task("mme", eval_root) + load_task("textvqa", eval_root)
     for k, it in enumerate(items):  # different prompt lengths -> real left padding
@@ -397,7 +394,6 @@ def test_vqa_normalisation_follows_the_official_rule(answer, official):
 def test_evaluating_an_adapter_puts_its_row_into_its_model_card(tmp_path):
     """The card training writes (core/card.py) gains this evaluation's table as its Results section: the adapter's
     row beside the majority answer and the base; a second evaluation replaces it, the metadata stays."""
-    import torch
     from huggingface_hub import ModelCard
 
     from pipeline.core import card, methods
@@ -405,10 +401,7 @@ def test_evaluating_an_adapter_puts_its_row_into_its_model_card(tmp_path):
     from pipeline.demo.tiny import build_tiny
     from pipeline.evaluation.runner import EvalConfig, evaluate
 
-    m = attach_m2pt(build_tiny().model, M2PTConfig(seed=2))
-    with torch.no_grad():
-        for p in m.m2pt.parameters():
-            p.mul_(30)
+    m = prompts_that_matter(attach_m2pt(build_tiny().model, M2PTConfig(seed=2)))
     folder = save_adapter(m, tmp_path / "mine", base_name="tiny")
     card.write_card(folder, method=methods.get("m2pt"), base_name="tiny", training=["data: a test"],
                     settings_yaml="method: m2pt")

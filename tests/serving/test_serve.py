@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import ENV
+from helpers import ENV, prompts_that_matter
 
 from pipeline.core.m2pt import M2PTConfig, attach_m2pt, load_adapter, save_adapter
 
@@ -34,11 +34,9 @@ def _make(folder, name, cfg):
 
     from pipeline.demo.tiny import build_tiny
 
-    m = attach_m2pt(build_tiny().model, cfg)
+    m = prompts_that_matter(attach_m2pt(build_tiny().model, cfg))
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
-        for p in m.m2pt.parameters():
-            p.mul_(30)
         for p in m.model.multi_modal_projector.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
         if cfg.tune_lm_head:
